@@ -1,0 +1,13 @@
+//! Shared core of dispy on Kubernetes: the job model, the native wire protocol between
+//! clients and `dispynode`, and a client for it. No Kubernetes and no process management here.
+
+pub mod auth;
+pub mod client;
+pub mod discovery;
+pub mod frame;
+pub mod job;
+pub mod protocol;
+pub mod tls;
+
+pub use client::{ClientConfig, ClientError, ClientEvent, NodeClient};
+pub use job::{JobId, JobResult, JobStatus};
