@@ -45,7 +45,13 @@ pub fn proof(secret: &str, role: Role, client_nonce: &[u8], node_nonce: &[u8]) -
 }
 
 /// Constant-time check of a peer's proof.
-pub fn verify(secret: &str, role: Role, client_nonce: &[u8], node_nonce: &[u8], proof: &[u8]) -> bool {
+pub fn verify(
+    secret: &str,
+    role: Role,
+    client_nonce: &[u8],
+    node_nonce: &[u8],
+    proof: &[u8],
+) -> bool {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
     hmac::verify(&key, &message(role, client_nonce, node_nonce), proof).is_ok()
 }

@@ -197,7 +197,15 @@ impl NodeClient {
             .map_err(io_err)?;
         stream.flush().await.map_err(io_err)?;
 
-        let challenge: Challenge = Self::read_handshake(addr, &mut stream, config).await?;
+        let challenge = match Self::read_handshake(addr, &mut stream, config).await? {
+            ServerHello::Challenge(c) => c,
+            ServerHello::Rejected(reason) => {
+                return Err(ClientError::Rejected {
+                    addr: addr.into(),
+                    reason,
+                })
+            }
+        };
         if !auth::verify(
             &config.secret,
             Role::Node,
@@ -459,7 +467,11 @@ impl NodeClient {
     }
 
     /// Closes the computation on the node; returns after cleanup ran.
-    pub async fn close(&self, computation: &str, terminate_pending: bool) -> Result<(), ClientError> {
+    pub async fn close(
+        &self,
+        computation: &str,
+        terminate_pending: bool,
+    ) -> Result<(), ClientError> {
         let msg = ClientMsg::Close {
             computation: computation.into(),
             terminate_pending,

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 
-use crate::protocol::{decode_datagram, encode_datagram, Discovery, NodeAnnouncement, PROTOCOL_VERSION};
+use crate::protocol::{
+    decode_datagram, encode_datagram, Discovery, NodeAnnouncement, PROTOCOL_VERSION,
+};
 
 /// Sends a discovery ping to each target and returns the nodes that answered within `wait`,
 /// keyed by their `addr:port` (a node answering on several interfaces is listed once).
@@ -35,7 +37,9 @@ pub async fn discover(
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => tracing::warn!(%from, "ignoring discovery answer: {e}"),
-            None => tracing::debug!(%from, "ignoring a datagram that is not a native discovery answer"),
+            None => {
+                tracing::debug!(%from, "ignoring a datagram that is not a native discovery answer")
+            }
         }
     }
     Ok(found.into_values().collect())

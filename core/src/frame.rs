@@ -126,9 +126,21 @@ mod tests {
         assert!(matches!(err, FrameError::TooLarge { len: 64, max: 10 }));
         let cut = &big[..20];
         let err = read_frame(&mut &cut[..], 100).await.unwrap_err();
-        assert!(matches!(err, FrameError::Truncated { expected: 64, got: 16 }));
+        assert!(matches!(
+            err,
+            FrameError::Truncated {
+                expected: 64,
+                got: 16
+            }
+        ));
         let err = read_frame(&mut &big[..2], 100).await.unwrap_err();
-        assert!(matches!(err, FrameError::Truncated { expected: 4, got: 2 }));
+        assert!(matches!(
+            err,
+            FrameError::Truncated {
+                expected: 4,
+                got: 2
+            }
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! A connection opens with [`MAGIC`], so the node can tell it from a dispy (Python) client on
 //! the same port, then carries length-prefixed frames (see [`crate::frame`]) of MessagePack
-//! messages. The handshake is [`Hello`] → [`Challenge`] → [`Auth`] → [`Welcome`]; after it the
+//! messages. The handshake is [`Hello`] → [`ServerHello`] → [`Auth`] → [`Welcome`]; after it the
 //! client sends [`Request`]s and the node answers each with a [`NodeMsg::Reply`] carrying the
 //! same id, interleaved with unsolicited [`NodeMsg::Event`]s and [`NodeMsg::Pulse`]s. Many
 //! jobs are in flight on one connection.
@@ -47,6 +47,14 @@ pub struct Challenge {
     /// HMAC proving the node knows the secret too (mutual authentication).
     #[serde(with = "serde_bytes")]
     pub node_proof: Vec<u8>,
+}
+
+/// The node's answer to [`Hello`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum ServerHello {
+    Challenge(Challenge),
+    /// No common protocol version, or the node is not accepting clients.
+    Rejected(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -174,7 +182,9 @@ pub enum ClientMsg {
     /// Chunks of one file go in order; only the last is answered (or the first that fails).
     FileChunk(FileChunk),
     /// Starts the computation (the Python host and its setup) once its files are there.
-    Setup { computation: ComputationId },
+    Setup {
+        computation: ComputationId,
+    },
     Submit {
         computation: ComputationId,
         job: JobRequest,
@@ -190,7 +200,9 @@ pub enum ClientMsg {
         jobs: Vec<JobId>,
     },
     /// Re-attach after a reconnect: the node resends every result not yet acknowledged.
-    Attach { computation: ComputationId },
+    Attach {
+        computation: ComputationId,
+    },
     /// Closes the computation: waits for running jobs (or terminates them and every queued
     /// one with `terminate_pending`), runs cleanup, removes its files.
     Close {
@@ -207,9 +219,15 @@ pub enum NodeMsg {
         result: Result<Reply, NodeError>,
     },
     Event(JobEvent),
-    Pulse { busy: u32, cpus: u32, queued: u32 },
+    Pulse {
+        busy: u32,
+        cpus: u32,
+        queued: u32,
+    },
     /// The node is shutting down; it will close the connection.
-    Shutdown { reason: String },
+    Shutdown {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -236,7 +254,9 @@ pub struct JobEvent {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum JobEventKind {
-    Running { start_time: f64 },
+    Running {
+        start_time: f64,
+    },
     /// Terminal: Finished, Terminated or Cancelled. Resent until acknowledged.
     Done(JobResult),
 }

@@ -105,7 +105,8 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsErro
 
 /// The name a client presents for `host` (an IP address or a DNS name).
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(host.to_string()).map_err(|e| format!("invalid TLS server name {host:?}: {e}"))
+    ServerName::try_from(host.to_string())
+        .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))
 }
 
 #[derive(Debug)]

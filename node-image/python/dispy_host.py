@@ -1,0 +1,366 @@
+"""Python host of one dispy computation, started by dispynode.
+
+The node writes frames to our stdin: a 4-byte big-endian length, a kind byte, then a body.
+  I  init      JSON {source, function, setup, setup_args, cleanup, reuse_workers, workers,
+                     max_output, codec, env}
+  J  job       8-byte run token, 4-byte worker index, then the job's call (codec-encoded)
+  K  kill      8-byte run token, 4-byte signal number
+  C  close     JSON {cleanup}
+Replies go to the node on the file descriptor that was our stdout (fd 1 is then pointed at
+stderr, so stray writes from user code cannot corrupt the stream), as frames of the same
+shape, each written with a single os.write of at most PIPE_BUF bytes so that the host, its
+job processes and its workers can share the pipe:
+  I  init done JSON {ok, error}
+  R  job reply 8-byte run token, JSON {s, r, o, e, x, t0, t1, od, ed}
+  F  job reply too large for one write: 8-byte run token, path of a file holding the JSON
+  X  process gone 8-byte run token, 4-byte wait status (the job's process, or its worker)
+  C  closed    JSON {ok, error}
+
+The computation's source runs as module __main__ with os and sys imported, as on dispy's
+node. Setup runs once here; by default each job runs in a process forked from this
+post-setup state, so it sees setup's globals and its own changes are lost when it ends.
+With reuse_workers, `workers` processes are forked once after setup and run jobs one after
+another: much faster, and a job's changes to globals are seen by later jobs of its worker.
+"""
+
+import io
+import json
+import os
+import select
+import signal
+import struct
+import sys
+import time
+import traceback
+import types
+
+PIPE_BUF = 4096
+HEADER = struct.Struct(">IB")
+RUN = struct.Struct(">Q")
+RUN_WORKER = struct.Struct(">QI")
+RUN_SIGNAL = struct.Struct(">Qi")
+RUN_STATUS = struct.Struct(">Qi")
+
+
+class JsonCodec:
+    """Arguments and results as JSON: the native protocol's codec."""
+
+    def decode_call(self, body):
+        call = json.loads(body)
+        return call.get("a") or [], call.get("k") or {}
+
+    def encode_result(self, value):
+        try:
+            return json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError("the result of type %s cannot be sent as JSON: %s" % (type(value).__name__, e))
+
+
+CODECS = {"json": JsonCodec}
+
+
+class Host:
+    def __init__(self):
+        self.reply_fd = os.dup(1)
+        os.dup2(2, 1)
+        self.inbuf = bytearray()
+        self.spill_dir = os.path.join(os.getcwd(), ".dispy-replies")
+        self.children = {}  # pid -> run token (fork per job)
+        self.workers = []  # index -> [pid, job write fd]
+        self.worker_run = {}  # worker index -> run token being run
+        self.run_worker = {}  # run token -> worker index
+        self.func = None
+        self.cfg = None
+
+    # --- output -------------------------------------------------------------------------
+    def send(self, kind, body):
+        frame = HEADER.pack(len(body) + 1, kind) + body
+        view = memoryview(frame)
+        while view:
+            n = os.write(self.reply_fd, view)
+            view = view[n:]
+
+    def send_json(self, kind, obj):
+        self.send(kind, json.dumps(obj).encode())
+
+    def send_reply(self, run, reply):
+        body = json.dumps(reply).encode()
+        if len(body) + HEADER.size + RUN.size <= PIPE_BUF:
+            self.send(ord("R"), RUN.pack(run) + body)
+            return
+        os.makedirs(self.spill_dir, exist_ok=True)
+        path = os.path.join(self.spill_dir, "%d.json" % run)
+        with open(path, "wb") as f:
+            f.write(body)
+        self.send(ord("F"), RUN.pack(run) + path.encode())
+
+    # --- input --------------------------------------------------------------------------
+    def frames(self, fd):
+        """Reads what is available on fd; yields whole frames (kind, body). EOF -> None."""
+        data = os.read(fd, 1 << 16)
+        if not data:
+            yield None
+            return
+        self.inbuf += data
+        while len(self.inbuf) >= 4:
+            (length,) = struct.unpack_from(">I", self.inbuf)
+            if len(self.inbuf) < 4 + length:
+                break
+            kind = self.inbuf[4]
+            body = bytes(self.inbuf[5 : 4 + length])
+            del self.inbuf[: 4 + length]
+            yield kind, body
+
+    def read_init(self):
+        while True:
+            for frame in self.frames(0):
+                if frame is None:
+                    sys.exit(0)
+                kind, body = frame
+                if kind == ord("I"):
+                    return json.loads(body)
+
+    # --- the computation ----------------------------------------------------------------
+    def init(self, cfg):
+        self.cfg = cfg
+        self.codec = CODECS[cfg.get("codec", "json")]()
+        self.max_output = cfg.get("max_output", 1 << 20)
+        main = types.ModuleType("__main__")
+        main.__dict__.update(os=os, sys=sys, __builtins__=__builtins__)
+        main.__dict__.update(cfg.get("env") or {})
+        sys.modules["__main__"] = main
+        self.globals = main.__dict__
+        try:
+            code = compile(cfg["source"], "<computation>", "exec")
+        except SyntaxError as e:
+            return "the Python source does not compile: %s (line %s)" % (e.msg, e.lineno)
+        try:
+            exec(code, self.globals)
+        except BaseException:
+            return "running the computation's source failed:\n" + traceback.format_exc()
+        func = self.globals.get(cfg["function"])
+        if not callable(func):
+            return "the source defines no function %r" % cfg["function"]
+        self.func = func
+        setup = cfg.get("setup")
+        if setup:
+            fn = self.globals.get(setup)
+            if not callable(fn):
+                return "the source defines no setup function %r" % setup
+            try:
+                ret = fn(*(cfg.get("setup_args") or []))
+            except BaseException:
+                return "setup %s() raised:\n%s" % (setup, traceback.format_exc())
+            # dispy: 0 forks jobs from the setup state; 1 and 2 are other ways to do the same here.
+            if ret not in (None, 0, 1, 2):
+                return "setup %s() returned %r; it must return 0 (or 1, 2) to succeed" % (setup, ret)
+        return None
+
+    def cleanup(self):
+        name = self.cfg.get("cleanup") if self.cfg else None
+        if not name:
+            return None
+        fn = self.globals.get(name)
+        if not callable(fn):
+            return "the source defines no cleanup function %r" % name
+        try:
+            fn(*(self.cfg.get("setup_args") or []))
+        except BaseException:
+            return "cleanup %s() raised:\n%s" % (name, traceback.format_exc())
+        return None
+
+    def run_job(self, run, body):
+        out, err = io.StringIO(), io.StringIO()
+        t0 = time.time()
+        status, result, exc = "Finished", None, None
+        sys.stdout, sys.stderr = out, err
+        try:
+            args, kwargs = self.codec.decode_call(body)
+            result = self.codec.encode_result(self.func(*args, **kwargs))
+        except BaseException:
+            status, exc = "Terminated", traceback.format_exc()
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        t1 = time.time()
+        o, od = self.bounded(out.getvalue())
+        e, ed = self.bounded(err.getvalue())
+        self.send_reply(run, {"s": status, "r": result, "o": o, "e": e, "x": exc, "t0": t0, "t1": t1, "od": od, "ed": ed})
+
+    def bounded(self, text):
+        if len(text) <= self.max_output:
+            return text, 0
+        return text[: self.max_output], len(text) - self.max_output
+
+    # --- processes ----------------------------------------------------------------------
+    def child_init(self):
+        """In a freshly forked job process or worker."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setpgid(0, 0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def fork_job(self, run, body):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                self.child_init()
+                self.run_job(run, body)
+            except BaseException:
+                code = 70
+            os._exit(code)
+        self.own_group(pid)
+        self.children[pid] = run
+
+    def start_worker(self, index):
+        job_r, job_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                self.child_init()
+                self.inbuf = bytearray()
+                os.close(job_w)
+                for _, other_w in self.workers:
+                    if other_w is not None:
+                        os.close(other_w)
+                self.worker_loop(job_r)
+            except BaseException:
+                traceback.print_exc()
+                code = 70
+            os._exit(code)
+        self.own_group(pid)
+        os.close(job_r)
+        if index < len(self.workers):
+            self.workers[index] = [pid, job_w]
+        else:
+            self.workers.append([pid, job_w])
+
+    def worker_loop(self, fd):
+        while True:
+            for frame in self.frames(fd):
+                if frame is None:
+                    return
+                kind, body = frame
+                if kind == ord("J"):
+                    run, _ = RUN_WORKER.unpack_from(body)
+                    self.run_job(run, body[RUN_WORKER.size :])
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            run = self.children.pop(pid, None)
+            if run is not None:
+                self.send(ord("X"), RUN_STATUS.pack(run, status))
+                continue
+            for index, (wpid, job_w) in enumerate(self.workers):
+                if wpid == pid:
+                    os.close(job_w)
+                    run = self.worker_run.pop(index, None)
+                    if run is not None:
+                        self.run_worker.pop(run, None)
+                        self.send(ord("X"), RUN_STATUS.pack(run, status))
+                    if not self.closing:
+                        self.start_worker(index)
+                    break
+
+    def kill(self, run, sig):
+        for pid, r in self.children.items():
+            if r == run:
+                self.signal_group(pid, sig)
+                return
+        index = self.run_worker.get(run)
+        if index is not None:
+            self.signal_group(self.workers[index][0], sig)
+
+    @staticmethod
+    def own_group(pid):
+        # Set from both sides of the fork, so a kill right after the fork finds the group.
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+
+    @staticmethod
+    def signal_group(pid, sig):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def dispatch(self, kind, body):
+        if kind == ord("J"):
+            run, index = RUN_WORKER.unpack_from(body)
+            if self.workers:
+                previous = self.worker_run.get(index)
+                if previous is not None:
+                    self.run_worker.pop(previous, None)
+                self.worker_run[index] = run
+                self.run_worker[run] = index
+                frame = HEADER.pack(len(body) + 1, kind) + body
+                os.write(self.workers[index][1], frame)
+            else:
+                self.fork_job(run, body[RUN_WORKER.size :])
+        elif kind == ord("K"):
+            run, sig = RUN_SIGNAL.unpack_from(body)
+            self.kill(run, sig)
+        elif kind == ord("C"):
+            self.close(json.loads(body or b"{}").get("cleanup", True))
+
+    def close(self, run_cleanup):
+        self.closing = True
+        for _, job_w in self.workers:
+            os.close(job_w)
+        for pid in list(self.children) + [w[0] for w in self.workers]:
+            self.signal_group(pid, signal.SIGKILL)
+        for pid in list(self.children) + [w[0] for w in self.workers]:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        error = self.cleanup() if run_cleanup else None
+        self.send_json(ord("C"), {"ok": error is None, "error": error})
+        sys.exit(0)
+
+    def serve(self):
+        self.closing = False
+        cfg = self.read_init()
+        error = self.init(cfg)
+        self.send_json(ord("I"), {"ok": error is None, "error": error})
+        if error:
+            sys.exit(0)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
+        if cfg.get("reuse_workers"):
+            for index in range(max(1, int(cfg.get("workers", 1)))):
+                self.start_worker(index)
+        while True:
+            try:
+                ready, _, _ = select.select([0, self.wake_r], [], [])
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+                self.reap()
+            if 0 in ready:
+                for frame in self.frames(0):
+                    if frame is None:
+                        # The node is gone: nothing may outlive it.
+                        self.close(False)
+                    self.dispatch(*frame)
+
+
+if __name__ == "__main__":
+    Host().serve()

@@ -1,0 +1,951 @@
+//! The node's state: computations, their jobs, the cpu slots and the FIFO of waiting jobs.
+//!
+//! Sessions call in with requests; job processes report back through [`Outcome`]s on one
+//! channel. Every change happens under one lock, with no I/O held across it except sends on
+//! unbounded channels, so the rules below hold by construction:
+//! - never more running jobs than cpus; waiting jobs start in the order they were submitted;
+//! - each job gets exactly one terminal result, buffered until the client acknowledges it;
+//! - a computation whose client is gone longer than the zombie interval is closed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use dispy_core::frame::frame;
+use dispy_core::job::{now_secs, JobId, JobResult, JobStatus};
+use dispy_core::protocol::*;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::process::{resolve_program, signal_group, spawn_program, ProgramJob};
+use crate::pyhost::{HostSettings, PyHost};
+
+/// What job processes and Python hosts report.
+#[derive(Debug)]
+pub enum Outcome {
+    Job { run: u64, result: JobResult },
+    HostExited { computation: String, reason: String },
+}
+
+pub type SessionId = u64;
+/// Framed messages to one client connection.
+pub type Outbox = mpsc::UnboundedSender<Vec<u8>>;
+
+type NodeResult<T> = Result<T, NodeError>;
+
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub metrics: Metrics,
+    state: Mutex<State>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    host_script: PathBuf,
+    next_run: AtomicU64,
+    /// Becomes true when the node starts shutting down.
+    pub shutdown: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct State {
+    comps: HashMap<ComputationId, Comp>,
+    queue: VecDeque<(ComputationId, JobId)>,
+    running: u32,
+    runs: HashMap<u64, (ComputationId, JobId)>,
+    served: u64,
+    closing_all: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Registered,
+    SettingUp,
+    Ready,
+    Closing,
+}
+
+enum Runner {
+    Python(Arc<PyHost>),
+    Program {
+        program: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    },
+}
+
+struct Comp {
+    spec: Computation,
+    dir: PathBuf,
+    keep_files: bool,
+    phase: Phase,
+    runner: Option<Runner>,
+    /// Why the computation can no longer run jobs (its Python host died).
+    broken: Option<String>,
+    jobs: HashMap<JobId, Job>,
+    /// Terminal results not yet acknowledged by the client.
+    done: BTreeMap<JobId, JobResult>,
+    subscriber: Option<(SessionId, Outbox)>,
+    detached_since: Option<Instant>,
+    /// Per-job files and how many queued or running jobs use each.
+    job_files: HashMap<String, usize>,
+    idle: Arc<Notify>,
+}
+
+struct Job {
+    req: JobRequest,
+    run: Option<Running>,
+}
+
+struct Running {
+    run: u64,
+    start: f64,
+    pid: Option<i32>,
+    terminating: bool,
+}
+
+fn event(computation: &str, job: JobId, kind: JobEventKind) -> Vec<u8> {
+    frame(&encode(&NodeMsg::Event(JobEvent {
+        computation: computation.into(),
+        job,
+        kind,
+    })))
+}
+
+fn unknown_computation(id: &str) -> NodeError {
+    NodeError::new(
+        ErrorCode::UnknownComputation,
+        format!("unknown computation {id:?} on this node"),
+    )
+}
+
+/// A client-supplied file name as a path inside the computation's directory.
+pub fn safe_relative(name: &str) -> NodeResult<PathBuf> {
+    let p = Path::new(name);
+    let ok = !name.is_empty()
+        && !name.contains('\0')
+        && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(p.to_path_buf())
+    } else {
+        Err(NodeError::new(
+            ErrorCode::BadRequest,
+            format!("file name {name:?} must be a relative path without '..'"),
+        ))
+    }
+}
+
+/// A computation's directory name: one path component that cannot be `.`, `..` or hidden.
+fn dir_name(computation: &str) -> String {
+    computation
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            let keep = c.is_ascii_alphanumeric() || "_-".contains(c) || (c == '.' && i > 0);
+            if keep {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig) -> std::io::Result<(Arc<Node>, mpsc::UnboundedReceiver<Outcome>)> {
+        std::fs::create_dir_all(&cfg.dest_path_prefix)?;
+        let host_script = cfg.dest_path_prefix.join(".dispy_host.py");
+        std::fs::write(&host_script, crate::pyhost::HOST_SCRIPT)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let metrics = Metrics::new(cfg.cpus);
+        let node = Arc::new(Node {
+            cfg,
+            metrics,
+            state: Mutex::new(State::default()),
+            outcomes: tx,
+            host_script,
+            next_run: AtomicU64::new(1),
+            shutdown: watch::channel(false).0,
+        });
+        Ok((node, rx))
+    }
+
+    pub fn info(&self) -> NodeInfo {
+        let st = self.state.lock().unwrap();
+        let mut computations: Vec<_> = st.comps.keys().cloned().collect();
+        computations.sort();
+        NodeInfo {
+            name: self.cfg.name.clone(),
+            addr: self.cfg.public_addr(),
+            port: self.cfg.port,
+            cpus: self.cfg.cpus,
+            busy: st.running,
+            queued: st.queue.len() as u32,
+            platform: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL_VERSION,
+            computations,
+            max_file_size: self.cfg.max_file_size,
+        }
+    }
+
+    pub fn load(&self) -> (u32, u32, u32) {
+        let st = self.state.lock().unwrap();
+        (st.running, self.cfg.cpus, st.queue.len() as u32)
+    }
+
+    pub fn compute(
+        &self,
+        session: SessionId,
+        outbox: &Outbox,
+        req: ComputeRequest,
+    ) -> NodeResult<()> {
+        let id = req.computation.clone();
+        if id.is_empty() {
+            return Err(NodeError::new(
+                ErrorCode::BadRequest,
+                "the computation needs a name",
+            ));
+        }
+        match &req.spec {
+            Computation::Python(py) if py.function.is_empty() => {
+                return Err(NodeError::new(
+                    ErrorCode::BadRequest,
+                    format!("computation {id:?}: python.function is empty"),
+                ));
+            }
+            Computation::Program(p) if p.command.is_empty() => {
+                return Err(NodeError::new(
+                    ErrorCode::BadRequest,
+                    format!("computation {id:?}: program.command is empty"),
+                ));
+            }
+            _ => {}
+        }
+        let mut st = self.state.lock().unwrap();
+        if st.closing_all {
+            return Err(NodeError::new(
+                ErrorCode::Closing,
+                "the node is shutting down",
+            ));
+        }
+        if let Some(limit) = self.cfg.serve {
+            if st.served + st.comps.len() as u64 >= limit {
+                return Err(NodeError::new(
+                    ErrorCode::Closing,
+                    format!("this node serves {limit} computation(s) (--serve) and takes no more"),
+                ));
+            }
+        }
+        if st.comps.contains_key(&id) {
+            return Err(NodeError::new(
+                ErrorCode::AlreadyExists,
+                format!("computation {id:?} already exists on this node; close it or attach to it"),
+            ));
+        }
+        let dir = self.cfg.dest_path_prefix.join(dir_name(&id));
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            NodeError::new(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        st.comps.insert(
+            id.clone(),
+            Comp {
+                spec: req.spec,
+                dir,
+                keep_files: req.keep_files,
+                phase: Phase::Registered,
+                runner: None,
+                broken: None,
+                jobs: HashMap::new(),
+                done: BTreeMap::new(),
+                subscriber: Some((session, outbox.clone())),
+                detached_since: None,
+                job_files: HashMap::new(),
+                idle: Arc::new(Notify::new()),
+            },
+        );
+        self.metrics.computations.set(st.comps.len() as i64);
+        tracing::info!(computation = %id, "computation registered");
+        Ok(())
+    }
+
+    /// The computation's directory, for file transfers.
+    pub fn comp_dir(&self, id: &str) -> NodeResult<PathBuf> {
+        let st = self.state.lock().unwrap();
+        let comp = st.comps.get(id).ok_or_else(|| unknown_computation(id))?;
+        if comp.phase == Phase::Closing {
+            return Err(NodeError::new(
+                ErrorCode::Closing,
+                format!("computation {id:?} is closing"),
+            ));
+        }
+        Ok(comp.dir.clone())
+    }
+
+    /// Checks a file offer against the size limit; whether the node already has that file.
+    pub fn check_file(&self, id: &str, meta: &FileMeta) -> NodeResult<(PathBuf, bool)> {
+        let rel = safe_relative(&meta.name)?;
+        self.check_size(&meta.name, meta.size)?;
+        let path = self.comp_dir(id)?.join(rel);
+        let present = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == meta.size => std::fs::read(&path)
+                .map(|d| dispy_core::auth::sha256_hex(&d) == meta.sha256)
+                .unwrap_or(false),
+            _ => false,
+        };
+        Ok((path, present))
+    }
+
+    pub fn check_size(&self, name: &str, size: u64) -> NodeResult<()> {
+        let max = self.cfg.max_file_size;
+        if max > 0 && size > max {
+            return Err(NodeError::new(
+                ErrorCode::TooLarge,
+                format!("file {name:?} is {size} bytes, over this node's --max-file-size of {max} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records that a per-job file now exists, so it is removed after its last job.
+    pub fn note_job_file(&self, id: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(comp) = st.comps.get_mut(id) {
+            comp.job_files.entry(name.to_string()).or_insert(0);
+        }
+    }
+
+    /// Runs the computation's setup: starts its Python host or finds its program.
+    pub async fn setup(self: &Arc<Self>, id: &str) -> NodeResult<u32> {
+        let (spec, dir) = {
+            let mut st = self.state.lock().unwrap();
+            let comp = st
+                .comps
+                .get_mut(id)
+                .ok_or_else(|| unknown_computation(id))?;
+            if comp.phase != Phase::Registered {
+                return Err(NodeError::new(
+                    ErrorCode::BadRequest,
+                    format!("computation {id:?} is already set up"),
+                ));
+            }
+            comp.phase = Phase::SettingUp;
+            (comp.spec.clone(), comp.dir.clone())
+        };
+        let runner = match &spec {
+            Computation::Program(p) => {
+                resolve_program(&p.command[0], &dir).map(|program| Runner::Program {
+                    program,
+                    args: p.command[1..].to_vec(),
+                    env: p.env.clone(),
+                })
+            }
+            Computation::Python(py) => {
+                let env = serde_json::json!({
+                    "dispy_node_name": self.cfg.name,
+                    "dispy_node_ip_addr": self.cfg.public_addr(),
+                    "dispy_job_path": dir,
+                });
+                let settings = HostSettings {
+                    python: &self.cfg.python,
+                    script: &self.host_script,
+                    dir: &dir,
+                    workers: self.cfg.cpus,
+                    max_output: self.cfg.max_output,
+                    env,
+                };
+                PyHost::start(id, py, settings, self.outcomes.clone())
+                    .await
+                    .map(Runner::Python)
+            }
+        };
+        let mut st = self.state.lock().unwrap();
+        let Some(comp) = st.comps.get_mut(id) else {
+            return Err(unknown_computation(id));
+        };
+        match runner {
+            Ok(runner) => {
+                comp.runner = Some(runner);
+                comp.phase = Phase::Ready;
+                tracing::info!(computation = %id, "computation set up");
+                Ok(self.cfg.cpus)
+            }
+            Err(e) => {
+                comp.phase = Phase::Registered;
+                tracing::warn!(computation = %id, "setup failed: {e}");
+                Err(NodeError::new(
+                    ErrorCode::SetupFailed,
+                    format!("computation {id:?}: {e}"),
+                ))
+            }
+        }
+    }
+
+    pub fn submit(self: &Arc<Self>, id: &str, req: JobRequest) -> NodeResult<()> {
+        let bad = |m: String| {
+            NodeError::new(
+                ErrorCode::BadRequest,
+                format!("job {} of {id:?}: {m}", req.id),
+            )
+        };
+        match serde_json::from_str::<serde_json::Value>(&req.args) {
+            Ok(serde_json::Value::Array(_)) => {}
+            Ok(_) => return Err(bad("args must be a JSON list".into())),
+            Err(e) => return Err(bad(format!("args are not valid JSON: {e}"))),
+        }
+        let kwargs = match serde_json::from_str::<serde_json::Value>(&req.kwargs) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) => return Err(bad("kwargs must be a JSON object".into())),
+            Err(e) => return Err(bad(format!("kwargs are not valid JSON: {e}"))),
+        };
+        let mut st = self.state.lock().unwrap();
+        if st.closing_all {
+            return Err(NodeError::new(
+                ErrorCode::Closing,
+                "the node is shutting down",
+            ));
+        }
+        let comp = st
+            .comps
+            .get_mut(id)
+            .ok_or_else(|| unknown_computation(id))?;
+        match comp.phase {
+            Phase::Ready => {}
+            Phase::Closing => {
+                return Err(NodeError::new(
+                    ErrorCode::Closing,
+                    format!("computation {id:?} is closing"),
+                ))
+            }
+            _ => return Err(bad("the computation is not set up yet".into())),
+        }
+        if matches!(comp.spec, Computation::Program(_)) && !kwargs.is_empty() {
+            return Err(bad("a program computation takes no kwargs".into()));
+        }
+        if comp.jobs.contains_key(&req.id) {
+            return Err(NodeError::new(
+                ErrorCode::AlreadyExists,
+                format!("job {} of {id:?} is already queued or running", req.id),
+            ));
+        }
+        for name in &req.depends {
+            safe_relative(name)?;
+            if !comp.dir.join(name).is_file() {
+                return Err(bad(format!(
+                    "per-job file {name:?} was not sent before the job"
+                )));
+            }
+        }
+        for name in &req.depends {
+            *comp.job_files.entry(name.clone()).or_insert(0) += 1;
+        }
+        // A client reusing an id (as dispy's do) has moved on from the old result.
+        comp.done.remove(&req.id);
+        let job_id = req.id;
+        comp.jobs.insert(job_id, Job { req, run: None });
+        st.queue.push_back((id.to_string(), job_id));
+        self.pump(&mut st);
+        self.update_gauges(&st);
+        Ok(())
+    }
+
+    /// Cancels a queued job or terminates a running one.
+    pub fn cancel(self: &Arc<Self>, id: &str, job: JobId) -> NodeResult<()> {
+        let mut st = self.state.lock().unwrap();
+        let comp = st
+            .comps
+            .get_mut(id)
+            .ok_or_else(|| unknown_computation(id))?;
+        if comp.done.contains_key(&job) {
+            return Ok(());
+        }
+        let Some(j) = comp.jobs.get(&job) else {
+            return Err(NodeError::new(
+                ErrorCode::UnknownJob,
+                format!("unknown job {job} of computation {id:?}"),
+            ));
+        };
+        if j.run.is_some() {
+            self.terminate(&mut st, id, job);
+        } else {
+            let result = JobResult::failed(JobStatus::Cancelled, "cancelled before it started");
+            self.finish(&mut st, id, job, result);
+            self.update_gauges(&st);
+        }
+        Ok(())
+    }
+
+    fn terminate(self: &Arc<Self>, st: &mut State, id: &str, job: JobId) {
+        let Some(comp) = st.comps.get_mut(id) else {
+            return;
+        };
+        let Some(Job {
+            run: Some(running), ..
+        }) = comp.jobs.get_mut(&job)
+        else {
+            return;
+        };
+        running.terminating = true;
+        let (run, pid) = (running.run, running.pid);
+        Self::signal_run(&comp.runner, run, pid, libc::SIGTERM);
+        let node = self.clone();
+        let grace = self.cfg.terminate_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let mut st = node.state.lock().unwrap();
+            let Some((cid, jid)) = st.runs.get(&run).cloned() else {
+                return;
+            };
+            let Some(comp) = st.comps.get_mut(&cid) else {
+                return;
+            };
+            if let Some(Job {
+                run: Some(running), ..
+            }) = comp.jobs.get(&jid)
+            {
+                tracing::warn!(computation = %cid, job = jid, "job ignored SIGTERM; sending SIGKILL");
+                Self::signal_run(&comp.runner, running.run, running.pid, libc::SIGKILL);
+            }
+        });
+    }
+
+    fn signal_run(runner: &Option<Runner>, run: u64, pid: Option<i32>, signal: i32) {
+        match (runner, pid) {
+            (Some(Runner::Python(host)), _) => host.kill(run, signal),
+            (_, Some(pid)) => signal_group(pid, signal),
+            _ => {}
+        }
+    }
+
+    pub fn ack(&self, id: &str, jobs: &[JobId]) -> NodeResult<()> {
+        let mut st = self.state.lock().unwrap();
+        let comp = st
+            .comps
+            .get_mut(id)
+            .ok_or_else(|| unknown_computation(id))?;
+        for j in jobs {
+            comp.done.remove(j);
+        }
+        Ok(())
+    }
+
+    /// Makes `session` the computation's client; resends unacknowledged results.
+    pub fn attach(
+        &self,
+        session: SessionId,
+        outbox: &Outbox,
+        id: &str,
+    ) -> NodeResult<Vec<JobState>> {
+        let mut st = self.state.lock().unwrap();
+        let comp = st
+            .comps
+            .get_mut(id)
+            .ok_or_else(|| unknown_computation(id))?;
+        comp.subscriber = Some((session, outbox.clone()));
+        comp.detached_since = None;
+        let mut jobs: Vec<JobState> = comp
+            .jobs
+            .iter()
+            .map(|(&id, j)| JobState {
+                id,
+                status: if j.run.is_some() {
+                    JobStatus::Running
+                } else {
+                    JobStatus::Created
+                },
+            })
+            .chain(comp.done.iter().map(|(&id, r)| JobState {
+                id,
+                status: r.status,
+            }))
+            .collect();
+        jobs.sort_by_key(|j| j.id);
+        tracing::info!(computation = %id, "client re-attached; resending {} result(s)", comp.done.len());
+        Ok(jobs)
+    }
+
+    /// Sends the buffered results after the attach reply went out.
+    pub fn resend_results(&self, id: &str) {
+        let st = self.state.lock().unwrap();
+        let Some(comp) = st.comps.get(id) else { return };
+        let Some((_, outbox)) = &comp.subscriber else {
+            return;
+        };
+        for (&job, result) in &comp.done {
+            let _ = outbox.send(event(id, job, JobEventKind::Done(result.clone())));
+        }
+    }
+
+    /// A client connection ended: its computations wait for it (up to the zombie interval).
+    pub fn detach_session(&self, session: SessionId) {
+        let mut st = self.state.lock().unwrap();
+        for (id, comp) in st.comps.iter_mut() {
+            if matches!(&comp.subscriber, Some((s, _)) if *s == session) {
+                comp.subscriber = None;
+                comp.detached_since = Some(Instant::now());
+                tracing::info!(computation = %id, "client disconnected; keeping its results for the zombie interval");
+            }
+        }
+    }
+
+    /// Closes a computation: with `terminate_pending` its jobs are cancelled or terminated,
+    /// otherwise they run to the end. Then cleanup runs and its files go.
+    pub async fn close(self: &Arc<Self>, id: &str, terminate_pending: bool) -> NodeResult<()> {
+        let idle = {
+            let mut st = self.state.lock().unwrap();
+            let comp = st
+                .comps
+                .get_mut(id)
+                .ok_or_else(|| unknown_computation(id))?;
+            comp.phase = Phase::Closing;
+            let idle = comp.idle.clone();
+            if terminate_pending {
+                self.terminate_all(&mut st, id);
+            }
+            idle
+        };
+        loop {
+            let notified = idle.notified();
+            {
+                let st = self.state.lock().unwrap();
+                match st.comps.get(id) {
+                    None => return Ok(()),
+                    Some(c) if c.jobs.is_empty() => break,
+                    _ => {}
+                }
+            }
+            notified.await;
+        }
+        let comp = {
+            let mut st = self.state.lock().unwrap();
+            let Some(comp) = st.comps.remove(id) else {
+                return Ok(());
+            };
+            st.served += 1;
+            self.metrics.computations.set(st.comps.len() as i64);
+            comp
+        };
+        let mut result = Ok(());
+        if let Some(Runner::Python(host)) = &comp.runner {
+            if let Err(e) = host.close(true).await {
+                tracing::warn!(computation = %id, "{e}");
+                result = Err(NodeError::new(
+                    ErrorCode::Internal,
+                    format!("computation {id:?}: {e}"),
+                ));
+            }
+        }
+        if !comp.keep_files {
+            if let Err(e) = std::fs::remove_dir_all(&comp.dir) {
+                tracing::warn!(computation = %id, "cannot remove {}: {e}", comp.dir.display());
+            }
+        }
+        tracing::info!(computation = %id, "computation closed");
+        self.check_serve_limit();
+        result
+    }
+
+    fn check_serve_limit(&self) {
+        if let Some(limit) = self.cfg.serve {
+            let st = self.state.lock().unwrap();
+            if st.served >= limit && st.comps.is_empty() {
+                tracing::info!("served {limit} computation(s) (--serve); shutting down");
+                self.shutdown.send_replace(true);
+            }
+        }
+    }
+
+    fn terminate_all(self: &Arc<Self>, st: &mut State, id: &str) {
+        let Some(comp) = st.comps.get(id) else { return };
+        let (running, queued): (Vec<_>, Vec<_>) =
+            comp.jobs.iter().partition(|(_, j)| j.run.is_some());
+        let running: Vec<JobId> = running.into_iter().map(|(&k, _)| k).collect();
+        let queued: Vec<JobId> = queued.into_iter().map(|(&k, _)| k).collect();
+        for job in queued {
+            let result = JobResult::failed(
+                JobStatus::Cancelled,
+                "cancelled: the computation was closed",
+            );
+            self.finish(st, id, job, result);
+        }
+        for job in running {
+            self.terminate(st, id, job);
+        }
+        self.update_gauges(st);
+    }
+
+    /// Handles what job processes and hosts report; runs for the node's lifetime.
+    pub async fn run_outcomes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+        while let Some(outcome) = rx.recv().await {
+            let mut st = self.state.lock().unwrap();
+            match outcome {
+                Outcome::Job { run, result } => self.job_ended(&mut st, run, result),
+                Outcome::HostExited {
+                    computation,
+                    reason,
+                } => {
+                    let Some(comp) = st.comps.get_mut(&computation) else {
+                        continue;
+                    };
+                    if comp.phase == Phase::Closing {
+                        continue;
+                    }
+                    tracing::error!(%computation, "{reason}; its jobs are terminated");
+                    comp.broken = Some(reason.clone());
+                    let runs: Vec<u64> = comp
+                        .jobs
+                        .values()
+                        .filter_map(|j| j.run.as_ref().map(|r| r.run))
+                        .collect();
+                    for run in runs {
+                        let result = JobResult::failed(JobStatus::Terminated, reason.clone());
+                        self.job_ended(&mut st, run, result);
+                    }
+                }
+            }
+            // Drain whatever else is ready before giving the lock back.
+            while let Ok(Outcome::Job { run, result }) = rx.try_recv() {
+                self.job_ended(&mut st, run, result);
+            }
+            self.pump(&mut st);
+            self.update_gauges(&st);
+        }
+    }
+
+    fn job_ended(self: &Arc<Self>, st: &mut State, run: u64, mut result: JobResult) {
+        let Some((id, job)) = st.runs.get(&run).cloned() else {
+            return;
+        };
+        let running = st
+            .comps
+            .get(&id)
+            .and_then(|c| c.jobs.get(&job))
+            .and_then(|j| j.run.as_ref());
+        let (terminating, start) = running
+            .map(|r| (r.terminating, r.start))
+            .unwrap_or((false, 0.0));
+        result.start_time.get_or_insert(start);
+        if terminating && result.status == JobStatus::Finished {
+            // A terminated job that still exited cleanly: dispy reports Terminated.
+            result.status = JobStatus::Terminated;
+            result
+                .exception
+                .get_or_insert_with(|| "terminated on request".into());
+        }
+        self.finish(st, &id, job, result);
+    }
+
+    /// Records a job's terminal result and tells its client.
+    fn finish(&self, st: &mut State, id: &str, job: JobId, result: JobResult) {
+        let Some(comp) = st.comps.get_mut(id) else {
+            return;
+        };
+        let Some(j) = comp.jobs.remove(&job) else {
+            return;
+        };
+        if let Some(running) = &j.run {
+            if let Some(Runner::Python(host)) = &comp.runner {
+                host.job_over(running.run);
+            }
+        }
+        for name in &j.req.depends {
+            if let Some(uses) = comp.job_files.get_mut(name) {
+                *uses = uses.saturating_sub(1);
+                if *uses == 0 {
+                    comp.job_files.remove(name);
+                    let _ = std::fs::remove_file(comp.dir.join(name));
+                }
+            }
+        }
+        self.metrics.job_done(result.status);
+        if let Some((_, outbox)) = &comp.subscriber {
+            let _ = outbox.send(event(id, job, JobEventKind::Done(result.clone())));
+        }
+        comp.done.insert(job, result);
+        if comp.jobs.is_empty() {
+            comp.idle.notify_waiters();
+        }
+        if let Some(running) = j.run {
+            st.runs.remove(&running.run);
+            st.running -= 1;
+        }
+    }
+
+    /// Starts waiting jobs while cpus are free.
+    fn pump(&self, st: &mut State) {
+        while st.running < self.cfg.cpus {
+            let Some((id, job)) = st.queue.pop_front() else {
+                break;
+            };
+            let Some(comp) = st.comps.get_mut(&id) else {
+                continue;
+            };
+            let Some(j) = comp.jobs.get_mut(&job) else {
+                continue;
+            };
+            if j.run.is_some() {
+                continue;
+            }
+            let run = self.next_run.fetch_add(1, Ordering::Relaxed);
+            let started = match (&comp.broken, &comp.runner) {
+                (Some(reason), _) => Err(reason.clone()),
+                (None, Some(Runner::Python(host))) => {
+                    let call = format!("{{\"a\":{},\"k\":{}}}", j.req.args, j.req.kwargs);
+                    host.start_job(run, call.as_bytes()).map(|_| None)
+                }
+                (None, Some(Runner::Program { program, args, env })) => {
+                    let mut argv = args.clone();
+                    argv.extend(program_args(&j.req.args));
+                    spawn_program(
+                        ProgramJob {
+                            program,
+                            args: argv,
+                            dir: &comp.dir,
+                            env,
+                            max_output: self.cfg.max_output,
+                            run,
+                        },
+                        self.outcomes.clone(),
+                    )
+                    .map(Some)
+                }
+                (None, None) => Err("the computation is not set up".into()),
+            };
+            match started {
+                Ok(pid) => {
+                    let start = now_secs();
+                    j.run = Some(Running {
+                        run,
+                        start,
+                        pid,
+                        terminating: false,
+                    });
+                    if let Some((_, outbox)) = &comp.subscriber {
+                        let _ = outbox.send(event(
+                            &id,
+                            job,
+                            JobEventKind::Running { start_time: start },
+                        ));
+                    }
+                    st.runs.insert(run, (id, job));
+                    st.running += 1;
+                }
+                Err(reason) => {
+                    let result = JobResult::failed(JobStatus::Terminated, reason);
+                    self.finish(st, &id, job, result);
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self, st: &State) {
+        self.metrics.busy.set(st.running as i64);
+        self.metrics.queued.set(st.queue.len() as i64);
+    }
+
+    /// Closes computations whose client has been gone for the zombie interval.
+    pub async fn reap_zombies(self: Arc<Self>) {
+        let every = (self.cfg.zombie_interval / 4).clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(5),
+        );
+        loop {
+            tokio::time::sleep(every).await;
+            let zombies: Vec<ComputationId> = {
+                let st = self.state.lock().unwrap();
+                st.comps
+                    .iter()
+                    .filter(|(_, c)| c.phase != Phase::Closing)
+                    .filter(|(_, c)| {
+                        c.detached_since
+                            .is_some_and(|t| t.elapsed() >= self.cfg.zombie_interval)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            };
+            for id in zombies {
+                tracing::warn!(computation = %id, "client gone for the zombie interval; closing the computation");
+                let node = self.clone();
+                tokio::spawn(async move { node.close(&id, true).await });
+            }
+        }
+    }
+
+    /// SIGTERM: refuse new work, cancel queued jobs, give running ones `grace`, then terminate
+    /// them; run every cleanup.
+    pub async fn shut_down(self: &Arc<Self>) {
+        let ids: Vec<ComputationId> = {
+            let mut st = self.state.lock().unwrap();
+            st.closing_all = true;
+            let queued: Vec<_> = st.queue.drain(..).collect();
+            for (id, job) in queued {
+                let result =
+                    JobResult::failed(JobStatus::Cancelled, "cancelled: the node is shutting down");
+                self.finish(&mut st, &id, job, result);
+            }
+            self.update_gauges(&st);
+            st.comps.keys().cloned().collect()
+        };
+        let deadline = tokio::time::Instant::now() + self.cfg.shutdown_grace;
+        while self.state.lock().unwrap().running > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let closes: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let node = self.clone();
+                tokio::spawn(async move { node.close(&id, true).await })
+            })
+            .collect();
+        for c in closes {
+            let _ = c.await;
+        }
+    }
+}
+
+/// A program job's arguments as argv strings: strings as they are, anything else as JSON.
+fn program_args(args_json: &str) -> Vec<String> {
+    match serde_json::from_str::<serde_json::Value>(args_json) {
+        Ok(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_stay_inside_the_computation() {
+        assert!(safe_relative("data/words.txt").is_ok());
+        for bad in ["", "/etc/passwd", "../x", "a/../../b", "./a", "a\0b"] {
+            let err = safe_relative(bad).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn program_args_are_strings() {
+        assert_eq!(
+            program_args(r#"["a b", 3, 1.5, true, null]"#),
+            vec!["a b", "3", "1.5", "true", "null"]
+        );
+        assert!(program_args("{}").is_empty());
+    }
+
+    #[test]
+    fn computation_dirs_are_flat_names() {
+        assert_eq!(dir_name("default/wordcount"), "default_wordcount");
+        assert_eq!(dir_name("../x"), "_._x");
+        assert_eq!(dir_name(".."), "_.");
+    }
+}

@@ -1,0 +1,348 @@
+//! The Python host of one computation: a `python3` process running `dispy_host.py`, which
+//! runs setup once and then forks a process per job (or feeds long-lived workers). See the
+//! script's docstring for the pipe protocol.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use dispy_core::job::{JobResult, JobStatus};
+use dispy_core::protocol::PythonComputation;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::node::Outcome;
+use crate::process::describe_wait_status;
+
+/// The host script, shipped inside the binary.
+pub const HOST_SCRIPT: &str = include_str!("../python/dispy_host.py");
+
+pub struct PyHost {
+    computation: String,
+    input: mpsc::UnboundedSender<Vec<u8>>,
+    /// Reuse mode: indices of idle workers.
+    idle_workers: Option<Mutex<Vec<u32>>>,
+    runs: Arc<Mutex<Runs>>,
+    closed: Mutex<Option<oneshot::Receiver<Control>>>,
+    child: tokio::sync::Mutex<Child>,
+}
+
+#[derive(Default)]
+struct Runs {
+    /// Fork mode: replies that arrived before their process was reaped.
+    replies: HashMap<u64, JobResult>,
+    /// Reuse mode: the worker running each run.
+    workers: HashMap<u64, u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Control {
+    ok: bool,
+    error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Reply {
+    s: String,
+    r: Option<String>,
+    o: String,
+    e: String,
+    x: Option<String>,
+    t0: f64,
+    t1: f64,
+    od: u64,
+    ed: u64,
+}
+
+impl Reply {
+    fn into_result(self) -> JobResult {
+        JobResult {
+            status: if self.s == "Finished" {
+                JobStatus::Finished
+            } else {
+                JobStatus::Terminated
+            },
+            result: self.r,
+            stdout: self.o,
+            stderr: self.e,
+            exception: self.x,
+            start_time: Some(self.t0),
+            end_time: Some(self.t1),
+            stdout_dropped: self.od,
+            stderr_dropped: self.ed,
+        }
+    }
+}
+
+pub struct HostSettings<'a> {
+    pub python: &'a Path,
+    pub script: &'a Path,
+    pub dir: &'a Path,
+    pub workers: u32,
+    pub max_output: usize,
+    pub env: serde_json::Value,
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+    out.push(kind);
+    out.extend_from_slice(body);
+    out
+}
+
+impl PyHost {
+    /// Starts the host, runs the computation's source and setup; fails with what went wrong.
+    pub async fn start(
+        computation: &str,
+        py: &PythonComputation,
+        settings: HostSettings<'_>,
+        outcomes: mpsc::UnboundedSender<Outcome>,
+    ) -> Result<Arc<PyHost>, String> {
+        let setup_args: serde_json::Value = match &py.setup_args {
+            None => serde_json::Value::Array(vec![]),
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| format!("setup args are not a JSON list: {e}"))?,
+        };
+        let mut child = Command::new(settings.python)
+            .arg(settings.script)
+            .current_dir(settings.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start the Python interpreter {}: {e} (set --python)",
+                    settings.python.display()
+                )
+            })?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+
+        let comp = computation.to_string();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::warn!(computation = %comp, "python: {line}");
+            }
+        });
+
+        let init = serde_json::json!({
+            "source": py.source,
+            "function": py.function,
+            "setup": py.setup,
+            "setup_args": setup_args,
+            "cleanup": py.cleanup,
+            "reuse_workers": py.reuse_workers,
+            "workers": settings.workers,
+            "max_output": settings.max_output,
+            "codec": "json",
+            "env": settings.env,
+        });
+        let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        input_tx
+            .send(frame(b'I', init.to_string().as_bytes()))
+            .expect("receiver alive");
+        tokio::spawn(async move {
+            while let Some(mut bytes) = input_rx.recv().await {
+                while let Ok(more) = input_rx.try_recv() {
+                    bytes.extend(more);
+                }
+                if stdin.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        let runs = Arc::new(Mutex::new(Runs::default()));
+        let (init_tx, init_rx) = oneshot::channel();
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let reuse = py.reuse_workers;
+        tokio::spawn(read_replies(
+            computation.to_string(),
+            stdout,
+            runs.clone(),
+            reuse,
+            init_tx,
+            closed_tx,
+            outcomes,
+        ));
+
+        let init: Control = match init_rx.await {
+            Ok(c) => c,
+            Err(_) => {
+                let status = child.wait().await.ok();
+                return Err(format!(
+                    "the Python host exited before setup finished ({})",
+                    status.map(|s| s.to_string()).unwrap_or_default()
+                ));
+            }
+        };
+        if !init.ok {
+            let _ = child.wait().await;
+            return Err(init.error.unwrap_or_else(|| "setup failed".into()));
+        }
+        let idle_workers = reuse.then(|| Mutex::new((0..settings.workers.max(1)).rev().collect()));
+        Ok(Arc::new(PyHost {
+            computation: computation.to_string(),
+            input: input_tx,
+            idle_workers,
+            runs,
+            closed: Mutex::new(Some(closed_rx)),
+            child: tokio::sync::Mutex::new(child),
+        }))
+    }
+
+    /// Starts a job; `call` is the codec-encoded call (JSON `{"a": [...], "k": {...}}`).
+    pub fn start_job(&self, run: u64, call: &[u8]) -> Result<(), String> {
+        let worker = match &self.idle_workers {
+            None => 0,
+            Some(idle) => {
+                let w = idle
+                    .lock()
+                    .unwrap()
+                    .pop()
+                    .ok_or("no idle worker (more jobs than cpus)")?;
+                self.runs.lock().unwrap().workers.insert(run, w);
+                w
+            }
+        };
+        let mut body = Vec::with_capacity(12 + call.len());
+        body.extend_from_slice(&run.to_be_bytes());
+        body.extend_from_slice(&worker.to_be_bytes());
+        body.extend_from_slice(call);
+        self.input
+            .send(frame(b'J', &body))
+            .map_err(|_| format!("the Python host of {} is gone", self.computation))
+    }
+
+    /// Returns a reuse-mode worker to the idle list once its job is over.
+    pub fn job_over(&self, run: u64) {
+        if let Some(idle) = &self.idle_workers {
+            if let Some(w) = self.runs.lock().unwrap().workers.remove(&run) {
+                idle.lock().unwrap().push(w);
+            }
+        }
+    }
+
+    pub fn kill(&self, run: u64, signal: i32) {
+        let mut body = run.to_be_bytes().to_vec();
+        body.extend_from_slice(&signal.to_be_bytes());
+        let _ = self.input.send(frame(b'K', &body));
+    }
+
+    /// Stops every job, runs cleanup (when asked) and waits for the host to exit.
+    pub async fn close(&self, cleanup: bool) -> Result<(), String> {
+        let body = serde_json::json!({ "cleanup": cleanup }).to_string();
+        let _ = self.input.send(frame(b'C', body.as_bytes()));
+        let rx = self.closed.lock().unwrap().take();
+        let result = match rx {
+            Some(rx) => match rx.await {
+                Ok(c) if c.ok => Ok(()),
+                Ok(c) => Err(c.error.unwrap_or_else(|| "cleanup failed".into())),
+                Err(_) => Ok(()),
+            },
+            None => Ok(()),
+        };
+        let mut child = self.child.lock().await;
+        let _ = child.wait().await;
+        result
+    }
+}
+
+async fn read_replies(
+    computation: String,
+    stdout: ChildStdout,
+    runs: Arc<Mutex<Runs>>,
+    reuse: bool,
+    init_tx: oneshot::Sender<Control>,
+    closed_tx: oneshot::Sender<Control>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+) {
+    let mut r = BufReader::with_capacity(64 * 1024, stdout);
+    let mut init_tx = Some(init_tx);
+    let mut closed_tx = Some(closed_tx);
+    let reason = loop {
+        let mut header = [0u8; 4];
+        if r.read_exact(&mut header).await.is_err() {
+            break "the Python host exited".to_string();
+        }
+        let len = u32::from_be_bytes(header) as usize;
+        let mut body = vec![0u8; len];
+        if len == 0 || r.read_exact(&mut body).await.is_err() {
+            break "the Python host sent a truncated frame".to_string();
+        }
+        let kind = body[0];
+        let body = &body[1..];
+        let run = || u64::from_be_bytes(body[..8].try_into().unwrap());
+        match kind {
+            b'I' | b'C' => {
+                let control: Control = serde_json::from_slice(body).unwrap_or(Control {
+                    ok: false,
+                    error: Some("unreadable answer from the Python host".into()),
+                });
+                let tx = if kind == b'I' {
+                    init_tx.take()
+                } else {
+                    closed_tx.take()
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(control);
+                }
+            }
+            b'R' | b'F' if body.len() >= 8 => {
+                let run = run();
+                let json = if kind == b'R' {
+                    Ok(body[8..].to_vec())
+                } else {
+                    let path = String::from_utf8_lossy(&body[8..]).to_string();
+                    let data = tokio::fs::read(&path).await;
+                    let _ = tokio::fs::remove_file(&path).await;
+                    data
+                };
+                let result = match json
+                    .map_err(|e| e.to_string())
+                    .and_then(|j| serde_json::from_slice::<Reply>(&j).map_err(|e| e.to_string()))
+                {
+                    Ok(reply) => reply.into_result(),
+                    Err(e) => JobResult::failed(
+                        JobStatus::Terminated,
+                        format!("unreadable job reply from the Python host: {e}"),
+                    ),
+                };
+                if reuse {
+                    let _ = outcomes.send(Outcome::Job { run, result });
+                } else {
+                    runs.lock().unwrap().replies.insert(run, result);
+                }
+            }
+            b'X' if body.len() >= 12 => {
+                let run = run();
+                let status = i32::from_be_bytes(body[8..12].try_into().unwrap());
+                let stored = runs.lock().unwrap().replies.remove(&run);
+                let result = match stored {
+                    Some(result) => result,
+                    None => JobResult::failed(
+                        JobStatus::Terminated,
+                        format!("the job's process {}", describe_wait_status(status)),
+                    ),
+                };
+                // Reuse mode: a worker that died mid-job; a stale run is ignored by the node.
+                let _ = outcomes.send(Outcome::Job { run, result });
+            }
+            other => {
+                tracing::error!(%computation, "unknown frame kind {other} from the Python host");
+            }
+        }
+    };
+    let _ = outcomes.send(Outcome::HostExited {
+        computation,
+        reason,
+    });
+}

@@ -1,0 +1,213 @@
+//! The node's one port, TCP and UDP. The first bytes of a TCP connection tell the protocol:
+//! TLS (0x16, when the node has a certificate), the native magic, or dispy's 40-character
+//! auth prefix. UDP carries discovery: native pings get a pong; the node announces itself at
+//! start on the broadcast addresses of the interfaces it is bound to.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispy_core::client::Stream;
+use dispy_core::frame::frame;
+use dispy_core::protocol::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::node::Node;
+
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE: u8 = 0x16;
+
+pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
+    let tls = node.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tcp.set_nodelay(true).ok();
+        let (node, tls) = (node.clone(), tls.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(SNIFF_TIMEOUT, sniff(node, tcp, peer, tls)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%peer, "{e}"),
+                Err(_) => {
+                    tracing::warn!(%peer, "no protocol prefix within {SNIFF_TIMEOUT:?}; closing")
+                }
+            }
+        });
+    }
+}
+
+/// Reads the first bytes and hands the connection to the protocol they announce. Returns once
+/// the connection is handed over (the session itself runs in its own task).
+async fn sniff(
+    node: Arc<Node>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<(), String> {
+    let mut first = [0u8; 1];
+    let n = tcp.peek(&mut first).await.map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let mut stream: Box<dyn Stream> = match (first[0] == TLS_HANDSHAKE, &tls) {
+        (true, Some(acceptor)) => Box::new(
+            acceptor
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?,
+        ),
+        (true, None) => {
+            return Err("a TLS client connected, but this node has no --certfile; closing".into());
+        }
+        (false, _) => Box::new(tcp),
+    };
+    let mut prefix = [0u8; 4];
+    stream
+        .read_exact(&mut prefix)
+        .await
+        .map_err(|e| format!("connection closed before a protocol prefix: {e}"))?;
+    if prefix == MAGIC {
+        if tls.is_some() && first[0] != TLS_HANDSHAKE {
+            let reason = "this node requires TLS: connect with TLS (the node has --certfile)";
+            let _ = stream
+                .write_all(&frame(&encode(&ServerHello::Rejected(reason.into()))))
+                .await;
+            return Err(format!("plain-text client refused: {reason}"));
+        }
+        tokio::spawn(crate::session::serve(node, stream, peer));
+        return Ok(());
+    }
+    node.metrics.bad_requests.inc();
+    if prefix.iter().all(|b| b.is_ascii_hexdigit() || *b == b'x') {
+        let msg =
+            b"NAK (this node does not speak dispy's own protocol yet; use the native protocol)";
+        let _ = stream.write_all(&frame(msg)).await;
+        return Err("a dispy (Python) client connected; dispy's protocol is not served yet".into());
+    }
+    Err(format!("unknown protocol prefix {prefix:02x?}; closing"))
+}
+
+/// The node's discovery answer, naming the address the asker can reach.
+fn announcement(node: &Node, addr: IpAddr) -> NodeAnnouncement {
+    let (_, cpus, _) = node.load();
+    NodeAnnouncement {
+        name: node.cfg.name.clone(),
+        addr: node
+            .cfg
+            .ext_host
+            .clone()
+            .unwrap_or_else(|| addr.to_string()),
+        port: node.cfg.port,
+        cpus,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: PROTOCOL_VERSION,
+        tls: node.cfg.tls.is_some(),
+    }
+}
+
+/// IPv4 interfaces: (address, netmask, broadcast), loopback left out.
+fn interfaces() -> Vec<(Ipv4Addr, Ipv4Addr, Option<Ipv4Addr>)> {
+    if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| !i.is_loopback())
+        .filter_map(|i| match i.addr {
+            if_addrs::IfAddr::V4(v4) => Some((v4.ip, v4.netmask, v4.broadcast)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The local address on the subnet of `peer` (for a node bound to all interfaces).
+fn local_addr_for(bound: IpAddr, peer: IpAddr) -> IpAddr {
+    if !bound.is_unspecified() {
+        return bound;
+    }
+    let IpAddr::V4(peer) = peer else { return bound };
+    if peer.is_loopback() {
+        return IpAddr::V4(Ipv4Addr::LOCALHOST);
+    }
+    interfaces()
+        .into_iter()
+        .find(|(ip, mask, _)| {
+            u32::from(*ip) & u32::from(*mask) == u32::from(peer) & u32::from(*mask)
+        })
+        .map(|(ip, _, _)| IpAddr::V4(ip))
+        .unwrap_or(bound)
+}
+
+/// Where a node bound to `bound` announces itself: the broadcast address of each interface it
+/// is bound to. A node bound to loopback announces nowhere.
+pub fn broadcast_targets(bound: IpAddr) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    let IpAddr::V4(bound) = bound else {
+        return vec![];
+    };
+    if bound.is_loopback() {
+        return vec![];
+    }
+    interfaces()
+        .into_iter()
+        .filter(|(ip, _, _)| bound.is_unspecified() || *ip == bound)
+        .filter_map(|(ip, _, bcast)| bcast.map(|b| (ip, b)))
+        .collect()
+}
+
+pub async fn udp_loop(node: Arc<Node>, socket: Arc<UdpSocket>, bound: IpAddr) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("UDP receive failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match decode_datagram(&buf[..n]) {
+            Some(Ok(Discovery::Ping { .. })) => {
+                let pong = Discovery::Pong(announcement(&node, local_addr_for(bound, peer.ip())));
+                if let Err(e) = socket.send_to(&encode_datagram(&pong), peer).await {
+                    tracing::warn!(%peer, "cannot answer discovery ping: {e}");
+                }
+            }
+            Some(Ok(Discovery::Pong(_))) => {}
+            Some(Err(e)) => {
+                node.metrics.bad_requests.inc();
+                tracing::warn!(%peer, "{e}");
+            }
+            None if buf[..n].starts_with(b"PING:") => {
+                tracing::debug!(%peer, "dispy discovery ping ignored (dispy's protocol is not served yet)");
+            }
+            None => tracing::debug!(%peer, "ignoring an unknown {n}-byte datagram"),
+        }
+    }
+}
+
+/// Announces the node once, then every `--ping-interval` when set.
+pub async fn announce(node: Arc<Node>, socket: Arc<UdpSocket>, bound: IpAddr) {
+    if let Err(e) = socket.set_broadcast(true) {
+        tracing::warn!("cannot enable UDP broadcast: {e}");
+        return;
+    }
+    loop {
+        for (ip, bcast) in broadcast_targets(bound) {
+            let msg = encode_datagram(&Discovery::Pong(announcement(&node, IpAddr::V4(ip))));
+            let to = SocketAddr::from((bcast, node.cfg.client_port));
+            match socket.send_to(&msg, to).await {
+                Ok(_) => tracing::info!(%to, "announced the node"),
+                Err(e) => tracing::warn!(%to, "cannot announce the node: {e}"),
+            }
+        }
+        if node.cfg.ping_interval.is_zero() {
+            return;
+        }
+        tokio::time::sleep(node.cfg.ping_interval).await;
+    }
+}
