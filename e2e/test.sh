@@ -1,0 +1,433 @@
+#!/usr/bin/env bash
+# End-to-end tests of the local Kubernetes harness: builds what is missing
+# (reusing caches), brings up a private cluster (own state dir and ports, so a
+# developer's `e2e/cluster up` is left alone), runs the tests, always tears the
+# cluster down, and ends with the line `N passed, N failed`.
+#
+# Against a real cluster instead (kind, k3d, ...): E2E_KUBECONFIG=path bash e2e/test.sh
+# runs only the tests that do not need the process kubelet, and builds/starts nothing.
+set -uo pipefail
+
+E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$E2E_DIR/.." && pwd)"
+export E2E_STATE_DIR="${E2E_TEST_STATE_DIR:-$E2E_DIR/.state/test}"
+export E2E_APISERVER_PORT="${E2E_TEST_APISERVER_PORT:-16443}"
+export E2E_ETCD_PORT="${E2E_TEST_ETCD_PORT:-23890}"
+export E2E_CONTROLLER_MANAGER_PORT="${E2E_TEST_CONTROLLER_MANAGER_PORT:-20257}"
+export E2E_SCHEDULER_PORT="${E2E_TEST_SCHEDULER_PORT:-20259}"
+export E2E_NODES=2
+BIN="${E2E_BUILD_DIR:-$E2E_DIR/.build}/bin"
+NS=e2e-harness
+
+passed=0
+failed=0
+failures=()
+phase_start=0
+LOCAL=1
+[[ -n "${E2E_KUBECONFIG:-}" ]] && LOCAL=0
+
+phase() { phase_start=$(date +%s); echo "=== $1"; }
+phase_done() { echo "=== $1 took $(( $(date +%s) - phase_start ))s"; }
+
+teardown() {
+  if [[ $LOCAL == 1 ]]; then
+    phase "teardown"
+    "$E2E_DIR/cluster" down || true
+    phase_done "teardown"
+  fi
+}
+
+finish() {
+  local rc=$?
+  trap - EXIT INT TERM
+  teardown
+  if ((${#failures[@]})); then
+    printf 'failed: %s\n' "${failures[@]}"
+  fi
+  echo "$passed passed, $failed failed"
+  if ((failed > 0 || rc != 0)); then exit 1; fi
+  exit 0
+}
+trap finish EXIT
+trap 'echo "interrupted"; failed=$((failed + 1)); exit 1' INT TERM
+
+k() { "$KUBECTL" "$@"; }
+
+# run_test NAME FUNCTION: a test fails when its function returns non-zero
+run_test() {
+  local name=$1 fn=$2 t0 out
+  t0=$(date +%s)
+  out=$(mktemp)
+  if "$fn" >"$out" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok   - $name ($(( $(date +%s) - t0 ))s)"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    echo "FAIL - $name ($(( $(date +%s) - t0 ))s)"
+    sed 's/^/       | /' "$out" | tail -n 40
+  fi
+  rm -f "$out"
+}
+
+fail() { echo "assertion failed: $*"; return 1; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: polls until COMMAND succeeds
+wait_for() {
+  local timeout=$1 what=$2 i
+  shift 2
+  for ((i = 0; i < timeout * 2; i++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  fail "timed out after ${timeout}s waiting for: $what"
+}
+
+# --- tests -------------------------------------------------------------------
+
+t_control_plane_up() {
+  [[ "$(k get --raw /readyz)" == ok ]] || fail "/readyz is not ok"
+  [[ "$(k get --raw /livez)" == ok ]] || fail "/livez is not ok"
+  k get namespace default kube-system kube-node-lease >/dev/null || fail "system namespaces missing"
+  k version -o json | grep -q '"gitVersion": "v1.37' || fail "server is not v1.37"
+  # the controller-manager works: it gives every namespace its root CA ConfigMap
+  k create namespace e2e-probe >/dev/null || return 1
+  wait_for 60 "kube-root-ca.crt in a new namespace" k -n e2e-probe get configmap kube-root-ca.crt || return 1
+  k delete namespace e2e-probe --wait=false >/dev/null
+}
+
+node_ready() { [[ "$(k get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
+
+t_nodes_ready() {
+  k get nodes -o wide
+  local n
+  for n in e2e-node-1 e2e-node-2; do
+    node_ready "$n" || fail "node $n is not Ready"
+  done
+  [[ "$(k get node e2e-node-1 -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')" == 127.0.0.11 ]] ||
+    fail "e2e-node-1 InternalIP is not 127.0.0.11"
+  [[ "$(k get node e2e-node-2 -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')" == 127.0.0.12 ]] ||
+    fail "e2e-node-2 InternalIP is not 127.0.0.12"
+  [[ "$(k get node e2e-node-1 -o jsonpath='{.status.capacity.cpu}')" == 4 ]] || fail "cpu capacity is not 4"
+  # the heartbeat: the node Lease is renewed
+  local r1 r2
+  r1=$(k -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}') || fail "no Lease for e2e-node-1"
+  sleep 3
+  wait_for 20 "Lease renewal" bash -c "[[ \"\$($KUBECTL -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}')\" != '$r1' ]]" || return 1
+  r2=$(k -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}')
+  echo "lease renewTime $r1 -> $r2"
+  # no not-ready taint left, so pods schedule
+  [[ -z "$(k get node e2e-node-1 -o jsonpath='{.spec.taints}')" ]] || fail "e2e-node-1 still tainted: $(k get node e2e-node-1 -o jsonpath='{.spec.taints}')"
+}
+
+apply_web() {
+  k -n $NS apply -f - <<'EOF'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: web
+        image: e2e/python:3
+        command: [python3, -m, http.server, --bind, $(POD_IP), "8080"]
+        env:
+        - name: POD_IP
+          valueFrom: {fieldRef: {fieldPath: status.podIP}}
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe:
+          httpGet: {path: /, port: http}
+          periodSeconds: 1
+EOF
+}
+
+pod_ips() { k -n $NS get pods -l app=web -o jsonpath='{range .items[*]}{.status.podIP}{"\n"}{end}'; }
+
+t_deployment_available() {
+  apply_web || return 1
+  k -n $NS wait --for=condition=Available deployment/web --timeout=120s || { k -n $NS get pods -o wide; return 1; }
+  k -n $NS get pods -o wide
+  local ips
+  mapfile -t ips < <(pod_ips)
+  [[ ${#ips[@]} == 2 ]] || fail "expected 2 pods, got ${#ips[@]}"
+  [[ -n "${ips[0]}" && "${ips[0]}" != "${ips[1]}" ]] || fail "pod IPs not distinct: ${ips[*]}"
+  local ip
+  for ip in "${ips[@]}"; do
+    [[ $ip == 127.* ]] || fail "pod IP $ip is not loopback"
+    # each pod answers on its own address
+    curl -sf --max-time 5 "http://$ip:8080/" >/dev/null || fail "no answer from pod at $ip:8080"
+  done
+}
+
+pod_field() { k -n $NS get pod "$1" -o jsonpath="$2"; }
+
+t_killed_process_restarts() {
+  local pod pid newpid
+  pod=$(k -n $NS get pods -l app=web -o jsonpath='{.items[0].metadata.name}')
+  [[ -n $pod ]] || fail "no web pod"
+  pid=$(pod_field "$pod" '{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
+  [[ -d /proc/$pid ]] || fail "process $pid of pod $pod does not exist"
+  echo "killing pid $pid of pod $pod"
+  kill -KILL "$pid"
+  wait_for 60 "restartCount >= 1" bash -c "(( \$($KUBECTL -n $NS get pod $pod -o jsonpath='{.status.containerStatuses[0].restartCount}') >= 1 ))" || return 1
+  wait_for 60 "pod Ready again" bash -c "[[ \$($KUBECTL -n $NS get pod $pod -o jsonpath='{.status.containerStatuses[0].ready}') == true ]]" || return 1
+  newpid=$(pod_field "$pod" '{.status.containerStatuses[0].containerID}'); newpid=${newpid#process://}
+  [[ $newpid != "$pid" && -d /proc/$newpid ]] || fail "no new process (old $pid, new $newpid)"
+  [[ "$(pod_field "$pod" '{.status.containerStatuses[0].lastState.terminated.exitCode}')" == 137 ]] ||
+    fail "lastState exitCode is not 137 (SIGKILL): $(pod_field "$pod" '{.status.containerStatuses[0].lastState}')"
+  k -n $NS wait --for=condition=Available deployment/web --timeout=60s
+}
+
+t_delete_deployment_gc() {
+  local pids p
+  pids=$(k -n $NS get pods -l app=web -o jsonpath='{range .items[*]}{.status.containerStatuses[0].containerID}{"\n"}{end}' | sed 's#process://##')
+  [[ $(echo "$pids" | grep -c .) == 2 ]] || fail "expected 2 running processes, got: $pids"
+  k -n $NS get rs -l app=web --no-headers | grep -q . || fail "no ReplicaSet before delete"
+  k -n $NS delete deployment web --wait=false || return 1
+  wait_for 60 "ReplicaSet garbage-collected" bash -c "[[ -z \"\$($KUBECTL -n $NS get rs -l app=web -o name)\" ]]" || return 1
+  wait_for 60 "Pods removed" bash -c "[[ -z \"\$($KUBECTL -n $NS get pods -l app=web -o name)\" ]]" || return 1
+  for p in $pids; do
+    [[ ! -d /proc/$p ]] || fail "process $p still runs after its pod was deleted"
+  done
+}
+
+t_pod_env_volumes_exit_codes() {
+  k -n $NS create configmap cfg --from-literal=greeting=hello >/dev/null || return 1
+  k -n $NS create secret generic sec --from-literal=password=s3cret >/dev/null || return 1
+  k -n $NS apply -f - <<'EOF' || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: envcheck, labels: {tier: e2e}}
+spec:
+  restartPolicy: Never
+  volumes:
+  - {name: cfg, configMap: {name: cfg}}
+  - {name: sec, secret: {secretName: sec}}
+  - {name: scratch, emptyDir: {}}
+  - name: info
+    downwardAPI:
+      items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]
+  containers:
+  - name: check
+    image: e2e/shell
+    workingDir: /work
+    command: [sh, -c]
+    args:
+    - |
+      set -e
+      test "$GREETING" = hello
+      test "$PASSWORD" = s3cret
+      test "$POD_NAME" = envcheck
+      test "$POD_NS" = e2e-harness
+      case "$NODE" in e2e-node-1|e2e-node-2) ;; *) exit 1 ;; esac
+      test -n "$POD_IP"
+      test "$(cat "$CONTAINER_ROOT/etc/cfg/greeting")" = hello
+      test "$(cat "$SECRET_FILE")" = s3cret
+      grep -q 'tier="e2e"' "$CONTAINER_ROOT/etc/info/labels"
+      echo data > "$CONTAINER_ROOT/scratch/f" && test -s "$CONTAINER_ROOT/scratch/f"
+      test "$(pwd -P)" = "$(cd "$CONTAINER_ROOT/work" && pwd -P)"
+    env:
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: cfg, key: greeting}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: sec, key: password}}}
+    - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    - {name: POD_NS, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
+    - {name: NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+    - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+    - {name: SECRET_FILE, value: /etc/sec/password}
+    volumeMounts:
+    - {name: cfg, mountPath: /etc/cfg}
+    - {name: sec, mountPath: /etc/sec}
+    - {name: scratch, mountPath: /scratch}
+    - {name: info, mountPath: /etc/info}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: exit3}
+spec:
+  restartPolicy: Never
+  containers:
+  - {name: main, image: e2e/shell, command: [sh, -c, "exit 3"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: onfailure}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: main
+    image: e2e/shell
+    # fails on its first run, succeeds on the second
+    command: [sh, -c, 'if [ -e "$CONTAINER_ROOT/s/ran" ]; then exit 0; fi; touch "$CONTAINER_ROOT/s/ran"; exit 1']
+    volumeMounts: [{name: s, mountPath: /s}]
+  volumes: [{name: s, emptyDir: {}}]
+EOF
+  wait_for 60 "envcheck finished" bash -c "[[ \$($KUBECTL -n $NS get pod envcheck -o jsonpath='{.status.phase}') =~ Succeeded|Failed ]]" || return 1
+  [[ "$(pod_field envcheck '{.status.phase}')" == Succeeded ]] ||
+    fail "envcheck: $(pod_field envcheck '{.status.phase} {.status.containerStatuses[0].state}')"
+  wait_for 60 "exit3 finished" bash -c "[[ \$($KUBECTL -n $NS get pod exit3 -o jsonpath='{.status.phase}') == Failed ]]" || return 1
+  [[ "$(pod_field exit3 '{.status.containerStatuses[0].state.terminated.exitCode}')" == 3 ]] || fail "exit3: exit code not 3"
+  wait_for 60 "onfailure succeeded" bash -c "[[ \$($KUBECTL -n $NS get pod onfailure -o jsonpath='{.status.phase}') == Succeeded ]]" || return 1
+  [[ "$(pod_field onfailure '{.status.containerStatuses[0].restartCount}')" == 1 ]] || fail "onfailure: restartCount not 1"
+  k -n $NS delete pod envcheck exit3 onfailure --wait=true --timeout=30s
+}
+
+t_grace_period_then_sigkill() {
+  k -n $NS apply -f - <<'EOF' || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: stubborn}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: main
+    image: e2e/shell
+    command: [sh, -c, 'trap "echo got TERM" TERM; while true; do sleep 0.2; done']
+    readinessProbe:
+      exec: {command: [sh, -c, 'test -n "$CONTAINER_ROOT"']}
+      periodSeconds: 1
+EOF
+  k -n $NS wait --for=condition=Ready pod/stubborn --timeout=60s || return 1
+  local pid t0 took
+  pid=$(pod_field stubborn '{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
+  t0=$(date +%s)
+  k -n $NS delete pod stubborn --timeout=30s || return 1
+  took=$(( $(date +%s) - t0 ))
+  echo "deleted in ${took}s"
+  [[ ! -d /proc/$pid ]] || fail "process $pid survived"
+  ((took >= 2)) || fail "pod went away in ${took}s, before its 2s grace period"
+}
+
+t_crd_printer_columns() {
+  k apply -f - <<'EOF' || return 1
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.e2e.dispy.io}
+spec:
+  group: e2e.dispy.io
+  names: {kind: Widget, plural: widgets, singular: widget, shortNames: [wdg]}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    additionalPrinterColumns:
+    - {name: Size, type: integer, jsonPath: .spec.size}
+    - {name: Phase, type: string, jsonPath: .status.phase}
+    - {name: Age, type: date, jsonPath: .metadata.creationTimestamp}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties: {size: {type: integer, minimum: 1}}
+          status:
+            type: object
+            properties: {phase: {type: string}}
+EOF
+  k wait --for=condition=Established crd/widgets.e2e.dispy.io --timeout=60s || return 1
+  wait_for 30 "widgets served" k -n $NS get widgets || return 1
+  k -n $NS apply -f - <<'EOF' || return 1
+apiVersion: e2e.dispy.io/v1
+kind: Widget
+metadata: {name: w1}
+spec: {size: 7}
+EOF
+  # schema validation is enforced
+  if k -n $NS apply -f - <<'EOF' 2>/dev/null; then fail "size 0 accepted despite minimum: 1"; fi
+apiVersion: e2e.dispy.io/v1
+kind: Widget
+metadata: {name: w0}
+spec: {size: 0}
+EOF
+  k -n $NS patch widget w1 --subresource=status --type=merge -p '{"status":{"phase":"Spinning"}}' || return 1
+  local out
+  out=$(k -n $NS get wdg)
+  echo "$out"
+  head -1 <<<"$out" | grep -Eq '^NAME +SIZE +PHASE +AGE' || fail "printer columns missing in header"
+  grep -Eq '^w1 +7 +Spinning ' <<<"$out" || fail "printer column values missing"
+}
+
+t_lease_create_renew() {
+  local t1 t2 rv1 rv2
+  t1=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
+  k -n $NS apply -f - <<EOF || return 1
+apiVersion: coordination.k8s.io/v1
+kind: Lease
+metadata: {name: e2e-leader}
+spec: {holderIdentity: candidate-a, leaseDurationSeconds: 15, renewTime: "$t1", leaseTransitions: 0}
+EOF
+  rv1=$(k -n $NS get lease e2e-leader -o jsonpath='{.metadata.resourceVersion}')
+  sleep 1
+  t2=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
+  k -n $NS patch lease e2e-leader --type=merge -p "{\"spec\":{\"renewTime\":\"$t2\"}}" || return 1
+  rv2=$(k -n $NS get lease e2e-leader -o jsonpath='{.metadata.resourceVersion}')
+  [[ "$(k -n $NS get lease e2e-leader -o jsonpath='{.spec.renewTime}')" == "$t2" ]] || fail "renewTime not updated"
+  [[ $rv1 != "$rv2" ]] || fail "resourceVersion unchanged by renewal"
+  # optimistic concurrency, which leader election relies on: a stale update is refused
+  if k -n $NS get lease e2e-leader -o json | sed "s/\"resourceVersion\": \"$rv2\"/\"resourceVersion\": \"$rv1\"/" |
+    k replace -f - 2>/dev/null; then
+    fail "update with a stale resourceVersion was accepted"
+  fi
+}
+
+t_helm_installs_a_chart() {
+  local chart
+  chart=$(mktemp -d)
+  mkdir -p "$chart/templates"
+  printf 'apiVersion: v2\nname: e2e-hello\nversion: 0.1.0\n' > "$chart/Chart.yaml"
+  printf 'message: hi\n' > "$chart/values.yaml"
+  printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: {{ .Release.Name }}-cm}\ndata: {message: {{ .Values.message | quote }}}\n' \
+    > "$chart/templates/cm.yaml"
+  "$HELM" install hello "$chart" -n $NS --set message=from-helm --wait --timeout 60s || return 1
+  [[ "$(k -n $NS get configmap hello-cm -o jsonpath='{.data.message}')" == from-helm ]] || fail "chart's ConfigMap missing"
+  "$HELM" uninstall hello -n $NS || return 1
+  rm -rf "$chart"
+}
+
+# --- main --------------------------------------------------------------------
+
+if [[ $LOCAL == 1 ]]; then
+  phase "build control plane (Go; cached when sources are unchanged)"
+  bash "$E2E_DIR/controlplane/build.sh" || exit 1
+  phase_done "build control plane"
+  phase "build process kubelet (Rust)"
+  (cd "$REPO_DIR" && cargo build -q -p process-kubelet) || exit 1
+  phase_done "build process kubelet"
+  phase "cluster up"
+  "$E2E_DIR/cluster" up || { for f in "$E2E_STATE_DIR"/logs/*.log; do echo "--- $f"; tail -n 20 "$f"; done; exit 1; }
+  phase_done "cluster up"
+  export KUBECONFIG="$E2E_STATE_DIR/admin.kubeconfig"
+  KUBECTL="$BIN/kubectl"
+  HELM="$BIN/helm"
+else
+  export KUBECONFIG="$E2E_KUBECONFIG"
+  KUBECTL="${KUBECTL:-kubectl}"
+  HELM="${HELM:-helm}"
+fi
+
+phase "tests"
+k create namespace $NS >/dev/null
+run_test "control plane is up and controllers run" t_control_plane_up
+if [[ $LOCAL == 1 ]]; then
+  run_test "process nodes are Ready with Lease heartbeats" t_nodes_ready
+  run_test "Deployment of 2 becomes Available with distinct pod IPs" t_deployment_available
+  run_test "a killed process is restarted (restartCount, exit 137)" t_killed_process_restarts
+  run_test "deleting the Deployment kills the processes; GC removes ReplicaSet and Pods" t_delete_deployment_gc
+  run_test "env, ConfigMap/Secret/emptyDir/downwardAPI volumes, exit codes, OnFailure" t_pod_env_volumes_exit_codes
+  run_test "deletion waits the grace period, then SIGKILL" t_grace_period_then_sigkill
+fi
+run_test "CRD with printer columns, schema and status subresource" t_crd_printer_columns
+run_test "Lease create and renew" t_lease_create_renew
+run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
+if [[ $LOCAL == 0 ]]; then
+  k delete namespace $NS --wait=false >/dev/null
+  k delete crd widgets.e2e.dispy.io --wait=false >/dev/null
+fi
+phase_done "tests"
