@@ -83,6 +83,14 @@ wait_for() {
   fail "timed out after ${timeout}s waiting for: $what"
 }
 
+# field_is KIND/NAME JSONPATH VALUE (in $NS): kubectl must succeed and print VALUE
+field_is() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; [[ $v == "$3" ]]; }
+field_matches() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; [[ $v =~ $3 ]]; }
+field_at_least() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; [[ -n $v ]] && ((v >= $3)); }
+# none_left KIND SELECTOR: kubectl must succeed and list nothing
+none_left() { local v; v=$(k -n $NS get "$1" -l "$2" -o name) || return 1; [[ -z $v ]]; }
+lease_renewed() { local v; v=$(k -n kube-node-lease get lease "$1" -o jsonpath='{.spec.renewTime}') || return 1; [[ -n $v && $v != "$2" ]]; }
+
 # --- tests -------------------------------------------------------------------
 
 t_control_plane_up() {
@@ -113,7 +121,7 @@ t_nodes_ready() {
   local r1 r2
   r1=$(k -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}') || fail "no Lease for e2e-node-1"
   sleep 3
-  wait_for 20 "Lease renewal" bash -c "[[ \"\$($KUBECTL -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}')\" != '$r1' ]]" || return 1
+  wait_for 20 "Lease renewal" lease_renewed e2e-node-1 "$r1" || return 1
   r2=$(k -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}')
   echo "lease renewTime $r1 -> $r2"
   # no not-ready taint left, so pods schedule
@@ -174,8 +182,8 @@ t_killed_process_restarts() {
   [[ -d /proc/$pid ]] || fail "process $pid of pod $pod does not exist"
   echo "killing pid $pid of pod $pod"
   kill -KILL "$pid"
-  wait_for 60 "restartCount >= 1" bash -c "(( \$($KUBECTL -n $NS get pod $pod -o jsonpath='{.status.containerStatuses[0].restartCount}') >= 1 ))" || return 1
-  wait_for 60 "pod Ready again" bash -c "[[ \$($KUBECTL -n $NS get pod $pod -o jsonpath='{.status.containerStatuses[0].ready}') == true ]]" || return 1
+  wait_for 60 "restartCount >= 1" field_at_least "pod/$pod" '{.status.containerStatuses[0].restartCount}' 1 || return 1
+  wait_for 60 "pod Ready again" field_is "pod/$pod" '{.status.containerStatuses[0].ready}' true || return 1
   newpid=$(pod_field "$pod" '{.status.containerStatuses[0].containerID}'); newpid=${newpid#process://}
   [[ $newpid != "$pid" && -d /proc/$newpid ]] || fail "no new process (old $pid, new $newpid)"
   [[ "$(pod_field "$pod" '{.status.containerStatuses[0].lastState.terminated.exitCode}')" == 137 ]] ||
@@ -189,8 +197,8 @@ t_delete_deployment_gc() {
   [[ $(echo "$pids" | grep -c .) == 2 ]] || fail "expected 2 running processes, got: $pids"
   k -n $NS get rs -l app=web --no-headers | grep -q . || fail "no ReplicaSet before delete"
   k -n $NS delete deployment web --wait=false || return 1
-  wait_for 60 "ReplicaSet garbage-collected" bash -c "[[ -z \"\$($KUBECTL -n $NS get rs -l app=web -o name)\" ]]" || return 1
-  wait_for 60 "Pods removed" bash -c "[[ -z \"\$($KUBECTL -n $NS get pods -l app=web -o name)\" ]]" || return 1
+  wait_for 60 "ReplicaSet garbage-collected" none_left rs app=web || return 1
+  wait_for 60 "Pods removed" none_left pods app=web || return 1
   for p in $pids; do
     [[ ! -d /proc/$p ]] || fail "process $p still runs after its pod was deleted"
   done
@@ -266,12 +274,12 @@ spec:
     volumeMounts: [{name: s, mountPath: /s}]
   volumes: [{name: s, emptyDir: {}}]
 EOF
-  wait_for 60 "envcheck finished" bash -c "[[ \$($KUBECTL -n $NS get pod envcheck -o jsonpath='{.status.phase}') =~ Succeeded|Failed ]]" || return 1
+  wait_for 60 "envcheck finished" field_matches pod/envcheck '{.status.phase}' 'Succeeded|Failed' || return 1
   [[ "$(pod_field envcheck '{.status.phase}')" == Succeeded ]] ||
     fail "envcheck: $(pod_field envcheck '{.status.phase} {.status.containerStatuses[0].state}')"
-  wait_for 60 "exit3 finished" bash -c "[[ \$($KUBECTL -n $NS get pod exit3 -o jsonpath='{.status.phase}') == Failed ]]" || return 1
+  wait_for 60 "exit3 finished" field_is pod/exit3 '{.status.phase}' Failed || return 1
   [[ "$(pod_field exit3 '{.status.containerStatuses[0].state.terminated.exitCode}')" == 3 ]] || fail "exit3: exit code not 3"
-  wait_for 60 "onfailure succeeded" bash -c "[[ \$($KUBECTL -n $NS get pod onfailure -o jsonpath='{.status.phase}') == Succeeded ]]" || return 1
+  wait_for 60 "onfailure succeeded" field_is pod/onfailure '{.status.phase}' Succeeded || return 1
   [[ "$(pod_field onfailure '{.status.containerStatuses[0].restartCount}')" == 1 ]] || fail "onfailure: restartCount not 1"
   k -n $NS delete pod envcheck exit3 onfailure --wait=true --timeout=30s
 }
@@ -300,6 +308,32 @@ EOF
   echo "deleted in ${took}s"
   [[ ! -d /proc/$pid ]] || fail "process $pid survived"
   ((took >= 2)) || fail "pod went away in ${took}s, before its 2s grace period"
+}
+
+t_service_account_access_from_a_pod() {
+  k -n $NS create rolebinding default-view --clusterrole=view --serviceaccount=$NS:default >/dev/null || return 1
+  k -n $NS apply -f - <<'EOF' || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: sa-allowed}
+spec:
+  restartPolicy: Never
+  containers: [{name: main, image: e2e/kubectl, args: [get, pods]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sa-forbidden}
+spec:
+  restartPolicy: Never
+  containers: [{name: main, image: e2e/kubectl, args: [get, nodes]}]
+EOF
+  # the pod acts as system:serviceaccount:e2e-harness:default, which may list
+  # pods in its namespace (view) but not nodes
+  wait_for 60 "sa-allowed finished" field_matches pod/sa-allowed '{.status.phase}' 'Succeeded|Failed' || return 1
+  wait_for 60 "sa-forbidden finished" field_matches pod/sa-forbidden '{.status.phase}' 'Succeeded|Failed' || return 1
+  field_is pod/sa-allowed '{.status.phase}' Succeeded || fail "listing pods with the pod's token failed"
+  field_is pod/sa-forbidden '{.status.phase}' Failed || fail "listing nodes with the pod's token succeeded: not the service account?"
+  k -n $NS delete pod sa-allowed sa-forbidden --wait=true --timeout=30s
 }
 
 t_crd_printer_columns() {
@@ -422,6 +456,7 @@ if [[ $LOCAL == 1 ]]; then
   run_test "deleting the Deployment kills the processes; GC removes ReplicaSet and Pods" t_delete_deployment_gc
   run_test "env, ConfigMap/Secret/emptyDir/downwardAPI volumes, exit codes, OnFailure" t_pod_env_volumes_exit_codes
   run_test "deletion waits the grace period, then SIGKILL" t_grace_period_then_sigkill
+  run_test "a pod reaches the API server as its service account" t_service_account_access_from_a_pod
 fi
 run_test "CRD with printer columns, schema and status subresource" t_crd_printer_columns
 run_test "Lease create and renew" t_lease_create_renew
