@@ -414,19 +414,53 @@ impl NodeClient {
 
     /// Queues a job on the node. Its events arrive on the event channel.
     pub async fn submit(&self, computation: &str, job: JobRequest) -> Result<(), ClientError> {
-        let key = (computation.to_string(), job.id);
-        self.shared.in_flight.lock().unwrap().insert(key.clone());
-        let result = self
-            .expect_ok(
-                "Submit",
-                ClientMsg::Submit {
-                    computation: computation.into(),
-                    job,
-                },
-            )
-            .await;
-        if result.is_err() {
-            self.shared.in_flight.lock().unwrap().remove(&key);
+        let mut rejected = self.submit_many(computation, vec![job]).await?;
+        match rejected.pop() {
+            None => Ok(()),
+            Some(r) => Err(ClientError::Node {
+                addr: self.shared.addr.clone(),
+                error: r.error,
+            }),
+        }
+    }
+
+    /// Queues jobs in one request, in order; returns those the node refused (the others are
+    /// queued).
+    pub async fn submit_many(
+        &self,
+        computation: &str,
+        jobs: Vec<JobRequest>,
+    ) -> Result<Vec<Rejected>, ClientError> {
+        let keys: Vec<_> = jobs
+            .iter()
+            .map(|j| (computation.to_string(), j.id))
+            .collect();
+        self.shared
+            .in_flight
+            .lock()
+            .unwrap()
+            .extend(keys.iter().cloned());
+        let msg = ClientMsg::Submit {
+            computation: computation.into(),
+            jobs,
+        };
+        let result = match self.request(msg).await {
+            Ok(Reply::Submitted { rejected }) => Ok(rejected),
+            Ok(other) => Err(self.unexpected("Submit", other)),
+            Err(e) => Err(e),
+        };
+        let mut in_flight = self.shared.in_flight.lock().unwrap();
+        match &result {
+            Ok(rejected) => {
+                for r in rejected {
+                    in_flight.remove(&(computation.to_string(), r.job));
+                }
+            }
+            Err(_) => {
+                for k in &keys {
+                    in_flight.remove(k);
+                }
+            }
         }
         result
     }

@@ -185,9 +185,10 @@ pub enum ClientMsg {
     Setup {
         computation: ComputationId,
     },
+    /// Queues jobs, in order. Answered with [`Reply::Submitted`], naming any job refused.
     Submit {
         computation: ComputationId,
-        job: JobRequest,
+        jobs: Vec<JobRequest>,
     },
     /// Cancels a queued job or terminates a running one.
     Cancel {
@@ -237,6 +238,13 @@ pub enum Reply {
     FileCheck { present: bool },
     Setup { cpus: u32 },
     Attached { jobs: Vec<JobState> },
+    Submitted { rejected: Vec<Rejected> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Rejected {
+    pub job: JobId,
+    pub error: NodeError,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -353,12 +361,12 @@ mod tests {
             id: 7,
             body: ClientMsg::Submit {
                 computation: "default/wc".into(),
-                job: JobRequest {
+                jobs: vec![JobRequest {
                     id: 3,
                     args: "[\"beta\"]".into(),
                     kwargs: "{}".into(),
                     depends: vec!["a.txt".into()],
-                },
+                }],
             },
         };
         let back: Request = decode("request", &encode(&req)).unwrap();

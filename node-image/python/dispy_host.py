@@ -13,12 +13,14 @@ job processes and its workers can share the pipe:
   I  init done JSON {ok, error}
   R  job reply 8-byte run token, JSON {s, r, o, e, x, t0, t1, od, ed}
   F  job reply too large for one write: 8-byte run token, path of a file holding the JSON
-  X  process gone 8-byte run token, 4-byte wait status (the job's process, or its worker)
+  X  process gone 8-byte run token, 4-byte wait status of the process that ran that job;
+               after its reply this is stale, without one it says how the job died
   C  closed    JSON {ok, error}
 
 The computation's source runs as module __main__ with os and sys imported, as on dispy's
 node. Setup runs once here; by default each job runs in a process forked from this
-post-setup state, so it sees setup's globals and its own changes are lost when it ends.
+post-setup state, so it sees setup's globals and its own changes are lost when it ends
+(processes are forked ahead of time, so the fork is not on the job's path).
 With reuse_workers, `workers` processes are forked once after setup and run jobs one after
 another: much faster, and a job's changes to globals are seen by later jobs of its worker.
 """
@@ -31,10 +33,17 @@ import signal
 import struct
 import sys
 import time
-import traceback
 import types
 
 PIPE_BUF = 4096
+
+
+def format_exc():
+    # traceback is imported only when needed: every import makes each fork slower.
+    import traceback
+
+    return traceback.format_exc()
+
 HEADER = struct.Struct(">IB")
 RUN = struct.Struct(">Q")
 RUN_WORKER = struct.Struct(">QI")
@@ -65,8 +74,11 @@ class Host:
         os.dup2(2, 1)
         self.inbuf = bytearray()
         self.spill_dir = os.path.join(os.getcwd(), ".dispy-replies")
-        self.children = {}  # pid -> run token (fork per job)
-        self.workers = []  # index -> [pid, job write fd]
+        self.spares = []  # fork per job: [(pid, job write fd)] ready for one job each
+        self.running = {}  # fork per job: pid -> run token
+        self.run_pid = {}  # fork per job: run token -> pid
+        self.workers = []  # reuse: index -> [pid, job write fd]
+        self.job_fds = set()  # write ends of every job pipe, closed in each new process
         self.worker_run = {}  # worker index -> run token being run
         self.run_worker = {}  # run token -> worker index
         self.func = None
@@ -125,6 +137,9 @@ class Host:
         self.cfg = cfg
         self.codec = CODECS[cfg.get("codec", "json")]()
         self.max_output = cfg.get("max_output", 1 << 20)
+        # The node runs us with -S (no site: forks are several times cheaper without it) and
+        # passes the interpreter's normal sys.path; the computation's directory comes first.
+        sys.path[:] = [os.getcwd()] + list(cfg.get("sys_path") or sys.path)
         main = types.ModuleType("__main__")
         main.__dict__.update(os=os, sys=sys, __builtins__=__builtins__)
         main.__dict__.update(cfg.get("env") or {})
@@ -137,7 +152,7 @@ class Host:
         try:
             exec(code, self.globals)
         except BaseException:
-            return "running the computation's source failed:\n" + traceback.format_exc()
+            return "running the computation's source failed:\n" + format_exc()
         func = self.globals.get(cfg["function"])
         if not callable(func):
             return "the source defines no function %r" % cfg["function"]
@@ -150,7 +165,7 @@ class Host:
             try:
                 ret = fn(*(cfg.get("setup_args") or []))
             except BaseException:
-                return "setup %s() raised:\n%s" % (setup, traceback.format_exc())
+                return "setup %s() raised:\n%s" % (setup, format_exc())
             # dispy: 0 forks jobs from the setup state; 1 and 2 are other ways to do the same here.
             if ret not in (None, 0, 1, 2):
                 return "setup %s() returned %r; it must return 0 (or 1, 2) to succeed" % (setup, ret)
@@ -166,7 +181,7 @@ class Host:
         try:
             fn(*(self.cfg.get("setup_args") or []))
         except BaseException:
-            return "cleanup %s() raised:\n%s" % (name, traceback.format_exc())
+            return "cleanup %s() raised:\n%s" % (name, format_exc())
         return None
 
     def run_job(self, run, body):
@@ -178,7 +193,7 @@ class Host:
             args, kwargs = self.codec.decode_call(body)
             result = self.codec.encode_result(self.func(*args, **kwargs))
         except BaseException:
-            status, exc = "Terminated", traceback.format_exc()
+            status, exc = "Terminated", format_exc()
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         t1 = time.time()
@@ -192,56 +207,39 @@ class Host:
         return text[: self.max_output], len(text) - self.max_output
 
     # --- processes ----------------------------------------------------------------------
-    def child_init(self):
-        """In a freshly forked job process or worker."""
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        os.setpgid(0, 0)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+    # Every job runs in a process forked from this post-setup state, fed through its own pipe.
+    # Fork per job (the default): a few spare processes are forked ahead of time, each runs
+    # one job and exits, and a new spare is forked as soon as one is used, so the fork is not
+    # on the job's path. Reuse: `workers` processes run job after job.
 
-    def fork_job(self, run, body):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                self.child_init()
-                self.run_job(run, body)
-            except BaseException:
-                code = 70
-            os._exit(code)
-        self.own_group(pid)
-        self.children[pid] = run
-
-    def start_worker(self, index):
+    def spawn(self, single_use):
+        """Forks a process that runs jobs from a new pipe; returns (pid, write end)."""
         job_r, job_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                self.child_init()
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.setpgid(0, 0)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.close(devnull)
+                for fd in [self.wake_r, self.wake_w, job_w] + list(self.job_fds):
+                    os.close(fd)
                 self.inbuf = bytearray()
-                os.close(job_w)
-                for _, other_w in self.workers:
-                    if other_w is not None:
-                        os.close(other_w)
-                self.worker_loop(job_r)
+                self.job_loop(job_r, single_use)
             except BaseException:
-                traceback.print_exc()
+                sys.stderr.write(format_exc())
                 code = 70
             os._exit(code)
         self.own_group(pid)
         os.close(job_r)
-        if index < len(self.workers):
-            self.workers[index] = [pid, job_w]
-        else:
-            self.workers.append([pid, job_w])
+        self.job_fds.add(job_w)
+        return pid, job_w
 
-    def worker_loop(self, fd):
+    def job_loop(self, fd, single_use):
         while True:
             for frame in self.frames(fd):
                 if frame is None:
@@ -250,6 +248,18 @@ class Host:
                 if kind == ord("J"):
                     run, _ = RUN_WORKER.unpack_from(body)
                     self.run_job(run, body[RUN_WORKER.size :])
+                    if single_use:
+                        return
+
+    def add_spare(self):
+        self.spares.append(self.spawn(True))
+
+    def forget_fd(self, fd):
+        self.job_fds.discard(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
     def reap(self):
         while True:
@@ -259,29 +269,37 @@ class Host:
                 return
             if pid == 0:
                 return
-            run = self.children.pop(pid, None)
+            run = self.running.pop(pid, None)
             if run is not None:
+                self.run_pid.pop(run, None)
+                # After a reply this is stale and the node ignores it; without one it is the news.
                 self.send(ord("X"), RUN_STATUS.pack(run, status))
                 continue
+            for spare in self.spares:
+                if spare[0] == pid:
+                    self.spares.remove(spare)
+                    self.forget_fd(spare[1])
+                    if not self.closing:
+                        self.add_spare()
+                    break
             for index, (wpid, job_w) in enumerate(self.workers):
                 if wpid == pid:
-                    os.close(job_w)
+                    self.forget_fd(job_w)
                     run = self.worker_run.pop(index, None)
                     if run is not None:
                         self.run_worker.pop(run, None)
                         self.send(ord("X"), RUN_STATUS.pack(run, status))
                     if not self.closing:
-                        self.start_worker(index)
+                        self.workers[index] = list(self.spawn(False))
                     break
 
     def kill(self, run, sig):
-        for pid, r in self.children.items():
-            if r == run:
-                self.signal_group(pid, sig)
-                return
-        index = self.run_worker.get(run)
-        if index is not None:
-            self.signal_group(self.workers[index][0], sig)
+        pid = self.run_pid.get(run)
+        if pid is None:
+            index = self.run_worker.get(run)
+            pid = self.workers[index][0] if index is not None else None
+        if pid is not None:
+            self.signal_group(pid, sig)
 
     @staticmethod
     def own_group(pid):
@@ -301,16 +319,23 @@ class Host:
     def dispatch(self, kind, body):
         if kind == ord("J"):
             run, index = RUN_WORKER.unpack_from(body)
+            frame = HEADER.pack(len(body) + 1, kind) + body
             if self.workers:
                 previous = self.worker_run.get(index)
                 if previous is not None:
                     self.run_worker.pop(previous, None)
                 self.worker_run[index] = run
                 self.run_worker[run] = index
-                frame = HEADER.pack(len(body) + 1, kind) + body
                 os.write(self.workers[index][1], frame)
             else:
-                self.fork_job(run, body[RUN_WORKER.size :])
+                if not self.spares:
+                    self.add_spare()
+                pid, job_w = self.spares.pop(0)
+                self.running[pid] = run
+                self.run_pid[run] = pid
+                os.write(job_w, frame)
+                self.forget_fd(job_w)
+                self.add_spare()
         elif kind == ord("K"):
             run, sig = RUN_SIGNAL.unpack_from(body)
             self.kill(run, sig)
@@ -319,11 +344,12 @@ class Host:
 
     def close(self, run_cleanup):
         self.closing = True
-        for _, job_w in self.workers:
-            os.close(job_w)
-        for pid in list(self.children) + [w[0] for w in self.workers]:
+        pids = list(self.running) + [p for p, _ in self.spares] + [w[0] for w in self.workers]
+        for fd in list(self.job_fds):
+            self.forget_fd(fd)
+        for pid in pids:
             self.signal_group(pid, signal.SIGKILL)
-        for pid in list(self.children) + [w[0] for w in self.workers]:
+        for pid in pids:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
@@ -343,9 +369,12 @@ class Host:
         os.set_blocking(self.wake_w, False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w)
+        count = max(1, int(cfg.get("workers", 1)))
         if cfg.get("reuse_workers"):
-            for index in range(max(1, int(cfg.get("workers", 1)))):
-                self.start_worker(index)
+            self.workers = [list(self.spawn(False)) for _ in range(count)]
+        else:
+            for _ in range(count):
+                self.add_spare()
         while True:
             try:
                 ready, _, _ = select.select([0, self.wake_r], [], [])

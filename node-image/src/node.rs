@@ -45,6 +45,8 @@ pub struct Node {
     next_run: AtomicU64,
     /// Becomes true when the node starts shutting down.
     pub shutdown: watch::Sender<bool>,
+    /// The Python interpreter's `sys.path`, learnt once, for Python hosts.
+    python_path: tokio::sync::OnceCell<String>,
 }
 
 #[derive(Default)]
@@ -166,6 +168,7 @@ impl Node {
             host_script,
             next_run: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
+            python_path: tokio::sync::OnceCell::new(),
         });
         Ok((node, rx))
     }
@@ -343,24 +346,7 @@ impl Node {
                     env: p.env.clone(),
                 })
             }
-            Computation::Python(py) => {
-                let env = serde_json::json!({
-                    "dispy_node_name": self.cfg.name,
-                    "dispy_node_ip_addr": self.cfg.public_addr(),
-                    "dispy_job_path": dir,
-                });
-                let settings = HostSettings {
-                    python: &self.cfg.python,
-                    script: &self.host_script,
-                    dir: &dir,
-                    workers: self.cfg.cpus,
-                    max_output: self.cfg.max_output,
-                    env,
-                };
-                PyHost::start(id, py, settings, self.outcomes.clone())
-                    .await
-                    .map(Runner::Python)
-            }
+            Computation::Python(py) => self.start_python(id, py, &dir).await.map(Runner::Python),
         };
         let mut st = self.state.lock().unwrap();
         let Some(comp) = st.comps.get_mut(id) else {
@@ -384,23 +370,36 @@ impl Node {
         }
     }
 
-    pub fn submit(self: &Arc<Self>, id: &str, req: JobRequest) -> NodeResult<()> {
-        let bad = |m: String| {
-            NodeError::new(
-                ErrorCode::BadRequest,
-                format!("job {} of {id:?}: {m}", req.id),
-            )
+    /// Queues jobs in order. A problem with the computation refuses them all; a problem with
+    /// one job refuses that job only.
+    async fn start_python(
+        &self,
+        id: &str,
+        py: &PythonComputation,
+        dir: &Path,
+    ) -> Result<Arc<PyHost>, String> {
+        let sys_path = self
+            .python_path
+            .get_or_try_init(|| crate::pyhost::interpreter_path(&self.cfg.python))
+            .await?;
+        let env = serde_json::json!({
+            "dispy_node_name": self.cfg.name,
+            "dispy_node_ip_addr": self.cfg.public_addr(),
+            "dispy_job_path": dir,
+        });
+        let settings = HostSettings {
+            python: &self.cfg.python,
+            sys_path,
+            script: &self.host_script,
+            dir,
+            workers: self.cfg.cpus,
+            max_output: self.cfg.max_output,
+            env,
         };
-        match serde_json::from_str::<serde_json::Value>(&req.args) {
-            Ok(serde_json::Value::Array(_)) => {}
-            Ok(_) => return Err(bad("args must be a JSON list".into())),
-            Err(e) => return Err(bad(format!("args are not valid JSON: {e}"))),
-        }
-        let kwargs = match serde_json::from_str::<serde_json::Value>(&req.kwargs) {
-            Ok(serde_json::Value::Object(m)) => m,
-            Ok(_) => return Err(bad("kwargs must be a JSON object".into())),
-            Err(e) => return Err(bad(format!("kwargs are not valid JSON: {e}"))),
-        };
+        PyHost::start(id, py, settings, self.outcomes.clone()).await
+    }
+
+    pub fn submit(self: &Arc<Self>, id: &str, jobs: Vec<JobRequest>) -> NodeResult<Vec<Rejected>> {
         let mut st = self.state.lock().unwrap();
         if st.closing_all {
             return Err(NodeError::new(
@@ -418,38 +417,36 @@ impl Node {
                 return Err(NodeError::new(
                     ErrorCode::Closing,
                     format!("computation {id:?} is closing"),
-                ))
+                ));
             }
-            _ => return Err(bad("the computation is not set up yet".into())),
-        }
-        if matches!(comp.spec, Computation::Program(_)) && !kwargs.is_empty() {
-            return Err(bad("a program computation takes no kwargs".into()));
-        }
-        if comp.jobs.contains_key(&req.id) {
-            return Err(NodeError::new(
-                ErrorCode::AlreadyExists,
-                format!("job {} of {id:?} is already queued or running", req.id),
-            ));
-        }
-        for name in &req.depends {
-            safe_relative(name)?;
-            if !comp.dir.join(name).is_file() {
-                return Err(bad(format!(
-                    "per-job file {name:?} was not sent before the job"
-                )));
+            _ => {
+                return Err(NodeError::new(
+                    ErrorCode::BadRequest,
+                    format!("computation {id:?} is not set up yet"),
+                ));
             }
         }
-        for name in &req.depends {
-            *comp.job_files.entry(name.clone()).or_insert(0) += 1;
+        let mut rejected = Vec::new();
+        let mut accepted = Vec::with_capacity(jobs.len());
+        for req in jobs {
+            match admit(comp, id, &req) {
+                Ok(()) => {
+                    for name in &req.depends {
+                        *comp.job_files.entry(name.clone()).or_insert(0) += 1;
+                    }
+                    // A client reusing an id (as dispy's do) has moved on from the old result.
+                    comp.done.remove(&req.id);
+                    accepted.push(req.id);
+                    comp.jobs.insert(req.id, Job { req, run: None });
+                }
+                Err(error) => rejected.push(Rejected { job: req.id, error }),
+            }
         }
-        // A client reusing an id (as dispy's do) has moved on from the old result.
-        comp.done.remove(&req.id);
-        let job_id = req.id;
-        comp.jobs.insert(job_id, Job { req, run: None });
-        st.queue.push_back((id.to_string(), job_id));
+        st.queue
+            .extend(accepted.into_iter().map(|job| (id.to_string(), job)));
         self.pump(&mut st);
         self.update_gauges(&st);
-        Ok(())
+        Ok(rejected)
     }
 
     /// Cancels a queued job or terminates a running one.
@@ -904,6 +901,53 @@ impl Node {
             let _ = c.await;
         }
     }
+}
+
+/// Checks one job before it is queued.
+fn admit(comp: &Comp, id: &str, req: &JobRequest) -> NodeResult<()> {
+    let bad = |m: String| {
+        NodeError::new(
+            ErrorCode::BadRequest,
+            format!("job {} of {id:?}: {m}", req.id),
+        )
+    };
+    match json_opening(&req.args) {
+        Ok('[') => {}
+        Ok(_) => return Err(bad("args must be a JSON list".into())),
+        Err(e) => return Err(bad(format!("args are not valid JSON: {e}"))),
+    }
+    match json_opening(&req.kwargs) {
+        Ok('{') => {}
+        Ok(_) => return Err(bad("kwargs must be a JSON object".into())),
+        Err(e) => return Err(bad(format!("kwargs are not valid JSON: {e}"))),
+    }
+    if matches!(comp.spec, Computation::Program(_))
+        && !serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&req.kwargs)
+            .is_ok_and(|m| m.is_empty())
+    {
+        return Err(bad("a program computation takes no kwargs".into()));
+    }
+    if comp.jobs.contains_key(&req.id) {
+        return Err(NodeError::new(
+            ErrorCode::AlreadyExists,
+            format!("job {} of {id:?} is already queued or running", req.id),
+        ));
+    }
+    for name in &req.depends {
+        safe_relative(name)?;
+        if !comp.dir.join(name).is_file() {
+            return Err(bad(format!(
+                "per-job file {name:?} was not sent before the job"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Validates JSON text without building it; returns its first character.
+fn json_opening(text: &str) -> Result<char, serde_json::Error> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)?;
+    Ok(text.trim_start().chars().next().unwrap_or(' '))
 }
 
 /// A program job's arguments as argv strings: strings as they are, anything else as JSON.

@@ -30,11 +30,9 @@ pub struct PyHost {
     child: tokio::sync::Mutex<Child>,
 }
 
+/// Reuse mode: the worker running each run.
 #[derive(Default)]
 struct Runs {
-    /// Fork mode: replies that arrived before their process was reaped.
-    replies: HashMap<u64, JobResult>,
-    /// Reuse mode: the worker running each run.
     workers: HashMap<u64, u32>,
 }
 
@@ -79,6 +77,8 @@ impl Reply {
 
 pub struct HostSettings<'a> {
     pub python: &'a Path,
+    /// The interpreter's usual `sys.path` as a JSON list (the host runs without `site`).
+    pub sys_path: &'a str,
     pub script: &'a Path,
     pub dir: &'a Path,
     pub workers: u32,
@@ -94,6 +94,28 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The `sys.path` that `python` has with `site`, as a JSON list.
+pub async fn interpreter_path(python: &Path) -> Result<String, String> {
+    let out = Command::new(python)
+        .args(["-c", "import json, sys; print(json.dumps(sys.path[1:]))"])
+        .output()
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot start the Python interpreter {}: {e} (set --python)",
+                python.display()
+            )
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "the Python interpreter {} failed: {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 impl PyHost {
     /// Starts the host, runs the computation's source and setup; fails with what went wrong.
     pub async fn start(
@@ -107,7 +129,10 @@ impl PyHost {
             Some(text) => serde_json::from_str(text)
                 .map_err(|e| format!("setup args are not a JSON list: {e}"))?,
         };
+        let sys_path: serde_json::Value =
+            serde_json::from_str(settings.sys_path).unwrap_or_default();
         let mut child = Command::new(settings.python)
+            .arg("-S")
             .arg(settings.script)
             .current_dir(settings.dir)
             .stdin(Stdio::piped())
@@ -143,6 +168,7 @@ impl PyHost {
             "workers": settings.workers,
             "max_output": settings.max_output,
             "codec": "json",
+            "sys_path": sys_path,
             "env": settings.env,
         });
         let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -167,8 +193,6 @@ impl PyHost {
         tokio::spawn(read_replies(
             computation.to_string(),
             stdout,
-            runs.clone(),
-            reuse,
             init_tx,
             closed_tx,
             outcomes,
@@ -259,8 +283,6 @@ impl PyHost {
 async fn read_replies(
     computation: String,
     stdout: ChildStdout,
-    runs: Arc<Mutex<Runs>>,
-    reuse: bool,
     init_tx: oneshot::Sender<Control>,
     closed_tx: oneshot::Sender<Control>,
     outcomes: mpsc::UnboundedSender<Outcome>,
@@ -316,24 +338,16 @@ async fn read_replies(
                         format!("unreadable job reply from the Python host: {e}"),
                     ),
                 };
-                if reuse {
-                    let _ = outcomes.send(Outcome::Job { run, result });
-                } else {
-                    runs.lock().unwrap().replies.insert(run, result);
-                }
+                let _ = outcomes.send(Outcome::Job { run, result });
             }
             b'X' if body.len() >= 12 => {
                 let run = run();
                 let status = i32::from_be_bytes(body[8..12].try_into().unwrap());
-                let stored = runs.lock().unwrap().replies.remove(&run);
-                let result = match stored {
-                    Some(result) => result,
-                    None => JobResult::failed(
-                        JobStatus::Terminated,
-                        format!("the job's process {}", describe_wait_status(status)),
-                    ),
-                };
-                // Reuse mode: a worker that died mid-job; a stale run is ignored by the node.
+                // After the job's reply this run is over and the node ignores it.
+                let result = JobResult::failed(
+                    JobStatus::Terminated,
+                    format!("the job's process {}", describe_wait_status(status)),
+                );
                 let _ = outcomes.send(Outcome::Job { run, result });
             }
             other => {

@@ -248,7 +248,9 @@ async fn handle(
             });
             return;
         }
-        ClientMsg::Submit { computation, job } => node.submit(&computation, job).map(|_| Reply::Ok),
+        ClientMsg::Submit { computation, jobs } => node
+            .submit(&computation, jobs)
+            .map(|rejected| Reply::Submitted { rejected }),
         ClientMsg::Cancel { computation, job } => node.cancel(&computation, job).map(|_| Reply::Ok),
         ClientMsg::Ack { computation, jobs } => node.ack(&computation, &jobs).map(|_| Reply::Ok),
         ClientMsg::Attach { computation } => {
