@@ -425,6 +425,49 @@ t_helm_installs_a_chart() {
   rm -rf "$chart"
 }
 
+t_cluster_up_twice_and_after_a_crash() {
+  local api_pid out
+  api_pid=$(cat "$E2E_STATE_DIR/pids/kube-apiserver")
+  out=$("$E2E_DIR/cluster" up 2>&1) || { echo "$out"; fail "second up failed"; }
+  grep -q "already up" <<<"$out" || fail "second up did not see the running cluster: $out"
+  [[ "$(cat "$E2E_STATE_DIR/pids/kube-apiserver")" == "$api_pid" ]] || fail "second up restarted the API server"
+  # a crash: the API server dies; up notices, cleans up by PID and starts anew
+  kill -KILL "$api_pid"
+  out=$("$E2E_DIR/cluster" up 2>&1) || { echo "$out"; fail "up after a crash failed"; }
+  grep -q "not healthy" <<<"$out" || fail "up did not notice the crash: $out"
+  [[ "$(k get --raw /readyz)" == ok ]] || fail "API server not ready after restart"
+  node_ready e2e-node-1 && node_ready e2e-node-2 || fail "nodes not Ready after restart"
+}
+
+# processes whose command line or working directory is in the state directory
+leftovers() {
+  local d pid
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
+    if tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -qF -- "$E2E_STATE_DIR" ||
+      [[ "$(readlink "$d/cwd" 2>/dev/null)" == "$E2E_STATE_DIR"* ]]; then
+      echo "$pid $(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)"
+    fi
+  done
+}
+
+t_down_leaves_nothing() {
+  # a running pod, so that down has a process to stop (after the restart
+  # above the namespace is new: wait for its service account)
+  wait_for 60 "service account default" k -n $NS get serviceaccount default || return 1
+  k -n $NS run sleeper --image=e2e/shell --restart=Never --command -- sh -c 'sleep 600' >/dev/null || return 1
+  k -n $NS wait --for=condition=Ready pod/sleeper --timeout=60s || return 1
+  local pid left
+  pid=$(k -n $NS get pod sleeper -o jsonpath='{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
+  [[ -d /proc/$pid ]] || fail "sleeper process $pid not running"
+  "$E2E_DIR/cluster" down || fail "down failed"
+  left=$(leftovers)
+  [[ -z $left ]] || fail "processes left behind: $left"
+  [[ ! -d /proc/$pid ]] || fail "pod process $pid left behind"
+  [[ ! -e $E2E_STATE_DIR ]] || fail "state directory $E2E_STATE_DIR left behind"
+}
+
 # --- main --------------------------------------------------------------------
 
 if [[ $LOCAL == 1 ]]; then
@@ -461,6 +504,12 @@ fi
 run_test "CRD with printer columns, schema and status subresource" t_crd_printer_columns
 run_test "Lease create and renew" t_lease_create_renew
 run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
+if [[ $LOCAL == 1 ]]; then
+  # these two restart and then remove the cluster: keep them last
+  run_test "cluster up twice is a no-op; up after a crash recovers" t_cluster_up_twice_and_after_a_crash
+  k create namespace $NS >/dev/null 2>&1
+  run_test "cluster down stops every process it started, pods included" t_down_leaves_nothing
+fi
 if [[ $LOCAL == 0 ]]; then
   k delete namespace $NS --wait=false >/dev/null
   k delete crd widgets.e2e.dispy.io --wait=false >/dev/null

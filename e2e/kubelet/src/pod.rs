@@ -151,7 +151,9 @@ impl Worker {
         let dir = PodDir::new(&ctx.args.root_dir, &pod);
         let (events_tx, events) = mpsc::channel(64);
         let spec = pod.spec.clone().unwrap_or_default();
-        let prev: BTreeMap<String, i32> = pod
+        // what an earlier run of this kubelet reported: restart counts, and
+        // whether a process had started (then the next start is a restart)
+        let prev: BTreeMap<String, (i32, bool)> = pod
             .status
             .iter()
             .flat_map(|s| {
@@ -160,14 +162,14 @@ impl Worker {
                     .flatten()
                     .chain(s.init_container_statuses.iter().flatten())
             })
-            .map(|c| (c.name.clone(), c.restart_count))
+            .map(|c| (c.name.clone(), (c.restart_count, c.container_id.is_some())))
             .collect();
         let backoff = Duration::from_secs_f64(ctx.args.backoff_initial);
         let slot = |c: &Container, init: bool| {
             let mut st = status::Container::new(&c.name, c.image.as_deref().unwrap_or(""));
-            st.restart_count = prev.get(&c.name).copied().unwrap_or(0);
-            // a kubelet restart lost the processes: their next start is a restart
-            st.ever_started = false;
+            let (restarts, had_process) = prev.get(&c.name).copied().unwrap_or((0, false));
+            st.restart_count = restarts;
+            st.ever_started = had_process;
             Slot {
                 spec: c.clone(),
                 init,
@@ -635,7 +637,10 @@ impl Worker {
         s.started = Some((Instant::now(), t.clone()));
         s.next_start = None;
         s.st.ever_started = true;
-        s.st.image_id = format!("process://{}", launch.program);
+        s.st.image_id = format!(
+            "process://{}",
+            resolve(&launch.program, &launch.env).display()
+        );
         s.st.run = Run::Running {
             started_at: t,
             container_id: format!("process://{pid}"),
@@ -826,6 +831,22 @@ fn exit_of(s: &Slot, status: ExitStatus) -> Exit {
         finished_at: now(),
         container_id: format!("process://{}", s.pid.unwrap_or(0)),
     }
+}
+
+/// The file a program name stands for, by the PATH it is started with.
+fn resolve(program: &str, env: &[(String, String)]) -> PathBuf {
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    std::env::split_paths(path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(program))
 }
 
 fn signal_group(pid: i32, sig: i32) {
