@@ -28,6 +28,8 @@ LOCAL=1
 
 phase() { phase_start=$(date +%s); echo "=== $1"; }
 phase_done() { echo "=== $1 took $(( $(date +%s) - phase_start ))s"; }
+# a phase that fails counts as a failure and ends the run (teardown still runs)
+phase_failed() { failed=$((failed + 1)); failures+=("$1"); echo "=== $1 FAILED"; exit 1; }
 
 teardown() {
   if [[ $LOCAL == 1 ]]; then
@@ -472,13 +474,16 @@ t_down_leaves_nothing() {
 
 if [[ $LOCAL == 1 ]]; then
   phase "build control plane (Go; cached when sources are unchanged)"
-  bash "$E2E_DIR/controlplane/build.sh" || exit 1
+  bash "$E2E_DIR/controlplane/build.sh" || phase_failed "build control plane"
   phase_done "build control plane"
   phase "build process kubelet (Rust)"
-  (cd "$REPO_DIR" && cargo build -q -p process-kubelet) || exit 1
+  (cd "$REPO_DIR" && cargo build -q -p process-kubelet) || phase_failed "build process kubelet"
   phase_done "build process kubelet"
   phase "cluster up"
-  "$E2E_DIR/cluster" up || { for f in "$E2E_STATE_DIR"/logs/*.log; do echo "--- $f"; tail -n 20 "$f"; done; exit 1; }
+  "$E2E_DIR/cluster" up || {
+    for f in "$E2E_STATE_DIR"/logs/*.log; do echo "--- $f"; tail -n 20 "$f"; done
+    phase_failed "cluster up"
+  }
   phase_done "cluster up"
   export KUBECONFIG="$E2E_STATE_DIR/admin.kubeconfig"
   KUBECTL="$BIN/kubectl"
@@ -490,7 +495,7 @@ else
 fi
 
 phase "tests"
-k create namespace $NS >/dev/null
+k create namespace $NS >/dev/null || phase_failed "create namespace $NS"
 run_test "control plane is up and controllers run" t_control_plane_up
 if [[ $LOCAL == 1 ]]; then
   run_test "process nodes are Ready with Lease heartbeats" t_nodes_ready

@@ -560,7 +560,8 @@ impl Worker {
             } else {
                 init_done
             };
-            if !turn || s.done || s.pid.is_some() || s.next_start.is_none_or(|t| t > now_i) {
+            if !turn || s.done || s.pid.is_some() || !matches!(s.next_start, Some(t) if t <= now_i)
+            {
                 continue;
             }
             if let Err(e) = self.start(idx, volumes).await {

@@ -77,7 +77,7 @@ pub async fn run(p: &Probe, c: &Container, launch: &Launch, pod_ip: &str) -> Res
             s.write_all(req.as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; 64];
+            let mut buf = [0u8; 64];
             let mut n = 0;
             while n < 12 {
                 let r = s.read(&mut buf[n..]).await.map_err(|e| e.to_string())?;
