@@ -312,6 +312,38 @@ EOF
   ((took >= 2)) || fail "pod went away in ${took}s, before its 2s grace period"
 }
 
+t_tcp_readiness_probe() {
+  k -n $NS apply -f - <<'EOF' || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-open}
+spec:
+  containers:
+  - name: main
+    image: e2e/python
+    command: [python3, -m, http.server, --bind, $(POD_IP), "9000"]
+    env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
+    readinessProbe: {tcpSocket: {port: 9000}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-closed}
+spec:
+  containers:
+  - name: main
+    image: e2e/shell
+    command: [sh, -c, 'sleep 600']
+    readinessProbe: {tcpSocket: {port: 9000}, periodSeconds: 1}
+EOF
+  k -n $NS wait --for=condition=Ready pod/tcp-open --timeout=60s || return 1
+  wait_for 30 "tcp-closed running" field_is pod/tcp-closed '{.status.phase}' Running || return 1
+  sleep 3
+  field_is pod/tcp-closed '{.status.conditions[?(@.type=="Ready")].status}' False ||
+    fail "tcp-closed is Ready although nothing listens on its port"
+  field_is pod/tcp-closed '{.status.containerStatuses[0].ready}' false || fail "tcp-closed container ready"
+  k -n $NS delete pod tcp-open tcp-closed --grace-period=1 --wait=true --timeout=30s
+}
+
 t_service_account_access_from_a_pod() {
   k -n $NS create rolebinding default-view --clusterrole=view --serviceaccount=$NS:default >/dev/null || return 1
   k -n $NS apply -f - <<'EOF' || return 1
@@ -504,6 +536,7 @@ if [[ $LOCAL == 1 ]]; then
   run_test "deleting the Deployment kills the processes; GC removes ReplicaSet and Pods" t_delete_deployment_gc
   run_test "env, ConfigMap/Secret/emptyDir/downwardAPI volumes, exit codes, OnFailure" t_pod_env_volumes_exit_codes
   run_test "deletion waits the grace period, then SIGKILL" t_grace_period_then_sigkill
+  run_test "tcpSocket readiness: Ready when listening, not Ready when not" t_tcp_readiness_probe
   run_test "a pod reaches the API server as its service account" t_service_account_access_from_a_pod
 fi
 run_test "CRD with printer columns, schema and status subresource" t_crd_printer_columns

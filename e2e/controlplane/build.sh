@@ -33,7 +33,7 @@ rm -f "$out/.stamp"
 start=$(date +%s)
 # -trimpath keeps the output independent of the clone's location, so the Go
 # build cache is shared between clones; -s -w drop debug info to cut link time.
-nice -n 19 go build -trimpath -ldflags="$ldflags" -o "$out/" ./cmd/kube ./cmd/etcd ./cmd/helm
+nice -n 19 go build -trimpath -buildvcs=false -ldflags="$ldflags" -o "$out/" ./cmd/kube ./cmd/etcd ./cmd/helm
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sf kube "$out/$c"
 done
