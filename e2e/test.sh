@@ -91,6 +91,8 @@ field_matches() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; 
 field_at_least() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; [[ -n $v ]] && ((v >= $3)); }
 # none_left KIND SELECTOR: kubectl must succeed and list nothing
 none_left() { local v; v=$(k -n $NS get "$1" -l "$2" -o name) || return 1; [[ -z $v ]]; }
+# has_event POD REASON: the kubelet recorded an Event with that reason on the pod
+has_event() { local v; v=$(k -n $NS get events --field-selector "involvedObject.name=$1,reason=$2" -o name) || return 1; [[ -n $v ]]; }
 lease_renewed() { local v; v=$(k -n kube-node-lease get lease "$1" -o jsonpath='{.spec.renewTime}') || return 1; [[ -n $v && $v != "$2" ]]; }
 
 # --- tests -------------------------------------------------------------------
@@ -190,6 +192,9 @@ t_killed_process_restarts() {
   [[ $newpid != "$pid" && -d /proc/$newpid ]] || fail "no new process (old $pid, new $newpid)"
   [[ "$(pod_field "$pod" '{.status.containerStatuses[0].lastState.terminated.exitCode}')" == 137 ]] ||
     fail "lastState exitCode is not 137 (SIGKILL): $(pod_field "$pod" '{.status.containerStatuses[0].lastState}')"
+  # and says so in Events, as a kubelet does
+  wait_for 30 "Started event" has_event "$pod" Started || return 1
+  wait_for 30 "BackOff event" has_event "$pod" BackOff || return 1
   k -n $NS wait --for=condition=Available deployment/web --timeout=60s
 }
 

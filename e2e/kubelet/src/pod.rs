@@ -13,7 +13,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
-use kube::Api;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::{Api, Resource};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -130,6 +131,9 @@ struct Worker {
     init_failed: bool,
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
+    recorder: Recorder,
+    /// Last start error per container, so a retried failure is reported once.
+    last_error: BTreeMap<String, String>,
 }
 
 fn name_of(p: &Pod) -> String {
@@ -195,6 +199,13 @@ impl Worker {
             .map(|c| slot(c, true))
             .collect();
         slots.extend(spec.containers.iter().map(|c| slot(c, false)));
+        let recorder = Recorder::new(
+            ctx.client.clone(),
+            Reporter {
+                controller: "kubelet".into(),
+                instance: Some(node.name.clone()),
+            },
+        );
         let start_time = pod
             .status
             .as_ref()
@@ -217,7 +228,32 @@ impl Worker {
             init_failed: false,
             events_tx,
             events,
+            recorder,
+            last_error: BTreeMap::new(),
         }
+    }
+
+    /// Records a Kubernetes Event on the pod, as a kubelet does; never blocks
+    /// the worker, and a failure to record is only logged.
+    fn event(&self, warning: bool, reason: &str, action: &str, note: String) {
+        let recorder = self.recorder.clone();
+        let reference = self.pod.object_ref(&());
+        let ev = KubeEvent {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::debug!("recording event: {e}");
+            }
+        });
     }
 
     fn restart_policy(&self) -> String {
@@ -490,6 +526,18 @@ impl Worker {
             return;
         }
         tracing::info!(pod = %name_of(&self.pod), ?pids, ?grace, "stopping containers");
+        for s in self.slots.iter().filter(|s| s.pid.is_some()) {
+            self.event(
+                false,
+                "Killing",
+                "Kill",
+                format!(
+                    "Stopping container {} (grace period {}s)",
+                    s.spec.name,
+                    grace.as_secs()
+                ),
+            );
+        }
         let sig = if grace.is_zero() {
             libc::SIGKILL
         } else {
@@ -565,14 +613,18 @@ impl Worker {
                 continue;
             }
             if let Err(e) = self.start(idx, volumes).await {
-                let s = &mut self.slots[idx];
                 let msg = format!("{e:#}");
-                tracing::warn!(pod = %name_of(&self.pod), container = %s.spec.name, "cannot start: {msg}");
                 let reason = if msg.contains("image map") {
                     "ErrImageNeverPull"
                 } else {
                     "CreateContainerError"
                 };
+                let cname = self.slots[idx].spec.name.clone();
+                if self.last_error.insert(cname.clone(), msg.clone()).as_ref() != Some(&msg) {
+                    tracing::warn!(pod = %name_of(&self.pod), container = %cname, "cannot start: {msg}");
+                    self.event(true, "Failed", "Start", format!("Error: {msg}"));
+                }
+                let s = &mut self.slots[idx];
                 s.st.run = Run::Waiting {
                     reason: reason.into(),
                     message: Some(msg),
@@ -620,6 +672,16 @@ impl Worker {
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {} {:?}: {e}", launch.program, launch.args))?;
         let pid = child.id().unwrap_or(0) as i32;
+        self.event(
+            false,
+            "Started",
+            "Start",
+            format!(
+                "Started container {} (pid {pid}, {})",
+                c.name, launch.program
+            ),
+        );
+        self.last_error.remove(&c.name);
         let s = &mut self.slots[idx];
         s.gen += 1;
         let gen = s.gen;
@@ -666,6 +728,14 @@ impl Worker {
     }
 
     fn handle(&mut self, ev: Event) {
+        if let Some((warning, reason, action, note)) = self.handle_event(ev) {
+            self.event(warning, reason, action, note);
+        }
+    }
+
+    /// Applies an exit or probe result; returns the Event to record, if any.
+    fn handle_event(&mut self, ev: Event) -> Option<(bool, &'static str, &'static str, String)> {
+        let mut out = None;
         match ev {
             Event::Exit { idx, gen, status } => {
                 let policy = self.restart_policy();
@@ -674,7 +744,7 @@ impl Worker {
                 let pod_name = name_of(&self.pod);
                 let s = &mut self.slots[idx];
                 if s.gen != gen {
-                    return;
+                    return None;
                 }
                 let exit = exit_of(s, status);
                 let ran_for = s
@@ -710,6 +780,16 @@ impl Worker {
                         )),
                     };
                     s.next_start = Some(Instant::now() + delay);
+                    out = Some((
+                        true,
+                        "BackOff",
+                        "Restart",
+                        format!(
+                            "Back-off {delay:?} restarting failed container {} (exit code {})",
+                            s.spec.name,
+                            s.st.last.as_ref().map(|e| e.exit_code).unwrap_or(0)
+                        ),
+                    ));
                 } else {
                     s.done = true;
                     s.st.run = Run::Terminated(exit);
@@ -726,13 +806,13 @@ impl Worker {
             } => {
                 let s = &mut self.slots[idx];
                 if s.gen != gen || s.pid.is_none() {
-                    return;
+                    return None;
                 }
                 let (key, p) = match kind {
                     ProbeKind::Readiness => ("readiness", s.spec.readiness_probe.clone()),
                     ProbeKind::Liveness => ("liveness", s.spec.liveness_probe.clone()),
                 };
-                let Some(p) = p else { return };
+                let p = p?;
                 s.probe_running.insert(key, false);
                 let period = Duration::from_secs(p.period_seconds.unwrap_or(10).max(1) as u64);
                 s.next_probe.insert(key, Instant::now() + period);
@@ -750,6 +830,14 @@ impl Worker {
                         s.ready_ok = 0;
                         s.ready_fail += 1;
                         tracing::debug!(container = %s.spec.name, "readiness probe failed: {e}");
+                        if s.ready_fail == failure_threshold {
+                            out = Some((
+                                true,
+                                "Unhealthy",
+                                "Probe",
+                                format!("Readiness probe failed: {e}"),
+                            ));
+                        }
                         if s.ready_fail >= failure_threshold {
                             s.st.ready = false;
                         }
@@ -758,6 +846,12 @@ impl Worker {
                     (ProbeKind::Liveness, Err(e)) => {
                         s.live_fail += 1;
                         if s.live_fail >= failure_threshold {
+                            out = Some((
+                                true,
+                                "Unhealthy",
+                                "Probe",
+                                format!("Liveness probe failed: {e}"),
+                            ));
                             tracing::info!(container = %s.spec.name, "liveness probe failed {} times ({e}); killing", s.live_fail);
                             if let Some(pid) = s.pid {
                                 signal_group(pid, libc::SIGKILL);
@@ -768,6 +862,7 @@ impl Worker {
                 }
             }
         }
+        out
     }
 
     fn start_probes(&mut self) {
