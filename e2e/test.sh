@@ -194,6 +194,8 @@ t_killed_process_restarts() {
   [[ $newpid != "$pid" && -d /proc/$newpid ]] || fail "no new process (old $pid, new $newpid)"
   [[ "$(pod_field "$pod" '{.status.containerStatuses[0].lastState.terminated.exitCode}')" == 137 ]] ||
     fail "lastState exitCode is not 137 (SIGKILL): $(pod_field "$pod" '{.status.containerStatuses[0].lastState}')"
+  # kubectl logs reaches the kubelet API through the API server
+  k -n $NS logs "$pod" --tail=50 | grep -q "Serving HTTP on" || fail "kubectl logs does not show the server's output"
   # and says so in Events, as a kubelet does
   wait_for 30 "Started event" has_event "$pod" Started || return 1
   wait_for 30 "BackOff event" has_event "$pod" BackOff || return 1

@@ -4,6 +4,7 @@
 //! containers: no image pulls, no isolation, no cgroups. See e2e/README.md.
 
 mod images;
+mod logs;
 mod node;
 mod pod;
 mod probe;
@@ -65,6 +66,17 @@ pub struct Args {
     /// Longest restart delay, in seconds.
     #[arg(long, default_value_t = 30.0)]
     pub backoff_max: f64,
+    /// Serving certificate (PEM) for the kubelet API on each node's address,
+    /// which serves container logs to `kubectl logs`. Without it there is no
+    /// kubelet API.
+    #[arg(long, value_name = "FILE", requires = "tls_private_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Key of --tls-cert-file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// Port of the kubelet API.
+    #[arg(long, default_value_t = 10250)]
+    pub port: u16,
 }
 
 /// One registered node.
@@ -178,7 +190,19 @@ async fn main() -> anyhow::Result<()> {
         ca_pem,
     });
 
+    let tls = match (&args.tls_cert_file, &args.tls_private_key_file) {
+        (Some(c), Some(k)) => Some(logs::tls_config(c, k)?),
+        _ => None,
+    };
     for n in &nodes {
+        if let Some(tls) = &tls {
+            tokio::spawn(logs::serve(
+                n.clone(),
+                args.port,
+                args.root_dir.clone(),
+                tls.clone(),
+            ));
+        }
         node::register(&ctx, n).await?;
         tracing::info!(node = %n.name, ip = %n.ip, pod_cidr = %n.pod_cidr(), "registered node");
         tokio::spawn(node::heartbeat(ctx.clone(), n.clone()));

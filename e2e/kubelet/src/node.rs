@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
-    Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, NodeSystemInfo,
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
+    NodeSystemInfo,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
@@ -98,6 +99,15 @@ fn node_status(ctx: &Context, node: &NodeInfo) -> NodeStatus {
             boot_id: std::process::id().to_string(),
             ..Default::default()
         }),
+        daemon_endpoints: ctx
+            .args
+            .tls_cert_file
+            .as_ref()
+            .map(|_| NodeDaemonEndpoints {
+                kubelet_endpoint: Some(DaemonEndpoint {
+                    port: ctx.args.port as i32,
+                }),
+            }),
         ..Default::default()
     }
 }
