@@ -431,6 +431,46 @@ EOF
   grep -Eq '^w1 +7 +Spinning ' <<<"$out" || fail "printer column values missing"
 }
 
+gone() { ! k -n $NS get "$1" >/dev/null 2>&1 && k -n $NS get --raw /readyz >/dev/null; }
+
+t_ssa_finalizers_owner_refs() {
+  # server-side apply, and a conflict between two field managers
+  k -n $NS apply --server-side --field-manager=op-a -f - <<'EOF' || return 1
+apiVersion: e2e.dispy.io/v1
+kind: Widget
+metadata: {name: w2, finalizers: [e2e.dispy.io/cleanup]}
+spec: {size: 2}
+EOF
+  if k -n $NS apply --server-side --field-manager=op-b -f - <<'EOF' 2>/dev/null; then
+apiVersion: e2e.dispy.io/v1
+kind: Widget
+metadata: {name: w2}
+spec: {size: 3}
+EOF
+    fail "a second field manager changed spec.size without a conflict"
+  fi
+  field_is widget/w2 '{.spec.size}' 2 || fail "spec.size changed"
+  # a child owned by the custom resource
+  local uid
+  uid=$(k -n $NS get widget w2 -o jsonpath='{.metadata.uid}')
+  k -n $NS apply -f - <<EOF || return 1
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: w2-child
+  ownerReferences: [{apiVersion: e2e.dispy.io/v1, kind: Widget, name: w2, uid: "$uid"}]
+data: {a: b}
+EOF
+  # the finalizer holds the deletion until it is removed
+  k -n $NS delete widget w2 --wait=false || return 1
+  sleep 1
+  field_matches widget/w2 '{.metadata.deletionTimestamp}' '^20' || fail "no deletionTimestamp, or already gone"
+  k -n $NS get configmap w2-child >/dev/null || fail "child removed before its owner"
+  k -n $NS patch widget w2 --type=json -p '[{"op":"remove","path":"/metadata/finalizers"}]' || return 1
+  wait_for 30 "widget w2 gone" gone widget/w2 || return 1
+  wait_for 60 "child garbage-collected" gone configmap/w2-child || return 1
+}
+
 t_lease_create_renew() {
   local t1 t2 rv1 rv2
   t1=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
@@ -549,6 +589,7 @@ if [[ $LOCAL == 1 ]]; then
   run_test "a pod reaches the API server as its service account" t_service_account_access_from_a_pod
 fi
 run_test "CRD with printer columns, schema and status subresource" t_crd_printer_columns
+run_test "server-side apply conflicts, finalizers, owner references on a custom resource" t_ssa_finalizers_owner_refs
 run_test "Lease create and renew" t_lease_create_renew
 run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
 if [[ $LOCAL == 1 ]]; then
