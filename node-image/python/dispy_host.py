@@ -70,8 +70,17 @@ CODECS = {"json": JsonCodec}
 
 class Host:
     def __init__(self):
+        # Our stdin and stdout belong to the node; user code gets /dev/null and stderr instead,
+        # set here once so that forked processes have nothing to rearrange (every page a fresh
+        # fork touches costs a copy).
+        self.ctl_fd = os.dup(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
         self.reply_fd = os.dup(1)
         os.dup2(2, 1)
+        self.host_pid = os.getpid()
+        self.pidfds = {}  # pidfd -> pid of every process we forked
         self.inbuf = bytearray()
         self.spill_dir = os.path.join(os.getcwd(), ".dispy-replies")
         self.spares = []  # fork per job: [(pid, job write fd)] ready for one job each
@@ -125,7 +134,7 @@ class Host:
 
     def read_init(self):
         while True:
-            for frame in self.frames(0):
+            for frame in self.frames(self.ctl_fd):
                 if frame is None:
                     sys.exit(0)
                 kind, body = frame
@@ -219,28 +228,29 @@ class Host:
         if pid == 0:
             code = 0
             try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.setpgid(0, 0)
-                devnull = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(devnull, 0)
-                os.close(devnull)
-                for fd in [self.wake_r, self.wake_w, job_w] + list(self.job_fds):
-                    os.close(fd)
                 self.inbuf = bytearray()
                 self.job_loop(job_r, single_use)
             except BaseException:
                 sys.stderr.write(format_exc())
                 code = 70
             os._exit(code)
-        self.own_group(pid)
+        if not single_use:
+            self.own_group(pid)
         os.close(job_r)
         self.job_fds.add(job_w)
+        self.pidfds[os.pidfd_open(pid)] = pid
         return pid, job_w
 
     def job_loop(self, fd, single_use):
         while True:
+            # Other processes hold copies of our pipe's write end, so the host's death does not
+            # show as EOF. A worker looks for it while idle; a spare stays in the host's process
+            # group until it gets its job, so the node can kill the group. (A spare touches as
+            # little as it can: in a fresh fork every page touched is a page copied.)
+            if not single_use and not select.select([fd], [], [], 5.0)[0]:
+                if os.getppid() != self.host_pid:
+                    return
+                continue
             for frame in self.frames(fd):
                 if frame is None:
                     return
@@ -261,37 +271,37 @@ class Host:
         except OSError:
             pass
 
-    def reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+    def reap(self, pidfd):
+        """A process we forked has exited (its pidfd became readable)."""
+        pid = self.pidfds.pop(pidfd)
+        os.close(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        run = self.running.pop(pid, None)
+        if run is not None:
+            self.run_pid.pop(run, None)
+            # After a reply this is stale and the node ignores it; without one it is the news.
+            self.send(ord("X"), RUN_STATUS.pack(run, status))
+            return
+        for spare in self.spares:
+            if spare[0] == pid:
+                self.spares.remove(spare)
+                self.forget_fd(spare[1])
+                if not self.closing:
+                    self.add_spare()
                 return
-            if pid == 0:
+        for index, (wpid, job_w) in enumerate(self.workers):
+            if wpid == pid:
+                self.forget_fd(job_w)
+                run = self.worker_run.pop(index, None)
+                if run is not None:
+                    self.run_worker.pop(run, None)
+                    self.send(ord("X"), RUN_STATUS.pack(run, status))
+                if not self.closing:
+                    self.workers[index] = list(self.spawn(False))
                 return
-            run = self.running.pop(pid, None)
-            if run is not None:
-                self.run_pid.pop(run, None)
-                # After a reply this is stale and the node ignores it; without one it is the news.
-                self.send(ord("X"), RUN_STATUS.pack(run, status))
-                continue
-            for spare in self.spares:
-                if spare[0] == pid:
-                    self.spares.remove(spare)
-                    self.forget_fd(spare[1])
-                    if not self.closing:
-                        self.add_spare()
-                    break
-            for index, (wpid, job_w) in enumerate(self.workers):
-                if wpid == pid:
-                    self.forget_fd(job_w)
-                    run = self.worker_run.pop(index, None)
-                    if run is not None:
-                        self.run_worker.pop(run, None)
-                        self.send(ord("X"), RUN_STATUS.pack(run, status))
-                    if not self.closing:
-                        self.workers[index] = list(self.spawn(False))
-                    break
 
     def kill(self, run, sig):
         pid = self.run_pid.get(run)
@@ -303,7 +313,7 @@ class Host:
 
     @staticmethod
     def own_group(pid):
-        # Set from both sides of the fork, so a kill right after the fork finds the group.
+        # A job's process leads its own group, so terminating it reaches what it started.
         try:
             os.setpgid(pid, pid)
         except OSError:
@@ -311,10 +321,12 @@ class Host:
 
     @staticmethod
     def signal_group(pid, sig):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
+        """Signals the process and, when it leads one, its group."""
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def dispatch(self, kind, body):
         if kind == ord("J"):
@@ -331,6 +343,7 @@ class Host:
                 if not self.spares:
                     self.add_spare()
                 pid, job_w = self.spares.pop(0)
+                self.own_group(pid)
                 self.running[pid] = run
                 self.run_pid[run] = pid
                 os.write(job_w, frame)
@@ -365,10 +378,6 @@ class Host:
         self.send_json(ord("I"), {"ok": error is None, "error": error})
         if error:
             sys.exit(0)
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.set_wakeup_fd(self.wake_w)
         count = max(1, int(cfg.get("workers", 1)))
         if cfg.get("reuse_workers"):
             self.workers = [list(self.spawn(False)) for _ in range(count)]
@@ -376,15 +385,12 @@ class Host:
             for _ in range(count):
                 self.add_spare()
         while True:
-            try:
-                ready, _, _ = select.select([0, self.wake_r], [], [])
-            except InterruptedError:
-                continue
-            if self.wake_r in ready:
-                os.read(self.wake_r, 4096)
-                self.reap()
-            if 0 in ready:
-                for frame in self.frames(0):
+            ready, _, _ = select.select([self.ctl_fd] + list(self.pidfds), [], [])
+            for fd in ready:
+                if fd != self.ctl_fd:
+                    self.reap(fd)
+            if self.ctl_fd in ready:
+                for frame in self.frames(self.ctl_fd):
                     if frame is None:
                         # The node is gone: nothing may outlive it.
                         self.close(False)

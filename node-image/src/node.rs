@@ -641,11 +641,12 @@ impl Node {
             }
         }
         tracing::info!(computation = %id, "computation closed");
-        self.check_serve_limit();
         result
     }
 
-    fn check_serve_limit(&self) {
+    /// With `--serve N`: shuts the node down once N computations were served. Called after
+    /// the close was answered, so the client hears the answer before the shutdown notice.
+    pub fn check_serve_limit(&self) {
         if let Some(limit) = self.cfg.serve {
             let st = self.state.lock().unwrap();
             if st.served >= limit && st.comps.is_empty() {
@@ -692,6 +693,10 @@ impl Node {
                     }
                     tracing::error!(%computation, "{reason}; its jobs are terminated");
                     comp.broken = Some(reason.clone());
+                    if let Some(Runner::Python(host)) = &comp.runner {
+                        let host = host.clone();
+                        tokio::spawn(async move { host.reap().await });
+                    }
                     let runs: Vec<u64> = comp
                         .jobs
                         .values()
@@ -866,7 +871,10 @@ impl Node {
             for id in zombies {
                 tracing::warn!(computation = %id, "client gone for the zombie interval; closing the computation");
                 let node = self.clone();
-                tokio::spawn(async move { node.close(&id, true).await });
+                tokio::spawn(async move {
+                    let _ = node.close(&id, true).await;
+                    node.check_serve_limit();
+                });
             }
         }
     }

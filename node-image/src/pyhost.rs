@@ -28,6 +28,7 @@ pub struct PyHost {
     runs: Arc<Mutex<Runs>>,
     closed: Mutex<Option<oneshot::Receiver<Control>>>,
     child: tokio::sync::Mutex<Child>,
+    pid: Option<u32>,
 }
 
 /// Reuse mode: the worker running each run.
@@ -138,6 +139,8 @@ impl PyHost {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its idle job processes stay in its group, so the group can be killed at the end.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
@@ -219,6 +222,7 @@ impl PyHost {
             idle_workers,
             runs,
             closed: Mutex::new(Some(closed_rx)),
+            pid: child.id(),
             child: tokio::sync::Mutex::new(child),
         }))
     }
@@ -276,7 +280,23 @@ impl PyHost {
         };
         let mut child = self.child.lock().await;
         let _ = child.wait().await;
+        self.kill_group(&child);
         result
+    }
+
+    /// Kills whatever is left in the host's process group (idle job processes of a host
+    /// that died without closing them).
+    fn kill_group(&self, child: &Child) {
+        if let Some(pid) = child.id().or(self.pid) {
+            crate::process::signal_group(pid as i32, libc::SIGKILL);
+        }
+    }
+
+    /// After the host died on its own: clears its process group.
+    pub async fn reap(&self) {
+        let mut child = self.child.lock().await;
+        let _ = child.wait().await;
+        self.kill_group(&child);
     }
 }
 

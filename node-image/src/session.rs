@@ -275,6 +275,7 @@ async fn handle(
                     .await
                     .map(|_| Reply::Ok);
                 reply(&outbox, id, result);
+                node.check_serve_limit();
             });
             return;
         }

@@ -590,3 +590,90 @@ async fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
 }
+
+#[tokio::test]
+async fn close_with_terminate_pending_stops_jobs_runs_cleanup_and_removes_files() {
+    let node = NodeProc::start(&["--cpus", "1", "--terminate-grace", "1s"]).await;
+    let (client, mut events) = connect(&node).await;
+    let marker = node.prefix().join("cleaned");
+    let src = format!(
+        "import time\ndef setup(n):\n    return 0\ndef f(t):\n    time.sleep(t)\ndef cleanup(n):\n    open({:?}, 'w').write(str(n))\n",
+        marker.to_str().unwrap()
+    );
+    let spec = Computation::Python(PythonComputation {
+        setup: Some("setup".into()),
+        setup_args: Some("[7]".into()),
+        cleanup: Some("cleanup".into()),
+        ..python(&src, "f")
+    });
+    open(&client, "stop", spec, &[("data.txt", b"x")]).await;
+    client.submit("stop", job(1, json!([30]))).await.unwrap();
+    client.submit("stop", job(2, json!([30]))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(10), client.close("stop", true))
+        .await
+        .unwrap()
+        .unwrap();
+    let done = collect(&mut events, 2, T).await;
+    assert_eq!(done[&1].status, JobStatus::Terminated);
+    assert_eq!(done[&2].status, JobStatus::Cancelled);
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "7",
+        "cleanup ran with setup's args"
+    );
+    assert!(!node.prefix().join("stop").exists());
+}
+
+#[tokio::test]
+async fn clean_stops_the_previous_node_and_json_logs_parse() {
+    let mut first = NodeProc::start(&[]).await;
+    let port = first.port.to_string();
+    let prefix = first.prefix();
+    std::fs::write(prefix.join("leftover.txt"), "old").unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("second.log");
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_dispynode"))
+        .args([
+            "-i",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--daemon",
+            "--clean",
+            "--log-format",
+            "json",
+        ])
+        .arg("--dest-path-prefix")
+        .arg(&prefix)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "--clean stopped the first node"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let client = loop {
+        if let Ok((c, _)) = NodeClient::connect(&format!("127.0.0.1:{port}"), &config("")).await {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second node did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(client.info().computations.is_empty());
+    assert!(
+        !prefix.join("leftover.txt").exists(),
+        "--clean cleared the prefix"
+    );
+    let _ = second.kill();
+    let _ = second.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first_line = text.lines().next().expect("a log line");
+    let v: serde_json::Value = serde_json::from_str(first_line).expect("JSON log line");
+    assert!(v["fields"]["message"].as_str().is_some(), "{first_line}");
+}
