@@ -7,7 +7,18 @@ pub type JobId = u64;
 
 /// dispy's job statuses (`dispy.DispyJob.Created` ...), with dispy's numeric values.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord, Default,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    PartialOrd,
+    Ord,
+    Default,
+    schemars::JsonSchema,
 )]
 pub enum JobStatus {
     #[default]

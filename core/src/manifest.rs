@@ -1,0 +1,669 @@
+//! `JobCluster` and `DispyJob` (`dispy.io/v1alpha1`) as Rust types, and the multi-document
+//! YAML reader the `dispy` CLI uses. The operator puts Kubernetes' CustomResource derive on
+//! these same types, so `kubectl apply` and `dispy run` read the same manifests.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobStatus;
+
+pub const API_VERSION: &str = "dispy.io/v1alpha1";
+
+/// Object metadata: the part of Kubernetes' ObjectMeta that manifests use.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The computation, its files and its nodes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobClusterSpec {
+    /// What jobs run: a Python function or a program. Omitted: a plain pool of nodes for
+    /// external dispy clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computation: Option<ComputationSpec>,
+    /// Files every node gets in the computation's working directory before setup runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends: Vec<DependsSource>,
+    /// Where jobs run.
+    #[serde(default)]
+    pub nodes: NodesSpec,
+    /// Requeue the jobs of a lost node on other nodes (dispy's `reentrant`); otherwise they
+    /// are Abandoned.
+    #[serde(default)]
+    pub reentrant: bool,
+    /// How many times a job is requeued after losing its node before it is Abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<u32>,
+    /// Seconds between pulses with the nodes; a node silent for five pulses is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulse_interval: Option<u32>,
+    /// Secret holding the nodes' shared secret (key `secret`). Kubernetes generates one
+    /// when omitted; `dispy run` then uses an empty secret on its local nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectRef>,
+    /// TLS between clients and nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    /// Dispatch no new jobs while true; running jobs go on.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Exactly one of `python` or `program`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ComputationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<ProgramSpec>,
+}
+
+/// A Python function: the module source (inline or from a ConfigMap) and the function each
+/// job calls, with optional setup and cleanup functions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PythonSpec {
+    /// Module source, run as `__main__` on each node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Or: the source from a key of a ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapKeyRef>,
+    /// The function each job calls with its args and kwargs.
+    pub function: String,
+    /// Run once per node before any job; jobs see the globals it sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<SetupSpec>,
+    /// Function run when the computation closes on a node, with setup's args.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup: Option<String>,
+    /// Run jobs in long-lived workers forked once after setup: much faster, but a job's
+    /// changes to globals are seen by later jobs of the same worker.
+    #[serde(default)]
+    pub reuse_workers: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetupSpec {
+    pub function: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "json_list")]
+    pub args: Vec<serde_json::Value>,
+}
+
+/// A program run without a shell; each job's args are appended to the command.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProgramSpec {
+    pub command: Vec<String>,
+}
+
+/// Files from a ConfigMap: every key becomes a file of that name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DependsSource {
+    pub config_map_ref: LocalObjectRef,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalObjectRef {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigMapKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsSpec {
+    /// Secret of type kubernetes.io/tls with the nodes' certificate and key.
+    pub secret_ref: LocalObjectRef,
+}
+
+/// Node pods, bare-metal nodes, or both.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodesSpec {
+    /// Node pods to run (Kubernetes) or local nodes to start (`dispy run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Cpus each node offers (`dispynode --cpus`); 0 = all of the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Node image (Kubernetes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Node pods use the host's network, so dispy's UDP discovery works (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_network: Option<bool>,
+    /// The node port (default 9701).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Overrides merged into the node pods' template (Kubernetes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub template: Option<serde_json::Value>,
+    /// Bare-metal nodes, as `host` or `host:port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external: Vec<String>,
+    /// Also find bare-metal nodes by UDP broadcast.
+    #[serde(default)]
+    pub discover: bool,
+}
+
+/// One job: a call of the cluster's computation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DispyJobSpec {
+    /// The JobCluster (same namespace) whose computation runs this job.
+    pub cluster: String,
+    /// Positional arguments (a program gets each as one argument string).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "json_list")]
+    pub args: Vec<serde_json::Value>,
+    /// Keyword arguments (Python computations).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schemars(schema_with = "any_object")]
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Files only this job gets; removed after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends: Vec<DependsSource>,
+    /// Run only on this node (dispy's `submit_node`): a node name or `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Terminate the job when it runs longer than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<u64>,
+}
+
+/// A job's outcome, in dispy's terms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DispyJobStatus {
+    pub status: JobStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    /// The function's return value (JSON) or the program's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_value")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exception: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
+    /// Why the job is where it is, in a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A Kubernetes-style condition.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn json_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"x-kubernetes-preserve-unknown-fields": true}
+    })
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+fn any_value(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"x-kubernetes-preserve-unknown-fields": true})
+}
+
+/// A whole JobCluster document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobCluster {
+    pub metadata: Meta,
+    pub spec: JobClusterSpec,
+}
+
+/// A whole DispyJob document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispyJob {
+    pub metadata: Meta,
+    pub spec: DispyJobSpec,
+}
+
+/// A ConfigMap: the source of `depends` files and of Python source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigMap {
+    pub metadata: Meta,
+    pub data: BTreeMap<String, String>,
+    pub binary_data: BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Document {
+    JobCluster(JobCluster),
+    DispyJob(DispyJob),
+    ConfigMap(ConfigMap),
+}
+
+/// What was wrong with a manifest: where (file, document, field) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestError {
+    pub source: String,
+    /// 1-based index of the document in its file.
+    pub document: usize,
+    /// `Kind/name` when known.
+    pub object: Option<String>,
+    /// Dotted path of the field, when the error is about one.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.source, self.document)?;
+        if let Some(o) = &self.object {
+            write!(f, " ({o})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Object<S> {
+    #[serde(rename = "apiVersion")]
+    _api_version: String,
+    #[serde(rename = "kind")]
+    _kind: String,
+    metadata: Meta,
+    spec: S,
+    #[serde(default, rename = "status")]
+    _status: Option<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigMapDoc {
+    metadata: Meta,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    binary_data: BTreeMap<String, String>,
+}
+
+/// Reads every document of a multi-document YAML text. `source` names the text in errors.
+pub fn parse_documents(text: &str, source: &str) -> Result<Vec<Document>, ManifestError> {
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let err = |object: Option<String>, field: Option<String>, message: String| ManifestError {
+            source: source.to_string(),
+            document: i + 1,
+            object,
+            field,
+            message,
+        };
+        let value =
+            serde_yaml::Value::deserialize(de).map_err(|e| err(None, None, e.to_string()))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        let header: Header = serde_yaml::from_value(value.clone())
+            .map_err(|e| err(None, None, format!("not a Kubernetes object: {e}")))?;
+        let kind = header
+            .kind
+            .ok_or_else(|| err(None, Some("kind".into()), "missing".into()))?;
+        let api = header
+            .api_version
+            .ok_or_else(|| err(None, Some("apiVersion".into()), "missing".into()))?;
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .map(|n| format!("{kind}/{n}"));
+        let doc = match (api.as_str(), kind.as_str()) {
+            (API_VERSION, "JobCluster") => {
+                let o: Object<JobClusterSpec> = from_value(value).map_err(|(f, m)| err(name.clone(), f, m))?;
+                Document::JobCluster(JobCluster {
+                    metadata: o.metadata,
+                    spec: o.spec,
+                })
+            }
+            (API_VERSION, "DispyJob") => {
+                let o: Object<DispyJobSpec> = from_value(value).map_err(|(f, m)| err(name.clone(), f, m))?;
+                Document::DispyJob(DispyJob {
+                    metadata: o.metadata,
+                    spec: o.spec,
+                })
+            }
+            ("v1", "ConfigMap") => {
+                let o: ConfigMapDoc = from_value(value).map_err(|(f, m)| err(name.clone(), f, m))?;
+                let mut binary_data = BTreeMap::new();
+                for (k, v) in o.binary_data {
+                    let bytes = base64_decode(&v).ok_or_else(|| {
+                        err(name.clone(), Some(format!("binaryData.{k}")), "is not valid base64".into())
+                    })?;
+                    binary_data.insert(k, bytes);
+                }
+                Document::ConfigMap(ConfigMap {
+                    metadata: o.metadata,
+                    data: o.data,
+                    binary_data,
+                })
+            }
+            (_, "JobCluster" | "DispyJob") => {
+                return Err(err(
+                    name,
+                    Some("apiVersion".into()),
+                    format!("{api:?} is not supported; use {API_VERSION}"),
+                ))
+            }
+            _ => {
+                return Err(err(
+                    name,
+                    Some("kind".into()),
+                    format!("{kind} ({api}) is not one of JobCluster, DispyJob ({API_VERSION}) or ConfigMap (v1)"),
+                ))
+            }
+        };
+        let object = name.clone();
+        validate(&doc).map_err(|(f, m)| err(object, Some(f), m))?;
+        docs.push(doc);
+    }
+    Ok(docs)
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(
+    v: serde_yaml::Value,
+) -> Result<T, (Option<String>, String)> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        (field, e.into_inner().to_string())
+    })
+}
+
+/// Rules the types alone do not say. Returns (field, message).
+pub fn validate(doc: &Document) -> Result<(), (String, String)> {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 253
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && n.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let meta = match doc {
+        Document::JobCluster(c) => &c.metadata,
+        Document::DispyJob(j) => &j.metadata,
+        Document::ConfigMap(m) => &m.metadata,
+    };
+    if !name_ok(&meta.name) {
+        return Err((
+            "metadata.name".into(),
+            format!("{:?} is not a valid name: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit", meta.name),
+        ));
+    }
+    match doc {
+        Document::JobCluster(c) => {
+            if let Some(comp) = &c.spec.computation {
+                match (&comp.python, &comp.program) {
+                    (Some(_), Some(_)) | (None, None) => {
+                        return Err((
+                            "spec.computation".into(),
+                            "set exactly one of python or program".into(),
+                        ))
+                    }
+                    (Some(py), None) => {
+                        if py.source.is_some() == py.config_map_ref.is_some() {
+                            return Err((
+                                "spec.computation.python".into(),
+                                "set exactly one of source or configMapRef".into(),
+                            ));
+                        }
+                        if py.function.trim().is_empty() {
+                            return Err((
+                                "spec.computation.python.function".into(),
+                                "must name a function".into(),
+                            ));
+                        }
+                        if py
+                            .setup
+                            .as_ref()
+                            .is_some_and(|s| s.function.trim().is_empty())
+                        {
+                            return Err((
+                                "spec.computation.python.setup.function".into(),
+                                "must name a function".into(),
+                            ));
+                        }
+                    }
+                    (None, Some(p)) => {
+                        if p.command.is_empty() || p.command[0].is_empty() {
+                            return Err((
+                                "spec.computation.program.command".into(),
+                                "must name a program, e.g. [\"/usr/bin/sha1sum\"]".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+            if c.spec.nodes.replicas.is_some_and(|r| r > 1000) {
+                return Err(("spec.nodes.replicas".into(), "must be at most 1000".into()));
+            }
+            if c.spec.nodes.cpus.is_some_and(|r| r > 4096) {
+                return Err(("spec.nodes.cpus".into(), "must be at most 4096".into()));
+            }
+            if c.spec.pulse_interval == Some(0) {
+                return Err((
+                    "spec.pulseInterval".into(),
+                    "must be at least 1 (seconds)".into(),
+                ));
+            }
+        }
+        Document::DispyJob(j) => {
+            if j.spec.cluster.trim().is_empty() {
+                return Err(("spec.cluster".into(), "must name a JobCluster".into()));
+            }
+            if j.spec.active_deadline_seconds == Some(0) {
+                return Err((
+                    "spec.activeDeadlineSeconds".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        Document::ConfigMap(_) => {}
+    }
+    Ok(())
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact)
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: words}
+data: {words.txt: "alpha beta gamma\n"}
+binaryData: {blob.bin: "AAEC/w=="}
+---
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: wordcount}
+spec:
+  computation:
+    python:
+      source: |
+        def compute(word):
+            return word
+      function: compute
+      setup: {function: setup, args: ["words.txt"]}
+  depends:
+    - configMapRef: {name: words}
+  nodes: {replicas: 2, cpus: 2}
+  reentrant: true
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: wordcount-beta}
+spec: {cluster: wordcount, args: ["beta"], kwargs: {k: 1}}
+---
+"#;
+
+    #[test]
+    fn the_design_example_parses() {
+        let docs = parse_documents(EXAMPLE, "example.yaml").unwrap();
+        assert_eq!(docs.len(), 3);
+        let Document::ConfigMap(cm) = &docs[0] else {
+            panic!()
+        };
+        assert_eq!(cm.data["words.txt"], "alpha beta gamma\n");
+        assert_eq!(cm.binary_data["blob.bin"], vec![0, 1, 2, 255]);
+        let Document::JobCluster(c) = &docs[1] else {
+            panic!()
+        };
+        let py = c
+            .spec
+            .computation
+            .as_ref()
+            .unwrap()
+            .python
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            py.setup.as_ref().unwrap().args,
+            vec![serde_json::json!("words.txt")]
+        );
+        assert_eq!(c.spec.nodes.replicas, Some(2));
+        assert!(c.spec.reentrant);
+        let Document::DispyJob(j) = &docs[2] else {
+            panic!()
+        };
+        assert_eq!(j.spec.args, vec![serde_json::json!("beta")]);
+        assert_eq!(j.spec.kwargs["k"], 1);
+    }
+
+    fn err(doc: &str) -> String {
+        parse_documents(doc, "bad.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_document_and_field() {
+        let e = err("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: x}\nspec: {nodes: {cpu: 2}}\n");
+        assert!(e.starts_with("bad.yaml: document 1 (JobCluster/x): field spec.nodes.cpu: unknown field `cpu`, expected one of"), "{e}");
+        assert!(e.contains("`cpus`"), "{e}");
+        let e = err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: j}\nspec: {cluster: c, activeDeadlineSeconds: soon}\n");
+        assert!(
+            e.starts_with(
+                "bad.yaml: document 2 (DispyJob/j): field spec.activeDeadlineSeconds: invalid type"
+            ),
+            "{e}"
+        );
+        let e = err("apiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: j}\nspec: {args: [1]}\n");
+        assert!(e.contains("missing field `cluster`"), "{e}");
+        let e = err("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: x}\nspec: {computation: {python: {source: 'x', function: f}, program: {command: [ls]}}}\n");
+        assert_eq!(e, "bad.yaml: document 1 (JobCluster/x): field spec.computation: set exactly one of python or program");
+        let e =
+            err("apiVersion: dispy.io/v1beta9\nkind: JobCluster\nmetadata: {name: x}\nspec: {}\n");
+        assert!(
+            e.contains("field apiVersion: \"dispy.io/v1beta9\" is not supported"),
+            "{e}"
+        );
+        let e = err("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {}\n");
+        assert!(
+            e.contains("field kind: Deployment (apps/v1) is not one of"),
+            "{e}"
+        );
+        let e = err("apiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: Bad_Name}\nspec: {cluster: c}\n");
+        assert!(
+            e.contains("field metadata.name: \"Bad_Name\" is not a valid name"),
+            "{e}"
+        );
+        let e = err("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: x}\nspec: {computation: {program: {command: []}}}\n");
+        assert!(
+            e.contains("field spec.computation.program.command: must name a program"),
+            "{e}"
+        );
+        let e = err("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: x}\nspec: {nodes: {replicas: -1}}\n");
+        assert!(
+            e.contains("field spec.nodes.replicas: invalid value: integer `-1`"),
+            "{e}"
+        );
+        let e = err("kind: JobCluster\n");
+        assert!(e.contains("field apiVersion: missing"), "{e}");
+        let e = err("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: x}\nspec: [unclosed\n");
+        assert!(e.starts_with("bad.yaml: document 1"), "{e}");
+    }
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert!(base64_decode("!!").is_none());
+    }
+}
