@@ -6,6 +6,7 @@ pub mod client;
 pub mod discovery;
 pub mod frame;
 pub mod job;
+pub mod manifest;
 pub mod protocol;
 pub mod tls;
 
