@@ -34,11 +34,14 @@ fi
 REF_JOBS=$(( JOBS < 1000 ? JOBS : 1000 ))
 REF_PREFIX=$(mktemp -d)
 if [ "$(id -u)" = 0 ]; then
+  # dispy writes its recover files into the working directory: keep them in the temp dir.
+  ROOT=$PWD
   timeout 180 unshare -n bash -c "
+    cd $REF_PREFIX
     ip link set lo up
-    $BENCH/.venv/bin/dispynode.py -i 127.0.0.1 --clean --daemon --dest_path_prefix $REF_PREFIX >/dev/null 2>&1 &
+    $ROOT/$BENCH/.venv/bin/dispynode.py -i 127.0.0.1 --clean --daemon --dest_path_prefix $REF_PREFIX/node >/dev/null 2>&1 &
     sleep 2
-    $BENCH/.venv/bin/python $BENCH/reference.py $REF_JOBS
+    $ROOT/$BENCH/.venv/bin/python $ROOT/$BENCH/reference.py $REF_JOBS
     kill %1" || echo "reference: dispy's node hung or failed within 180 s (a known dispy 4.15 race)"
 else
   echo "reference: skipped, it needs root for a private network namespace (dispynode broadcasts)"
