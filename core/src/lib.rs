@@ -8,6 +8,7 @@ pub mod frame;
 pub mod job;
 pub mod manifest;
 pub mod protocol;
+pub mod scheduler;
 pub mod tls;
 
 pub use client::{ClientConfig, ClientError, ClientEvent, NodeClient};
