@@ -228,6 +228,33 @@ pub struct DispyJobStatus {
     pub conditions: Vec<Condition>,
 }
 
+impl DispyJobStatus {
+    /// Takes a node's terminal result into the status (whole: bounding is the caller's).
+    pub fn record_result(&mut self, r: &crate::job::JobResult) {
+        self.status = r.status;
+        self.result = r.result.as_deref().map(|text| {
+            serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.into()))
+        });
+        self.stdout = (!r.stdout.is_empty()).then(|| r.stdout.clone());
+        self.stderr = (!r.stderr.is_empty()).then(|| r.stderr.clone());
+        self.exception = r.exception.clone();
+        self.start_time = r.start_time.map(rfc3339).or(self.start_time.take());
+        self.end_time = r.end_time.map(rfc3339);
+    }
+}
+
+/// Unix seconds as an RFC 3339 UTC timestamp, as Kubernetes writes times.
+pub fn rfc3339(secs: f64) -> String {
+    let nanos = (secs * 1e9) as i128;
+    jiff::Timestamp::from_nanosecond(nanos)
+        .map(|t| {
+            t.round(jiff::Unit::Second)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
 /// A Kubernetes-style condition.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -658,6 +685,12 @@ spec: {cluster: wordcount, args: ["beta"], kwargs: {k: 1}}
         assert!(e.contains("field apiVersion: missing"), "{e}");
         let e = err("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: x}\nspec: [unclosed\n");
         assert!(e.starts_with("bad.yaml: document 1"), "{e}");
+    }
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000.4), "2023-11-14T22:13:20Z");
     }
 
     #[test]

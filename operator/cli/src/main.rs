@@ -1,0 +1,142 @@
+//! `dispy`: run JobCluster and DispyJob manifests without Kubernetes.
+
+mod load;
+mod output;
+mod progress;
+mod run;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "dispy",
+    version,
+    about = "Run dispy computations from JobCluster and DispyJob manifests, without Kubernetes",
+    long_about = "Run dispy computations from the same JobCluster and DispyJob manifests that \
+                  `kubectl apply` takes, on local or LAN nodes (dispynode). With no node given, \
+                  local nodes are started for the run and stopped at its end."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every DispyJob of the manifests on their JobClusters' computations.
+    Run {
+        /// Manifest files (multi-document YAML; ConfigMaps included); `-` reads stdin.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Output: a table like `kubectl get dispyjobs`, or the full objects.
+        #[arg(short = 'o', long, value_enum, default_value_t = output::Format::Table)]
+        output: output::Format,
+        /// Local nodes to start when no node is given.
+        #[arg(long = "nodes", default_value_t = 1)]
+        local_nodes: usize,
+        /// A node to use, `host[:port]` (repeatable); then no local node is started.
+        #[arg(short = 'n', long = "node")]
+        nodes: Vec<String>,
+        /// Find nodes by UDP broadcast on the local network.
+        #[arg(long)]
+        discover: bool,
+        /// The nodes' shared secret.
+        #[arg(
+            short = 's',
+            long,
+            env = "DISPY_SECRET",
+            default_value = "",
+            hide_env_values = true
+        )]
+        secret: String,
+        /// Seconds between pulses with the nodes; a node silent for five is lost.
+        #[arg(long, default_value_t = 2)]
+        pulse_interval: u64,
+        /// No progress output.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List reachable nodes: cpus, busy, version.
+    Nodes {
+        #[arg(short = 'n', long = "node")]
+        nodes: Vec<String>,
+        #[arg(long)]
+        discover: bool,
+        #[arg(
+            short = 's',
+            long,
+            env = "DISPY_SECRET",
+            default_value = "",
+            hide_env_values = true
+        )]
+        secret: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DISPY_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let code = runtime.block_on(async {
+        match cli.command {
+            Cmd::Run {
+                files,
+                output,
+                local_nodes,
+                nodes,
+                discover,
+                secret,
+                pulse_interval,
+                quiet,
+            } => {
+                let plan = match load::load(&files) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("dispy: {e}");
+                        return 2;
+                    }
+                };
+                let opts = run::RunOptions {
+                    local_nodes,
+                    nodes,
+                    discover,
+                    secret,
+                    pulse_interval: Duration::from_secs(pulse_interval.max(1)),
+                    quiet,
+                };
+                match run::run(&plan, &opts).await {
+                    Ok(outcomes) => {
+                        print!("{}", output::render(&outcomes, output));
+                        let all_finished = outcomes
+                            .iter()
+                            .all(|o| o.status.status == dispy_core::JobStatus::Finished);
+                        if all_finished {
+                            0
+                        } else {
+                            1
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("dispy: {e}");
+                        2
+                    }
+                }
+            }
+            Cmd::Nodes {
+                nodes,
+                discover,
+                secret,
+            } => output::nodes(nodes, discover, secret).await,
+        }
+    });
+    std::process::exit(code);
+}

@@ -1,0 +1,153 @@
+//! What `dispy run` prints at the end, and `dispy nodes`.
+
+use std::time::Duration;
+
+use dispy_core::manifest::API_VERSION;
+use dispy_core::{ClientConfig, NodeClient};
+
+use crate::run::Outcome;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Yaml,
+    Json,
+}
+
+pub fn render(outcomes: &[Outcome], format: Format) -> String {
+    match format {
+        Format::Table => table(outcomes),
+        Format::Yaml => serde_yaml::to_string(&list(outcomes)).expect("serializable"),
+        Format::Json => serde_json::to_string_pretty(&list(outcomes)).expect("serializable") + "\n",
+    }
+}
+
+/// The jobs as a Kubernetes List of DispyJob objects, as `kubectl get -o yaml` prints.
+fn list(outcomes: &[Outcome]) -> serde_json::Value {
+    let items: Vec<_> = outcomes
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "apiVersion": API_VERSION,
+                "kind": "DispyJob",
+                "metadata": {"name": o.name, "namespace": o.namespace},
+                "spec": {"cluster": o.cluster},
+                "status": o.status,
+            })
+        })
+        .collect();
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
+fn table(outcomes: &[Outcome]) -> String {
+    let rows: Vec<[String; 6]> = outcomes
+        .iter()
+        .map(|o| {
+            let result = o.status.result.as_ref().map(compact).unwrap_or_default();
+            [
+                o.name.clone(),
+                o.cluster.clone(),
+                o.status.status.to_string(),
+                o.status.node.clone().unwrap_or_else(|| "<none>".into()),
+                result,
+                age(o.submitted.elapsed()),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "CLUSTER", "STATUS", "NODE", "RESULT", "AGE"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A result as one short line.
+fn compact(v: &serde_json::Value) -> String {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let one_line = text.replace('\n', " ");
+    if one_line.chars().count() > 40 {
+        one_line.chars().take(37).collect::<String>() + "..."
+    } else {
+        one_line
+    }
+}
+
+fn age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// `dispy nodes`: what each node says about itself.
+pub async fn nodes(mut addrs: Vec<String>, discover: bool, secret: String) -> i32 {
+    if discover {
+        let target = "255.255.255.255:9701".parse().expect("valid");
+        match dispy_core::discovery::discover(
+            "0.0.0.0:0".parse().expect("valid"),
+            &[target],
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            Ok(found) => addrs.extend(found.iter().map(|n| format!("{}:{}", n.addr, n.port))),
+            Err(e) => {
+                eprintln!("dispy: UDP discovery failed: {e}");
+                return 2;
+            }
+        }
+    }
+    if addrs.is_empty() {
+        eprintln!("dispy: no nodes: give --node host[:port] or --discover");
+        return 2;
+    }
+    let config = ClientConfig {
+        secret,
+        name: "dispy nodes".into(),
+        ..Default::default()
+    };
+    println!(
+        "{:<24} {:<20} {:>5} {:>5} {:>7}  VERSION",
+        "ADDRESS", "NAME", "CPUS", "BUSY", "QUEUED"
+    );
+    let mut code = 0;
+    for addr in addrs {
+        let addr = if addr.contains(':') {
+            addr
+        } else {
+            format!("{addr}:9701")
+        };
+        match NodeClient::connect(&addr, &config).await {
+            Ok((c, _)) => {
+                let i = c.node_info().await.unwrap_or_else(|_| c.info().clone());
+                println!(
+                    "{addr:<24} {:<20} {:>5} {:>5} {:>7}  {}",
+                    i.name, i.cpus, i.busy, i.queued, i.version
+                );
+            }
+            Err(e) => {
+                eprintln!("dispy: {e}");
+                code = 1;
+            }
+        }
+    }
+    code
+}
