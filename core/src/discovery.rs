@@ -1,7 +1,7 @@
 //! UDP discovery, client side: ping nodes (usually a broadcast address) and collect answers.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -23,7 +23,10 @@ pub async fn discover(
         protocol: PROTOCOL_VERSION,
     });
     for t in targets {
-        socket.send_to(&ping, t).await?;
+        // A target without a route (no interface for it) is not an error for the others.
+        if let Err(e) = socket.send_to(&ping, t).await {
+            tracing::debug!(%t, "discovery ping not sent: {e}");
+        }
     }
     let mut found = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + wait;
@@ -43,4 +46,41 @@ pub async fn discover(
         }
     }
     Ok(found.into_values().collect())
+}
+
+/// An IPv4 interface of this host (loopback left out).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interface {
+    pub ip: Ipv4Addr,
+    pub netmask: Ipv4Addr,
+    pub broadcast: Option<Ipv4Addr>,
+}
+
+pub fn interfaces() -> Vec<Interface> {
+    if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| !i.is_loopback())
+        .filter_map(|i| match i.addr {
+            if_addrs::IfAddr::V4(v4) => Some(Interface {
+                ip: v4.ip,
+                netmask: v4.netmask,
+                broadcast: v4.broadcast,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Where a client pings to find nodes on its networks: each interface's broadcast address
+/// and the limited broadcast, at `port`.
+pub fn broadcast_targets(port: u16) -> Vec<SocketAddr> {
+    let mut targets: Vec<SocketAddr> = interfaces()
+        .into_iter()
+        .filter_map(|i| i.broadcast)
+        .chain([Ipv4Addr::BROADCAST])
+        .map(|b| SocketAddr::V4(SocketAddrV4::new(b, port)))
+        .collect();
+    targets.dedup();
+    targets
 }

@@ -7,6 +7,15 @@
 //! A job's life: queued → dispatched (from here on it holds one of its node's cpus) → running →
 //! terminal. A lost node or a refused dispatch sends it back to the queue (reentrant cluster,
 //! backoff left, not pinned) or makes it Abandoned.
+//!
+//! What holds whatever the events (checked on random sequences in `tests/scheduler_props.rs`):
+//! - a job holds a cpu on at most one node at a time, and a node never holds more jobs than
+//!   its cpus;
+//! - a job gets at most one terminal status: a `Finalize` or an accepted `JobDone`;
+//! - a cluster that is not reentrant never requeues;
+//! - once every node that was up is lost, no job is dispatched or running: each is terminal,
+//!   or queued and either unpinned or pinned to a node never seen up. Those wait for a node;
+//!   when to give up on them (cancel) is the caller's call.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

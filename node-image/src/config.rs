@@ -226,11 +226,9 @@ impl NodeConfig {
 }
 
 fn first_interface_addr() -> Option<String> {
-    if_addrs::get_if_addrs()
-        .ok()?
-        .into_iter()
-        .find(|i| !i.is_loopback() && i.ip().is_ipv4())
-        .map(|i| i.ip().to_string())
+    dispy_core::discovery::interfaces()
+        .first()
+        .map(|i| i.ip.to_string())
 }
 
 fn hostname() -> String {

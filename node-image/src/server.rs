@@ -112,16 +112,10 @@ fn announcement(node: &Node, addr: IpAddr) -> NodeAnnouncement {
     }
 }
 
-/// IPv4 interfaces: (address, netmask, broadcast), loopback left out.
 fn interfaces() -> Vec<(Ipv4Addr, Ipv4Addr, Option<Ipv4Addr>)> {
-    if_addrs::get_if_addrs()
-        .unwrap_or_default()
+    dispy_core::discovery::interfaces()
         .into_iter()
-        .filter(|i| !i.is_loopback())
-        .filter_map(|i| match i.addr {
-            if_addrs::IfAddr::V4(v4) => Some((v4.ip, v4.netmask, v4.broadcast)),
-            _ => None,
-        })
+        .map(|i| (i.ip, i.netmask, i.broadcast))
         .collect()
 }
 

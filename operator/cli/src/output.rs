@@ -100,10 +100,11 @@ fn age(d: Duration) -> String {
 /// `dispy nodes`: what each node says about itself.
 pub async fn nodes(mut addrs: Vec<String>, discover: bool, secret: String) -> i32 {
     if discover {
-        let target = "255.255.255.255:9701".parse().expect("valid");
+        let targets =
+            dispy_core::discovery::broadcast_targets(dispy_core::protocol::DEFAULT_NODE_PORT);
         match dispy_core::discovery::discover(
             "0.0.0.0:0".parse().expect("valid"),
-            &[target],
+            &targets,
             Duration::from_secs(2),
         )
         .await

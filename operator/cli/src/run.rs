@@ -142,10 +142,11 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
     }
     let discover = opts.discover || plan.clusters.iter().any(|c| c.spec.nodes.discover);
     if discover {
-        let target = "255.255.255.255:9701".parse().expect("valid address");
+        let targets =
+            dispy_core::discovery::broadcast_targets(dispy_core::protocol::DEFAULT_NODE_PORT);
         let found = dispy_core::discovery::discover(
             "0.0.0.0:0".parse().expect("valid"),
-            &[target],
+            &targets,
             Duration::from_secs(2),
         )
         .await
@@ -352,14 +353,16 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
     let mut interrupted = false;
 
     loop {
+        // Jobs dispatched together to one node go in one request.
+        let mut batches: BTreeMap<
+            (String, String),
+            Vec<(JobKey, JobRequest, Vec<(String, Vec<u8>)>)>,
+        > = BTreeMap::new();
         for action in std::mem::take(&mut actions) {
             match action {
                 Action::Dispatch { key, node, attempt } => {
                     let j = key.job as usize;
                     views[j].status.attempts = attempt;
-                    let Some(client) = clients.get(&node).cloned() else {
-                        continue;
-                    };
                     let job = &plan.jobs[j];
                     let request = JobRequest {
                         id: key.job,
@@ -367,21 +370,10 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
                         kwargs: job.kwargs.clone(),
                         depends: job.files.iter().map(|(n, _)| n.clone()).collect(),
                     };
-                    let files = job.files.clone();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let result = async {
-                            for (name, data) in &files {
-                                client
-                                    .send_file(&key.cluster, name, data, 0o644, Some(key.job))
-                                    .await?;
-                            }
-                            client.submit(&key.cluster, request).await
-                        }
-                        .await;
-                        let error = result.err().map(|e| e.to_string());
-                        let _ = tx.send(Input::Submitted { key, node, error });
-                    });
+                    batches
+                        .entry((node, key.cluster.clone()))
+                        .or_default()
+                        .push((key, request, job.files.clone()));
                 }
                 Action::Terminate { key, node, reason } => {
                     views[key.job as usize].status.message = Some(reason);
@@ -418,6 +410,23 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
                         &mut progress,
                         &plan.jobs[j].name,
                     );
+                }
+            }
+        }
+        for ((node, cluster), jobs) in batches {
+            match clients.get(&node).cloned() {
+                Some(client) => {
+                    tokio::spawn(submit_batch(client, node, cluster, jobs, tx.clone()));
+                }
+                None => {
+                    for (key, _, _) in jobs {
+                        let error = Some("the node is gone".to_string());
+                        let _ = tx.send(Input::Submitted {
+                            key,
+                            node: node.clone(),
+                            error,
+                        });
+                    }
                 }
             }
         }
@@ -560,6 +569,64 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
             submitted: started,
         })
         .collect())
+}
+
+/// Sends the jobs' own files, then the jobs in one request; reports each refused job.
+async fn submit_batch(
+    client: NodeClient,
+    node: String,
+    cluster: String,
+    jobs: Vec<(JobKey, JobRequest, Vec<(String, Vec<u8>)>)>,
+    tx: mpsc::UnboundedSender<Input>,
+) {
+    let mut requests = Vec::with_capacity(jobs.len());
+    let mut keys = Vec::with_capacity(jobs.len());
+    for (key, request, files) in jobs {
+        let mut sent = Ok(());
+        for (name, data) in &files {
+            if let Err(e) = client
+                .send_file(&cluster, name, data, 0o644, Some(key.job))
+                .await
+            {
+                sent = Err(e.to_string());
+                break;
+            }
+        }
+        match sent {
+            Ok(()) => {
+                requests.push(request);
+                keys.push(key);
+            }
+            Err(error) => {
+                let _ = tx.send(Input::Submitted {
+                    key,
+                    node: node.clone(),
+                    error: Some(error),
+                });
+            }
+        }
+    }
+    match client.submit_many(&cluster, requests).await {
+        Ok(rejected) => {
+            for r in rejected {
+                let key = JobKey::new(cluster.clone(), r.job);
+                let _ = tx.send(Input::Submitted {
+                    key,
+                    node: node.clone(),
+                    error: Some(r.error.to_string()),
+                });
+            }
+        }
+        Err(e) => {
+            for key in keys {
+                let _ = tx.send(Input::Submitted {
+                    key,
+                    node: node.clone(),
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+    }
 }
 
 fn finish(v: &mut JobView, status: JobStatus, why: String, progress: &mut Progress, name: &str) {
