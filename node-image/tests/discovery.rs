@@ -41,6 +41,7 @@ fn a_node_is_announced_and_found_by_broadcast_in_a_private_namespace() {
         &["--port", "9701", "--cpus", "2", "--name", "node-a"],
     );
     net.start_node(
+        bin,
         &a,
         &[
             "-i",
