@@ -7,8 +7,9 @@ cd "$(dirname "$0")/../.."
 JOBS=${1:-5000}
 BENCH=node-image/bench
 
-cargo build --release -q -p dispynode --bins --examples
+cargo build --release -q -p dispynode -p dispy-cli --bins --examples
 NODE=target/release/dispynode
+DISPY=target/release/dispy
 CLIENT=target/release/examples/bench_client
 
 echo "== machine: $(nproc) cpus, $(python3 --version), load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -25,6 +26,22 @@ for mode in fork reuse program; do
   $CLIENT "127.0.0.1:$PORT" $mode "$JOBS" 1000
 done
 echo "dispynode RSS after the runs: $(awk '/VmRSS/{print $2, $3}' /proc/$NODE_PID/status)"
+
+# End to end through the CLI: manifests in, table out, one local node with 2 cpus.
+CLI_JOBS=${CLI_JOBS:-10000}
+for reuse in true false; do
+  python3 - "$CLI_JOBS" "$reuse" > "$PREFIX/jobs.yaml" <<'PY'
+import sys
+n, reuse = int(sys.argv[1]), sys.argv[2]
+print("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: sq}\nspec:\n  nodes: {cpus: 2}\n  computation:\n    python:\n      reuseWorkers: %s\n      function: sq\n      source: |\n        def sq(n):\n            return n * n" % reuse)
+for i in range(n):
+    print("---\napiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: sq-%d}\nspec: {cluster: sq, args: [%d]}" % (i, i))
+PY
+  /usr/bin/time -f "%e %M" -o "$PREFIX/time" $DISPY run -q -f "$PREFIX/jobs.yaml" -o json > "$PREFIX/out.json"
+  read -r secs rss < "$PREFIX/time"
+  finished=$(grep -c '"status": "Finished"' "$PREFIX/out.json" || true)
+  python3 -c "import sys; n,s,r,f,m=int(sys.argv[1]),float(sys.argv[2]),int(sys.argv[3]),int(sys.argv[4]),sys.argv[5]; print('dispy run %-6s %6d jobs  %8.0f jobs/s end to end (%.2f s, %d Finished), dispy peak RSS %d kB' % (m, n, n/s, s, f, r))" "$CLI_JOBS" "$secs" "$rss" "$finished" "$([ $reuse = true ] && echo reuse || echo fork)"
+done
 
 # The reference, from PyPI, in a venv of its own, inside a private network namespace.
 if [ ! -x $BENCH/.venv/bin/python ]; then
