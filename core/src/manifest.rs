@@ -310,6 +310,8 @@ pub struct ConfigMap {
     pub binary_data: BTreeMap<String, Vec<u8>>,
 }
 
+// A run reads a handful of clusters beside many jobs; boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Document {
     JobCluster(JobCluster),

@@ -110,6 +110,11 @@ fn start_local_nodes(count: usize, cpus: u32, secret: &str) -> Result<Vec<LocalN
         .collect()
 }
 
+/// A file as (name, contents).
+type File = (String, Vec<u8>);
+/// A job ready to submit: its key, the request and its own files.
+type Outgoing = (JobKey, JobRequest, Vec<File>);
+
 enum Input {
     Node(String, ClientEvent),
     Submitted {
@@ -354,10 +359,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
 
     loop {
         // Jobs dispatched together to one node go in one request.
-        let mut batches: BTreeMap<
-            (String, String),
-            Vec<(JobKey, JobRequest, Vec<(String, Vec<u8>)>)>,
-        > = BTreeMap::new();
+        let mut batches: BTreeMap<(String, String), Vec<Outgoing>> = BTreeMap::new();
         for action in std::mem::take(&mut actions) {
             match action {
                 Action::Dispatch { key, node, attempt } => {
@@ -467,8 +469,8 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
             Input::Interrupt => {
                 interrupted = true;
                 progress.note("interrupted: cancelling jobs (Ctrl-C again to stop at once)");
-                for j in 0..views.len() {
-                    if !views[j].done {
+                for (j, v) in views.iter().enumerate() {
+                    if !v.done {
                         actions.extend(
                             scheduler.handle(now(), Event::CancelRequested { key: key_of(j) }),
                         );
@@ -576,7 +578,7 @@ async fn submit_batch(
     client: NodeClient,
     node: String,
     cluster: String,
-    jobs: Vec<(JobKey, JobRequest, Vec<(String, Vec<u8>)>)>,
+    jobs: Vec<Outgoing>,
     tx: mpsc::UnboundedSender<Input>,
 ) {
     let mut requests = Vec::with_capacity(jobs.len());
