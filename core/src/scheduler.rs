@@ -580,23 +580,22 @@ impl Scheduler {
     }
 
     fn check_deadlines(&mut self, now: Duration, out: &mut Vec<Action>) {
-        let running: BTreeSet<JobKey> = self.nodes.values().flat_map(|n| n.jobs.clone()).collect();
-        for key in running {
+        let is_due = |rec: &JobRecord| match (&rec.state, rec.spec.active_deadline) {
+            (JobState::Running { since, .. }, Some(d)) => !rec.terminate_sent && *since + d <= now,
+            _ => false,
+        };
+        let mut due: Vec<JobKey> = (self.nodes.values().flat_map(|n| &n.jobs))
+            .filter(|key| is_due(&self.jobs[*key]))
+            .cloned()
+            .collect();
+        due.sort();
+        for key in due {
             let rec = self.jobs.get_mut(&key).unwrap();
-            let (JobState::Running { node, since }, Some(deadline)) =
-                (&rec.state, rec.spec.active_deadline)
-            else {
-                continue;
-            };
-            if !rec.terminate_sent && *since + deadline <= now {
-                rec.terminate_sent = true;
-                let reason = format!(
-                    "{key} ran longer than its activeDeadlineSeconds ({}s)",
-                    deadline.as_secs_f64()
-                );
-                let node = node.clone();
-                out.push(Action::Terminate { key, node, reason });
-            }
+            rec.terminate_sent = true;
+            let deadline = rec.spec.active_deadline.unwrap_or_default().as_secs_f64();
+            let reason = format!("{key} ran longer than its activeDeadlineSeconds ({deadline}s)");
+            let node = rec.in_flight_on().unwrap().clone();
+            out.push(Action::Terminate { key, node, reason });
         }
     }
 
