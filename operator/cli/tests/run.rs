@@ -398,3 +398,34 @@ fn nodes_lists_cpus_busy_and_version() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to node 127.0.0.1:1"));
 }
+
+#[test]
+fn active_deadline_seconds_terminates_a_job_that_runs_too_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("deadline.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: nap}\nspec:\n  computation:\n    program: {command: [sleep]}\n---\napiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: nap-long}\nspec: {cluster: nap, args: [\"30\"], activeDeadlineSeconds: 1}\n---\napiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: nap-short}\nspec: {cluster: nap, args: [\"0\"], activeDeadlineSeconds: 20}\n",
+    )
+    .unwrap();
+    dispynode();
+    let started = Instant::now();
+    let out = dispy(&["run", "-f", f.to_str().unwrap(), "-o", "json", "-q"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let items = json_items(&out);
+    let long = status_of(&items, "nap-long");
+    assert_eq!(long["status"], "Terminated", "{long}");
+    assert!(
+        long["message"]
+            .as_str()
+            .unwrap()
+            .contains("activeDeadlineSeconds"),
+        "{long}"
+    );
+    assert_eq!(status_of(&items, "nap-short")["status"], "Finished");
+}
