@@ -194,7 +194,10 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
     for (i, c) in plan.clusters.iter().enumerate() {
         let policy = ClusterPolicy {
             reentrant: c.spec.reentrant,
-            backoff_limit: c.spec.backoff_limit.unwrap_or(3),
+            backoff_limit: c
+                .spec
+                .backoff_limit
+                .unwrap_or(ClusterPolicy::default().backoff_limit),
         };
         actions.extend(scheduler.handle(
             now(),
