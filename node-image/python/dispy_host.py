@@ -3,8 +3,10 @@
 The node writes frames to our stdin: a 4-byte big-endian length, a kind byte, then a body.
   I  init      JSON {source, function, setup, setup_args, cleanup, reuse_workers, workers,
                      max_output, codec, env}
-  J  job       8-byte run token, 4-byte worker index, then the job's call (codec-encoded)
-  K  kill      8-byte run token, 4-byte signal number
+  J  job       8-byte run token, 4-byte worker index, then the job's call (codec-encoded);
+               with reuse_workers the node writes these straight to each worker's own pipe
+               (their read ends are `worker_fds`, inherited from the node)
+  K  kill      8-byte run token, 4-byte signal number, 4-byte worker index (0xffffffff: none)
   C  close     JSON {cleanup}
 Replies go to the node on the file descriptor that was our stdout (fd 1 is then pointed at
 stderr, so stray writes from user code cannot corrupt the stream), as frames of the same
@@ -15,6 +17,7 @@ job processes and its workers can share the pipe:
   F  job reply too large for one write: 8-byte run token, path of a file holding the JSON
   X  process gone 8-byte run token, 4-byte wait status of the process that ran that job;
                after its reply this is stale, without one it says how the job died
+  W  worker gone 4-byte worker index, 4-byte wait status (a fresh worker replaces it)
   C  closed    JSON {ok, error}
 
 The computation's source runs as module __main__ with os and sys imported, as on dispy's
@@ -47,7 +50,9 @@ def format_exc():
 HEADER = struct.Struct(">IB")
 RUN = struct.Struct(">Q")
 RUN_WORKER = struct.Struct(">QI")
-RUN_SIGNAL = struct.Struct(">Qi")
+RUN_SIGNAL_WORKER = struct.Struct(">QiI")
+WORKER_STATUS = struct.Struct(">Ii")
+NO_WORKER = 0xFFFFFFFF
 RUN_STATUS = struct.Struct(">Qi")
 
 
@@ -86,10 +91,9 @@ class Host:
         self.spares = []  # fork per job: [(pid, job write fd)] ready for one job each
         self.running = {}  # fork per job: pid -> run token
         self.run_pid = {}  # fork per job: run token -> pid
-        self.workers = []  # reuse: index -> [pid, job write fd]
-        self.job_fds = set()  # write ends of every job pipe, closed in each new process
-        self.worker_run = {}  # worker index -> run token being run
-        self.run_worker = {}  # run token -> worker index
+        self.workers = []  # reuse: index -> pid
+        self.job_fds = set()  # write ends of the spares' pipes
+        self.worker_fds = []  # reuse: index -> read end of the worker's pipe from the node
         self.func = None
         self.cfg = None
 
@@ -221,8 +225,23 @@ class Host:
     # one job and exits, and a new spare is forked as soon as one is used, so the fork is not
     # on the job's path. Reuse: `workers` processes run job after job.
 
-    def spawn(self, single_use):
-        """Forks a process that runs jobs from a new pipe; returns (pid, write end)."""
+    def spawn(self, single_use, job_r=None):
+        """Forks a process that runs jobs from a pipe: a new one, whose write end is returned
+        with the pid, or `job_r` (a worker's pipe from the node)."""
+        if job_r is not None:
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    self.inbuf = bytearray()
+                    self.job_loop(job_r, single_use)
+                except BaseException:
+                    sys.stderr.write(format_exc())
+                    code = 70
+                os._exit(code)
+            self.own_group(pid)
+            self.pidfds[os.pidfd_open(pid)] = pid
+            return pid
         job_r, job_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -292,22 +311,15 @@ class Host:
                 if not self.closing:
                     self.add_spare()
                 return
-        for index, (wpid, job_w) in enumerate(self.workers):
+        for index, wpid in enumerate(self.workers):
             if wpid == pid:
-                self.forget_fd(job_w)
-                run = self.worker_run.pop(index, None)
-                if run is not None:
-                    self.run_worker.pop(run, None)
-                    self.send(ord("X"), RUN_STATUS.pack(run, status))
+                self.send(ord("W"), WORKER_STATUS.pack(index, status))
                 if not self.closing:
-                    self.workers[index] = list(self.spawn(False))
+                    self.workers[index] = self.spawn(False, self.worker_fds[index])
                 return
 
-    def kill(self, run, sig):
-        pid = self.run_pid.get(run)
-        if pid is None:
-            index = self.run_worker.get(run)
-            pid = self.workers[index][0] if index is not None else None
+    def kill(self, run, sig, worker):
+        pid = self.workers[worker] if worker < len(self.workers) else self.run_pid.get(run)
         if pid is not None:
             self.signal_group(pid, sig)
 
@@ -330,34 +342,25 @@ class Host:
 
     def dispatch(self, kind, body):
         if kind == ord("J"):
-            run, index = RUN_WORKER.unpack_from(body)
-            frame = HEADER.pack(len(body) + 1, kind) + body
-            if self.workers:
-                previous = self.worker_run.get(index)
-                if previous is not None:
-                    self.run_worker.pop(previous, None)
-                self.worker_run[index] = run
-                self.run_worker[run] = index
-                os.write(self.workers[index][1], frame)
-            else:
-                if not self.spares:
-                    self.add_spare()
-                pid, job_w = self.spares.pop(0)
-                self.own_group(pid)
-                self.running[pid] = run
-                self.run_pid[run] = pid
-                os.write(job_w, frame)
-                self.forget_fd(job_w)
+            # Fork per job: hand the job to a spare, fork the next spare.
+            run, _ = RUN_WORKER.unpack_from(body)
+            if not self.spares:
                 self.add_spare()
+            pid, job_w = self.spares.pop(0)
+            self.own_group(pid)
+            self.running[pid] = run
+            self.run_pid[run] = pid
+            os.write(job_w, HEADER.pack(len(body) + 1, kind) + body)
+            self.forget_fd(job_w)
+            self.add_spare()
         elif kind == ord("K"):
-            run, sig = RUN_SIGNAL.unpack_from(body)
-            self.kill(run, sig)
+            self.kill(*RUN_SIGNAL_WORKER.unpack_from(body))
         elif kind == ord("C"):
             self.close(json.loads(body or b"{}").get("cleanup", True))
 
     def close(self, run_cleanup):
         self.closing = True
-        pids = list(self.running) + [p for p, _ in self.spares] + [w[0] for w in self.workers]
+        pids = list(self.running) + [p for p, _ in self.spares] + list(self.workers)
         for fd in list(self.job_fds):
             self.forget_fd(fd)
         for pid in pids:
@@ -380,7 +383,8 @@ class Host:
             sys.exit(0)
         count = max(1, int(cfg.get("workers", 1)))
         if cfg.get("reuse_workers"):
-            self.workers = [list(self.spawn(False)) for _ in range(count)]
+            self.worker_fds = list(cfg["worker_fds"])
+            self.workers = [self.spawn(False, fd) for fd in self.worker_fds]
         else:
             for _ in range(count):
                 self.add_spare()

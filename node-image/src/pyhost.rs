@@ -3,6 +3,7 @@
 //! script's docstring for the pipe protocol.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,8 @@ pub const HOST_SCRIPT: &str = include_str!("../python/dispy_host.py");
 pub struct PyHost {
     computation: String,
     input: mpsc::UnboundedSender<Vec<u8>>,
+    /// Reuse mode: each worker's own pipe; jobs go straight to it, not through the host.
+    workers: Vec<mpsc::UnboundedSender<Vec<u8>>>,
     /// Reuse mode: indices of idle workers.
     idle_workers: Option<Mutex<Vec<u32>>>,
     runs: Arc<Mutex<Runs>>,
@@ -31,10 +34,11 @@ pub struct PyHost {
     pid: Option<u32>,
 }
 
-/// Reuse mode: the worker running each run.
+/// Reuse mode: which worker runs which run.
 #[derive(Default)]
 struct Runs {
-    workers: HashMap<u64, u32>,
+    by_run: HashMap<u64, u32>,
+    by_worker: HashMap<u32, u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +99,25 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A pipe for one reuse-mode worker: (read end for the host to pass on, non-blocking write end).
+fn worker_pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!(
+            "cannot create a worker pipe: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: plain fcntl on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(write.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(write.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    Ok((read, write))
+}
+
 /// The `sys.path` that `python` has with `site`, as a JSON list.
 pub async fn interpreter_path(python: &Path) -> Result<String, String> {
     let out = Command::new(python)
@@ -132,7 +155,27 @@ impl PyHost {
         };
         let sys_path: serde_json::Value =
             serde_json::from_str(settings.sys_path).unwrap_or_default();
-        let mut child = Command::new(settings.python)
+        let worker_count = settings.workers.max(1);
+        let pipes = if py.reuse_workers {
+            (0..worker_count)
+                .map(|_| worker_pipe())
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        let worker_fds: Vec<i32> = pipes.iter().map(|(r, _)| r.as_raw_fd()).collect();
+        let inherited = worker_fds.clone();
+        let mut command = Command::new(settings.python);
+        // SAFETY: fcntl is async-signal-safe; it lets the host inherit the workers' read ends.
+        unsafe {
+            command.pre_exec(move || {
+                for fd in &inherited {
+                    libc::fcntl(*fd, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg("-S")
             .arg(settings.script)
             .current_dir(settings.dir)
@@ -172,6 +215,7 @@ impl PyHost {
             "max_output": settings.max_output,
             "codec": "json",
             "sys_path": sys_path,
+            "worker_fds": worker_fds,
             "env": settings.env,
         });
         let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -189,6 +233,24 @@ impl PyHost {
             }
         });
 
+        let mut workers = Vec::new();
+        for (read, write) in pipes {
+            drop(read);
+            let mut sender = tokio::net::unix::pipe::Sender::from_owned_fd(write)
+                .map_err(|e| format!("cannot use a worker pipe: {e}"))?;
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            tokio::spawn(async move {
+                while let Some(mut bytes) = rx.recv().await {
+                    while let Ok(more) = rx.try_recv() {
+                        bytes.extend(more);
+                    }
+                    if sender.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            workers.push(tx);
+        }
         let runs = Arc::new(Mutex::new(Runs::default()));
         let (init_tx, init_rx) = oneshot::channel();
         let (closed_tx, closed_rx) = oneshot::channel();
@@ -196,6 +258,7 @@ impl PyHost {
         tokio::spawn(read_replies(
             computation.to_string(),
             stdout,
+            runs.clone(),
             init_tx,
             closed_tx,
             outcomes,
@@ -219,6 +282,7 @@ impl PyHost {
         Ok(Arc::new(PyHost {
             computation: computation.to_string(),
             input: input_tx,
+            workers,
             idle_workers,
             runs,
             closed: Mutex::new(Some(closed_rx)),
@@ -230,38 +294,46 @@ impl PyHost {
     /// Starts a job; `call` is the codec-encoded call (JSON `{"a": [...], "k": {...}}`).
     pub fn start_job(&self, run: u64, call: &[u8]) -> Result<(), String> {
         let worker = match &self.idle_workers {
-            None => 0,
+            None => None,
             Some(idle) => {
                 let w = idle
                     .lock()
                     .unwrap()
                     .pop()
                     .ok_or("no idle worker (more jobs than cpus)")?;
-                self.runs.lock().unwrap().workers.insert(run, w);
-                w
+                let mut runs = self.runs.lock().unwrap();
+                runs.by_run.insert(run, w);
+                runs.by_worker.insert(w, run);
+                Some(w)
             }
         };
         let mut body = Vec::with_capacity(12 + call.len());
         body.extend_from_slice(&run.to_be_bytes());
-        body.extend_from_slice(&worker.to_be_bytes());
+        body.extend_from_slice(&worker.unwrap_or(0).to_be_bytes());
         body.extend_from_slice(call);
-        self.input
-            .send(frame(b'J', &body))
-            .map_err(|_| format!("the Python host of {} is gone", self.computation))
+        let sent = match worker {
+            Some(w) => self.workers[w as usize].send(frame(b'J', &body)),
+            None => self.input.send(frame(b'J', &body)),
+        };
+        sent.map_err(|_| format!("the Python host of {} is gone", self.computation))
     }
 
     /// Returns a reuse-mode worker to the idle list once its job is over.
     pub fn job_over(&self, run: u64) {
         if let Some(idle) = &self.idle_workers {
-            if let Some(w) = self.runs.lock().unwrap().workers.remove(&run) {
+            let mut runs = self.runs.lock().unwrap();
+            if let Some(w) = runs.by_run.remove(&run) {
+                runs.by_worker.remove(&w);
                 idle.lock().unwrap().push(w);
             }
         }
     }
 
     pub fn kill(&self, run: u64, signal: i32) {
+        let worker = self.runs.lock().unwrap().by_run.get(&run).copied();
         let mut body = run.to_be_bytes().to_vec();
         body.extend_from_slice(&signal.to_be_bytes());
+        body.extend_from_slice(&worker.unwrap_or(u32::MAX).to_be_bytes());
         let _ = self.input.send(frame(b'K', &body));
     }
 
@@ -303,6 +375,7 @@ impl PyHost {
 async fn read_replies(
     computation: String,
     stdout: ChildStdout,
+    runs: Arc<Mutex<Runs>>,
     init_tx: oneshot::Sender<Control>,
     closed_tx: oneshot::Sender<Control>,
     outcomes: mpsc::UnboundedSender<Outcome>,
@@ -369,6 +442,18 @@ async fn read_replies(
                     format!("the job's process {}", describe_wait_status(status)),
                 );
                 let _ = outcomes.send(Outcome::Job { run, result });
+            }
+            b'W' if body.len() >= 8 => {
+                let worker = u32::from_be_bytes(body[..4].try_into().unwrap());
+                let status = i32::from_be_bytes(body[4..8].try_into().unwrap());
+                let run = runs.lock().unwrap().by_worker.get(&worker).copied();
+                if let Some(run) = run {
+                    let result = JobResult::failed(
+                        JobStatus::Terminated,
+                        format!("the job's worker process {}", describe_wait_status(status)),
+                    );
+                    let _ = outcomes.send(Outcome::Job { run, result });
+                }
             }
             other => {
                 tracing::error!(%computation, "unknown frame kind {other} from the Python host");

@@ -76,9 +76,12 @@ async fn sniff(
     if prefix == MAGIC {
         if tls.is_some() && first[0] != TLS_HANDSHAKE {
             let reason = "this node requires TLS: connect with TLS (the node has --certfile)";
+            // Read the client's hello first, so the client is not cut off mid-write.
+            let _ = dispy_core::frame::read_frame(&mut stream, node.cfg.max_frame).await;
             let _ = stream
                 .write_all(&frame(&encode(&ServerHello::Rejected(reason.into()))))
                 .await;
+            let _ = stream.shutdown().await;
             return Err(format!("plain-text client refused: {reason}"));
         }
         tokio::spawn(crate::session::serve(node, stream, peer));

@@ -370,3 +370,38 @@ async fn large_files_travel_in_chunks_with_checksums() {
         format!("\"{}\"", dispy_core::auth::sha256_hex(&data))
     );
 }
+
+#[tokio::test]
+async fn a_reused_worker_killed_mid_job_is_replaced_by_a_fresh_fork() {
+    let node = NodeProc::start(&["--cpus", "1", "--terminate-grace", "1s"]).await;
+    let (client, mut events) = connect(&node).await;
+    let src = "import time\nstate = []\ndef f(t):\n    state.append(t)\n    time.sleep(t)\n    return [len(state), os.getpid()]\n";
+    let spec = Computation::Python(PythonComputation {
+        reuse_workers: true,
+        ..python(src, "f")
+    });
+    open(&client, "w", spec, &[]).await;
+    client.submit("w", job(1, json!([0]))).await.unwrap();
+    client.submit("w", job(2, json!([30]))).await.unwrap();
+    let first = collect(&mut events, 1, T).await;
+    let v1: serde_json::Value = serde_json::from_str(finished(&first[&1])).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.cancel("w", 2).await.unwrap();
+    let second = collect(&mut events, 1, T).await;
+    assert_eq!(second[&2].status, JobStatus::Terminated);
+    assert!(
+        second[&2]
+            .exception
+            .as_deref()
+            .unwrap()
+            .contains("worker process"),
+        "{:?}",
+        second[&2]
+    );
+    client.submit("w", job(3, json!([0]))).await.unwrap();
+    let third = collect(&mut events, 1, T).await;
+    let v3: serde_json::Value = serde_json::from_str(finished(&third[&3])).unwrap();
+    // A fresh fork from the post-setup state: its own pid, and the killed worker's globals gone.
+    assert_ne!(v1[1], v3[1]);
+    assert_eq!(v3[0], 1);
+}
