@@ -225,24 +225,8 @@ class Host:
     # one job and exits, and a new spare is forked as soon as one is used, so the fork is not
     # on the job's path. Reuse: `workers` processes run job after job.
 
-    def spawn(self, single_use, job_r=None):
-        """Forks a process that runs jobs from a pipe: a new one, whose write end is returned
-        with the pid, or `job_r` (a worker's pipe from the node)."""
-        if job_r is not None:
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    self.inbuf = bytearray()
-                    self.job_loop(job_r, single_use)
-                except BaseException:
-                    sys.stderr.write(format_exc())
-                    code = 70
-                os._exit(code)
-            self.own_group(pid)
-            self.pidfds[os.pidfd_open(pid)] = pid
-            return pid
-        job_r, job_w = os.pipe()
+    def fork_runner(self, job_r, single_use):
+        """Forks a process that runs jobs read from `job_r`; returns its pid."""
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -253,12 +237,14 @@ class Host:
                 sys.stderr.write(format_exc())
                 code = 70
             os._exit(code)
-        if not single_use:
-            self.own_group(pid)
-        os.close(job_r)
-        self.job_fds.add(job_w)
         self.pidfds[os.pidfd_open(pid)] = pid
-        return pid, job_w
+        return pid
+
+    def start_worker(self, index):
+        """Reuse: a worker reading the pipe the node opened for it."""
+        pid = self.fork_runner(self.worker_fds[index], False)
+        self.own_group(pid)
+        return pid
 
     def job_loop(self, fd, single_use):
         while True:
@@ -281,7 +267,12 @@ class Host:
                         return
 
     def add_spare(self):
-        self.spares.append(self.spawn(True))
+        """Fork per job: a process waiting on a new pipe for its one job."""
+        job_r, job_w = os.pipe()
+        pid = self.fork_runner(job_r, True)
+        os.close(job_r)
+        self.job_fds.add(job_w)
+        self.spares.append((pid, job_w))
 
     def forget_fd(self, fd):
         self.job_fds.discard(fd)
@@ -315,7 +306,7 @@ class Host:
             if wpid == pid:
                 self.send(ord("W"), WORKER_STATUS.pack(index, status))
                 if not self.closing:
-                    self.workers[index] = self.spawn(False, self.worker_fds[index])
+                    self.workers[index] = self.start_worker(index)
                 return
 
     def kill(self, run, sig, worker):
@@ -384,7 +375,7 @@ class Host:
         count = max(1, int(cfg.get("workers", 1)))
         if cfg.get("reuse_workers"):
             self.worker_fds = list(cfg["worker_fds"])
-            self.workers = [self.spawn(False, fd) for fd in self.worker_fds]
+            self.workers = [self.start_worker(i) for i in range(len(self.worker_fds))]
         else:
             for _ in range(count):
                 self.add_spare()

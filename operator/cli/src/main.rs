@@ -37,21 +37,8 @@ enum Cmd {
         /// Local nodes to start when no node is given.
         #[arg(long = "nodes", default_value_t = 1)]
         local_nodes: usize,
-        /// A node to use, `host[:port]` (repeatable); then no local node is started.
-        #[arg(short = 'n', long = "node")]
-        nodes: Vec<String>,
-        /// Find nodes by UDP broadcast on the local network.
-        #[arg(long)]
-        discover: bool,
-        /// The nodes' shared secret.
-        #[arg(
-            short = 's',
-            long,
-            env = "DISPY_SECRET",
-            default_value = "",
-            hide_env_values = true
-        )]
-        secret: String,
+        #[command(flatten)]
+        nodes: NodeArgs,
         /// Seconds between pulses with the nodes; a node silent for five is lost.
         #[arg(long, default_value_t = 2)]
         pulse_interval: u64,
@@ -61,19 +48,29 @@ enum Cmd {
     },
     /// List reachable nodes: cpus, busy, version.
     Nodes {
-        #[arg(short = 'n', long = "node")]
-        nodes: Vec<String>,
-        #[arg(long)]
-        discover: bool,
-        #[arg(
-            short = 's',
-            long,
-            env = "DISPY_SECRET",
-            default_value = "",
-            hide_env_values = true
-        )]
-        secret: String,
+        #[command(flatten)]
+        nodes: NodeArgs,
     },
+}
+
+/// Which nodes to use and how to authenticate to them.
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// A node to use, `host[:port]` (repeatable); `dispy run` then starts no local node.
+    #[arg(short = 'n', long = "node")]
+    nodes: Vec<String>,
+    /// Find nodes by UDP broadcast on the local networks.
+    #[arg(long)]
+    discover: bool,
+    /// The nodes' shared secret.
+    #[arg(
+        short = 's',
+        long,
+        env = "DISPY_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
+    secret: String,
 }
 
 fn main() {
@@ -92,9 +89,12 @@ fn main() {
                 files,
                 output,
                 local_nodes,
-                nodes,
-                discover,
-                secret,
+                nodes:
+                    NodeArgs {
+                        nodes,
+                        discover,
+                        secret,
+                    },
                 pulse_interval,
                 quiet,
             } => {
@@ -132,9 +132,12 @@ fn main() {
                 }
             }
             Cmd::Nodes {
-                nodes,
-                discover,
-                secret,
+                nodes:
+                    NodeArgs {
+                        nodes,
+                        discover,
+                        secret,
+                    },
             } => output::nodes(nodes, discover, secret).await,
         }
     });
