@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod frame;
 pub mod job;
 pub mod manifest;
+pub mod pickle;
 pub mod protocol;
 pub mod scheduler;
 pub mod tls;
