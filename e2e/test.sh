@@ -431,6 +431,54 @@ EOF
   grep -Eq '^w1 +7 +Spinning ' <<<"$out" || fail "printer column values missing"
 }
 
+# dispy's own CRDs (crds/dispy.io.yaml, generated from the Rust types) on the real API server
+t_dispy_crds() {
+  local out
+  k apply -f "$REPO_DIR/crds/dispy.io.yaml" || return 1
+  k wait --for=condition=Established crd/jobclusters.dispy.io crd/dispyjobs.dispy.io --timeout=60s || return 1
+  wait_for 30 "jobclusters served" k -n $NS get jc || return 1
+  k explain jobcluster.spec.nodes.replicas | grep -q "Node pods to run" || fail "kubectl explain lacks the doc comment"
+  # the examples that `dispy run` takes are accepted as they are
+  k -n $NS apply -f "$REPO_DIR/docs/examples/checksums.yaml" || return 1
+  # CEL: exactly one of python or program
+  if out=$(k -n $NS apply -f - 2>&1 <<'EOF'
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: both}
+spec:
+  computation:
+    python: {source: "def f(): pass", function: f}
+    program: {command: [ls]}
+EOF
+  ); then fail "a JobCluster with both python and program was accepted"; fi
+  echo "$out"
+  grep -q "set exactly one of python or program" <<<"$out" || fail "the CEL message is missing"
+  # schema bounds
+  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"nodes":{"cpus":5000}}}' 2>&1); then
+    fail "cpus 5000 accepted"
+  fi
+  # CEL transition rule: a DispyJob's cluster cannot change
+  if out=$(k -n $NS patch dj checksums-md5 --type=merge -p '{"spec":{"cluster":"other"}}' 2>&1); then
+    fail "a DispyJob's cluster was changed"
+  fi
+  grep -q "cluster is immutable" <<<"$out" || fail "the immutability message is missing: $out"
+  # the scale subresource drives spec.nodes.replicas
+  k -n $NS scale jc/checksums --replicas=5 || return 1
+  field_is jc/checksums '{.spec.nodes.replicas}' 5 || fail "scale did not set spec.nodes.replicas"
+  # the dispy category lists both kinds
+  out=$(k -n $NS get dispy -o name) || return 1
+  grep -q "^jobcluster.dispy.io/checksums$" <<<"$out" || fail "kubectl get dispy lacks the JobCluster: $out"
+  grep -q "^dispyjob.dispy.io/checksums-md5$" <<<"$out" || fail "kubectl get dispy lacks the DispyJob: $out"
+  # printer columns, with a status written through the status subresource
+  k -n $NS patch dj checksums-md5 --subresource=status --type=merge \
+    -p '{"status":{"status":"Finished","node":"node-1","resultSummary":"4d19518"}}' || return 1
+  out=$(k -n $NS get jc checksums) && echo "$out"
+  head -1 <<<"$out" | grep -Eq '^NAME +NODES +CPUS +RUNNING +FINISHED +FAILED +PHASE +AGE' || fail "JobCluster columns"
+  out=$(k -n $NS get dj checksums-md5) && echo "$out"
+  head -1 <<<"$out" | grep -Eq '^NAME +CLUSTER +STATUS +NODE +RESULT +AGE' || fail "DispyJob columns"
+  grep -Eq '^checksums-md5 +checksums +Finished +node-1 +4d19518 ' <<<"$out" || fail "DispyJob column values"
+}
+
 gone() { ! k -n $NS get "$1" >/dev/null 2>&1 && k -n $NS get --raw /readyz >/dev/null; }
 
 t_ssa_finalizers_owner_refs() {
@@ -592,6 +640,7 @@ run_test "CRD with printer columns, schema and status subresource" t_crd_printer
 run_test "server-side apply conflicts, finalizers, owner references on a custom resource" t_ssa_finalizers_owner_refs
 run_test "Lease create and renew" t_lease_create_renew
 run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
+run_test "dispy CRDs: explain, CEL rules, scale, category, printer columns" t_dispy_crds
 if [[ $LOCAL == 1 ]]; then
   # these two restart and then remove the cluster: keep them last
   run_test "cluster up twice is a no-op; up after a crash recovers" t_cluster_up_twice_and_after_a_crash

@@ -25,9 +25,54 @@ pub struct Meta {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// The computation, its files and its nodes.
+/// A dispy computation (a Python function or a program), its files and the nodes that run
+/// its jobs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "dispy.io",
+        version = "v1alpha1",
+        kind = "JobCluster",
+        root = "JobClusterResource",
+        namespaced,
+        shortname = "jc",
+        category = "dispy",
+        status = "JobClusterStatus",
+        derive = "PartialEq",
+        doc = "A dispy computation and the node pods that run its jobs (DispyJobs)",
+        scale(
+            spec_replicas_path = ".spec.nodes.replicas",
+            status_replicas_path = ".status.readyNodes"
+        ),
+        printcolumn(
+            name = "Nodes",
+            type_ = "string",
+            json_path = ".status.nodes",
+            description = "ready/desired nodes"
+        ),
+        printcolumn(name = "Cpus", type_ = "integer", json_path = ".status.cpus"),
+        printcolumn(
+            name = "Running",
+            type_ = "integer",
+            json_path = ".status.jobs.running"
+        ),
+        printcolumn(
+            name = "Finished",
+            type_ = "integer",
+            json_path = ".status.jobs.finished"
+        ),
+        printcolumn(name = "Failed", type_ = "integer", json_path = ".status.jobs.failed"),
+        printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
 pub struct JobClusterSpec {
     /// What jobs run: a Python function or a program. Omitted: a plain pool of nodes for
     /// external dispy clients.
@@ -64,6 +109,9 @@ pub struct JobClusterSpec {
 /// Exactly one of `python` or `program`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.python) != has(self.program)", "message": "set exactly one of python or program"}
+]))]
 pub struct ComputationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub python: Option<PythonSpec>,
@@ -75,6 +123,9 @@ pub struct ComputationSpec {
 /// job calls, with optional setup and cleanup functions.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.source) != has(self.configMapRef)", "message": "set exactly one of source or configMapRef"}
+]))]
 pub struct PythonSpec {
     /// Module source, run as `__main__` on each node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,11 +194,13 @@ pub struct TlsSpec {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodesSpec {
-    /// Node pods to run (Kubernetes) or local nodes to start (`dispy run`).
+    /// Node pods to run (Kubernetes). `kubectl scale jc/NAME --replicas=N` sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
     pub replicas: Option<u32>,
     /// Cpus each node offers (`dispynode --cpus`); 0 = all of the node's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 4096))]
     pub cpus: Option<u32>,
     /// Node image (Kubernetes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -173,8 +226,36 @@ pub struct NodesSpec {
 /// One job: a call of the cluster's computation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "dispy.io",
+        version = "v1alpha1",
+        kind = "DispyJob",
+        root = "DispyJobResource",
+        namespaced,
+        shortname = "dj",
+        category = "dispy",
+        status = "DispyJobStatus",
+        derive = "PartialEq",
+        doc = "One dispy job: a call of its JobCluster's computation, and its outcome",
+        printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster"),
+        printcolumn(name = "Status", type_ = "string", json_path = ".status.status"),
+        printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
+        printcolumn(name = "Result", type_ = "string", json_path = ".status.resultSummary"),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
 pub struct DispyJobSpec {
-    /// The JobCluster (same namespace) whose computation runs this job.
+    /// The JobCluster (same namespace) whose computation runs this job. Cannot be changed.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "cluster is immutable"}
+    ]))]
     pub cluster: String,
     /// Positional arguments (a program gets each as one argument string).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -210,6 +291,9 @@ pub struct DispyJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_value")]
     pub result: Option<serde_json::Value>,
+    /// The result on one short line, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_summary: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -235,11 +319,26 @@ impl DispyJobStatus {
         self.result = r.result.as_deref().map(|text| {
             serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.into()))
         });
+        self.result_summary = self.result.as_ref().map(summary);
         self.stdout = (!r.stdout.is_empty()).then(|| r.stdout.clone());
         self.stderr = (!r.stderr.is_empty()).then(|| r.stderr.clone());
         self.exception = r.exception.clone();
         self.start_time = r.start_time.map(rfc3339).or(self.start_time.take());
         self.end_time = r.end_time.map(rfc3339);
+    }
+}
+
+/// A result on one short line (strings without their quotes).
+pub fn summary(v: &serde_json::Value) -> String {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let one_line = text.replace('\n', " ");
+    if one_line.chars().count() > 40 {
+        one_line.chars().take(37).collect::<String>() + "..."
+    } else {
+        one_line
     }
 }
 
@@ -253,6 +352,62 @@ pub fn rfc3339(secs: f64) -> String {
                 .unwrap_or_default()
         })
         .unwrap_or_default()
+}
+
+/// What the operator observes of a JobCluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobClusterStatus {
+    /// Pending, Ready, Degraded, Suspended or Closing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub phase: String,
+    #[serde(default)]
+    pub ready_nodes: u32,
+    #[serde(default)]
+    pub desired_nodes: u32,
+    /// "ready/desired", for `kubectl get`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nodes: String,
+    /// Cpus of the ready nodes.
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub busy_cpus: u32,
+    /// Each node, up to a bounded number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_summary: Vec<NodeSummary>,
+    #[serde(default)]
+    pub jobs: JobCounts,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSummary {
+    pub name: String,
+    /// `host:port` that clients (and Python dispy clients) use.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub cpus: u32,
+    pub busy: u32,
+    pub ready: bool,
+}
+
+/// Jobs of a cluster by status; `failed` counts Terminated, Cancelled and Abandoned.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobCounts {
+    pub created: u32,
+    pub running: u32,
+    pub finished: u32,
+    pub terminated: u32,
+    pub cancelled: u32,
+    pub abandoned: u32,
+    pub failed: u32,
 }
 
 /// A Kubernetes-style condition.
@@ -687,6 +842,17 @@ spec: {cluster: wordcount, args: ["beta"], kwargs: {k: 1}}
         assert!(e.contains("field apiVersion: missing"), "{e}");
         let e = err("apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: x}\nspec: [unclosed\n");
         assert!(e.starts_with("bad.yaml: document 1"), "{e}");
+    }
+
+    #[test]
+    fn summaries_are_one_short_line() {
+        assert_eq!(summary(&serde_json::json!("abc")), "abc");
+        assert_eq!(summary(&serde_json::json!([1, "x"])), "[1,\"x\"]");
+        assert_eq!(summary(&serde_json::json!("a\nb")), "a b");
+        assert_eq!(
+            summary(&serde_json::json!("x".repeat(50))),
+            format!("{}...", "x".repeat(37))
+        );
     }
 
     #[test]

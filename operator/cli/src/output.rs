@@ -43,7 +43,7 @@ fn table(outcomes: &[Outcome]) -> String {
     let rows: Vec<[String; 6]> = outcomes
         .iter()
         .map(|o| {
-            let result = o.status.result.as_ref().map(compact).unwrap_or_default();
+            let result = o.status.result_summary.clone().unwrap_or_default();
             [
                 o.name.clone(),
                 o.cluster.clone(),
@@ -72,20 +72,6 @@ fn table(outcomes: &[Outcome]) -> String {
         out.push('\n');
     }
     out
-}
-
-/// A result as one short line.
-fn compact(v: &serde_json::Value) -> String {
-    let text = match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let one_line = text.replace('\n', " ");
-    if one_line.chars().count() > 40 {
-        one_line.chars().take(37).collect::<String>() + "..."
-    } else {
-        one_line
-    }
 }
 
 fn age(d: Duration) -> String {
