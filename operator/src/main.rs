@@ -4,8 +4,7 @@
 //! `dispy-core`; `crds/dispy.io.yaml` is its output, checked in (CI fails when they differ).
 
 use clap::{Parser, Subcommand};
-use dispy_core::manifest::{DispyJobResource, JobClusterResource};
-use kube::CustomResourceExt;
+use dispy_operator::crds_yaml;
 
 #[derive(Parser)]
 #[command(
@@ -24,15 +23,6 @@ enum Cmd {
     Crd,
 }
 
-/// Both CRDs as one multi-document YAML text.
-fn crds_yaml() -> String {
-    let docs = [JobClusterResource::crd(), DispyJobResource::crd()];
-    docs.iter()
-        .map(|crd| serde_yaml::to_string(crd).expect("a CRD serializes"))
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
 fn main() {
     match Cli::parse().command {
         Cmd::Crd => print!("{}", crds_yaml()),
@@ -42,6 +32,8 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dispy_core::manifest::{DispyJobResource, JobClusterResource};
+    use kube::CustomResourceExt;
 
     #[test]
     fn crds_carry_names_columns_subresources_and_rules() {

@@ -1,0 +1,346 @@
+//! What a JobCluster owns in Kubernetes, built from the JobCluster alone: its node pods, the
+//! headless Service in front of them and its generated Secret. Pure functions, no client, so
+//! they are tested from YAML fixtures.
+
+use std::collections::BTreeMap;
+
+use dispy_core::manifest::JobClusterResource;
+use dispy_core::protocol::DEFAULT_NODE_PORT;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use serde_json::{json, Value};
+
+/// Label on everything a JobCluster owns, with the cluster's name.
+pub const CLUSTER_LABEL: &str = "dispy.io/cluster";
+/// Label with the node pod's index.
+pub const INDEX_LABEL: &str = "dispy.io/node-index";
+/// Key of the shared secret in the cluster's Secret.
+pub const SECRET_KEY: &str = "secret";
+/// Where node pods keep computations' files.
+pub const DEST_PATH: &str = "/var/lib/dispy";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BuildError {
+    #[error("JobCluster {0}: has no uid yet (not read from the API server)")]
+    NoUid(String),
+    #[error("JobCluster {name}: spec.nodes.template cannot be merged into a pod: {detail}")]
+    Template { name: String, detail: String },
+}
+
+fn name_of(jc: &JobClusterResource) -> String {
+    format!(
+        "{}/{}",
+        jc.metadata.namespace.as_deref().unwrap_or("default"),
+        jc.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+fn owner(jc: &JobClusterResource) -> Result<OwnerReference, BuildError> {
+    jc.controller_owner_ref(&())
+        .ok_or_else(|| BuildError::NoUid(name_of(jc)))
+}
+
+pub fn labels(jc: &JobClusterResource) -> BTreeMap<String, String> {
+    let name = jc.metadata.name.clone().unwrap_or_default();
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "dispynode".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), name.clone()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "dispy-operator".to_string(),
+        ),
+        (CLUSTER_LABEL.to_string(), name),
+    ])
+}
+
+/// The port node pods listen on. With host networking two pods on one Kubernetes node cannot
+/// share it: the pod declares it as a host port, so the scheduler never puts two such pods on
+/// the same node, and `spec.nodes.port` gives a cluster a port of its own.
+pub fn node_port(jc: &JobClusterResource) -> u16 {
+    jc.spec.nodes.port.unwrap_or(DEFAULT_NODE_PORT)
+}
+
+pub fn host_network(jc: &JobClusterResource) -> bool {
+    jc.spec.nodes.host_network.unwrap_or(true)
+}
+
+/// The Secret holding the nodes' shared secret: the user's, or one the operator generates.
+pub fn secret_name(jc: &JobClusterResource) -> String {
+    match &jc.spec.secret_ref {
+        Some(r) => r.name.clone(),
+        None => format!("{}-secret", jc.metadata.name.as_deref().unwrap_or("")),
+    }
+}
+
+/// The generated Secret (only when `spec.secretRef` is not given), with `value` as secret.
+pub fn generated_secret(
+    jc: &JobClusterResource,
+    value: &str,
+) -> Result<Option<Secret>, BuildError> {
+    if jc.spec.secret_ref.is_some() {
+        return Ok(None);
+    }
+    Ok(Some(Secret {
+        metadata: ObjectMeta {
+            name: Some(secret_name(jc)),
+            namespace: jc.metadata.namespace.clone(),
+            labels: Some(labels(jc)),
+            owner_references: Some(vec![owner(jc)?]),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            SECRET_KEY.to_string(),
+            value.to_string(),
+        )])),
+        ..Default::default()
+    }))
+}
+
+/// A headless Service: stable DNS names for the node pods.
+pub fn headless_service(jc: &JobClusterResource) -> Result<Service, BuildError> {
+    let port = node_port(jc);
+    let value = json!({
+        "metadata": {
+            "name": format!("{}-nodes", jc.metadata.name.as_deref().unwrap_or("")),
+            "namespace": jc.metadata.namespace,
+            "labels": labels(jc),
+            "ownerReferences": [owner(jc)?],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": false,
+            "selector": {CLUSTER_LABEL: jc.metadata.name},
+            "ports": [
+                {"name": "dispy-tcp", "port": port, "protocol": "TCP"},
+                {"name": "dispy-udp", "port": port, "protocol": "UDP"},
+            ],
+        },
+    });
+    Ok(serde_json::from_value(value).expect("a valid Service"))
+}
+
+/// Node pod number `index` of the cluster.
+pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod, BuildError> {
+    let name = jc.metadata.name.clone().unwrap_or_default();
+    let port = node_port(jc);
+    let host_network = host_network(jc);
+    let cpus = jc.spec.nodes.cpus.unwrap_or(0);
+    let mut pod_labels = labels(jc);
+    pod_labels.insert(INDEX_LABEL.to_string(), index.to_string());
+    let mut container_ports = vec![
+        json!({"name": "dispy-tcp", "containerPort": port, "protocol": "TCP"}),
+        json!({"name": "dispy-udp", "containerPort": port, "protocol": "UDP"}),
+    ];
+    if host_network {
+        for p in &mut container_ports {
+            p["hostPort"] = json!(port);
+        }
+    }
+    let mut resources = json!({});
+    if cpus > 0 {
+        resources = json!({"requests": {"cpu": cpus.to_string()}});
+    }
+    let image = jc
+        .spec
+        .nodes
+        .image
+        .clone()
+        .unwrap_or_else(|| image.to_string());
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("{name}-node-{index}"),
+            "namespace": jc.metadata.namespace,
+            "labels": pod_labels,
+            "ownerReferences": [owner(jc)?],
+        },
+        "spec": {
+            "hostNetwork": host_network,
+            "dnsPolicy": if host_network { "ClusterFirstWithHostNet" } else { "ClusterFirst" },
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{
+                "name": "dispynode",
+                "image": image,
+                "args": [
+                    "--port", port.to_string(),
+                    "--cpus", cpus.to_string(),
+                    "--name", "$(POD_NAME)",
+                    "--ext-host", "$(POD_IP)",
+                    "--dest-path-prefix", DEST_PATH,
+                    "--shutdown-grace", "20s",
+                    "--daemon",
+                ],
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "DISPYNODE_SECRET", "valueFrom": {"secretKeyRef": {"name": secret_name(jc), "key": SECRET_KEY}}},
+                ],
+                "ports": container_ports,
+                "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 2},
+                "resources": resources,
+                "volumeMounts": [{"name": "work", "mountPath": DEST_PATH}],
+            }],
+            "volumes": [{"name": "work", "emptyDir": {}}],
+        },
+    });
+    if let Some(template) = &jc.spec.nodes.template {
+        merge(&mut pod, template);
+    }
+    serde_json::from_value(pod).map_err(|e| BuildError::Template {
+        name: name_of(jc),
+        detail: e.to_string(),
+    })
+}
+
+/// JSON merge patch (RFC 7386): objects merge key by key, `null` removes, anything else
+/// replaces. Lists are replaced whole, so a template that sets `containers` sets them all.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(yaml: &str) -> JobClusterResource {
+        let mut jc: JobClusterResource = serde_yaml::from_str(yaml).unwrap();
+        jc.metadata.uid = Some("0b1c2d3e".into());
+        jc
+    }
+
+    const WORDCOUNT: &str = "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: wordcount, namespace: team}\nspec:\n  computation:\n    python: {source: 'def f(w): return w', function: f}\n  nodes: {replicas: 2, cpus: 2}\n";
+
+    #[test]
+    fn node_pods_use_host_network_a_host_port_and_the_secret() {
+        let jc = cluster(WORDCOUNT);
+        let pod = node_pod(&jc, 1, "dispy/node:0.1.0").unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("wordcount-node-1"));
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("team"));
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[CLUSTER_LABEL], "wordcount");
+        assert_eq!(labels[INDEX_LABEL], "1");
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("JobCluster", "wordcount", Some(true))
+        );
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.host_network, Some(true));
+        assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+        let c = &spec.containers[0];
+        assert_eq!(c.image.as_deref(), Some("dispy/node:0.1.0"));
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(&args[..4], ["--port", "9701", "--cpus", "2"]);
+        let ports = c.ports.as_ref().unwrap();
+        assert!(ports
+            .iter()
+            .all(|p| p.host_port == Some(9701) && p.container_port == 9701));
+        let secret = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "DISPYNODE_SECRET")
+            .unwrap();
+        let key_ref = secret
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (key_ref.name.as_str(), key_ref.key.as_str()),
+            ("wordcount-secret", "secret")
+        );
+        assert_eq!(
+            c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0,
+            "2"
+        );
+    }
+
+    #[test]
+    fn without_host_network_no_host_port_and_own_port_and_image() {
+        let jc = cluster(&WORDCOUNT.replace(
+            "nodes: {replicas: 2, cpus: 2}",
+            "nodes: {hostNetwork: false, port: 9811, image: my/node:1}\n  secretRef: {name: mine}",
+        ));
+        let pod = node_pod(&jc, 0, "dispy/node:0.1.0").unwrap();
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.host_network, Some(false));
+        let c = &spec.containers[0];
+        assert_eq!(c.image.as_deref(), Some("my/node:1"));
+        assert!(c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|p| p.host_port.is_none() && p.container_port == 9811));
+        assert!(c.resources.as_ref().unwrap().requests.is_none());
+        assert_eq!(secret_name(&jc), "mine");
+        assert!(generated_secret(&jc, "x").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_template_is_merged_into_the_pod() {
+        let jc = cluster(&WORDCOUNT.replace(
+            "nodes: {replicas: 2, cpus: 2}",
+            "nodes:\n    template:\n      metadata: {labels: {team: blue}}\n      spec:\n        nodeSelector: {disk: ssd}\n        dnsPolicy: null",
+        ));
+        let pod = node_pod(&jc, 0, "img").unwrap();
+        assert_eq!(pod.metadata.labels.as_ref().unwrap()["team"], "blue");
+        assert_eq!(
+            pod.metadata.labels.as_ref().unwrap()[CLUSTER_LABEL],
+            "wordcount"
+        );
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.node_selector.unwrap()["disk"], "ssd");
+        assert!(spec.dns_policy.is_none());
+        let bad = cluster(&WORDCOUNT.replace(
+            "nodes: {replicas: 2, cpus: 2}",
+            "nodes:\n    template: {spec: {containers: 3}}",
+        ));
+        let err = node_pod(&bad, 0, "img").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("JobCluster team/wordcount: spec.nodes.template cannot be merged"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn service_and_secret_are_owned_and_labelled() {
+        let jc = cluster(WORDCOUNT);
+        let svc = headless_service(&jc).unwrap();
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.selector.unwrap()[CLUSTER_LABEL], "wordcount");
+        assert_eq!(spec.ports.unwrap().len(), 2);
+        let secret = generated_secret(&jc, "s3cret").unwrap().unwrap();
+        assert_eq!(secret.metadata.name.as_deref(), Some("wordcount-secret"));
+        assert_eq!(secret.string_data.unwrap()[SECRET_KEY], "s3cret");
+        let mut no_uid = jc.clone();
+        no_uid.metadata.uid = None;
+        assert_eq!(
+            node_pod(&no_uid, 0, "img").unwrap_err(),
+            BuildError::NoUid("team/wordcount".into())
+        );
+    }
+}
