@@ -30,6 +30,8 @@ pub struct Meta {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+// Each printcolumn repeats `type_`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[cfg_attr(
     feature = "kube",
     kube(
@@ -227,6 +229,7 @@ pub struct NodesSpec {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[allow(clippy::duplicated_attributes)]
 #[cfg_attr(
     feature = "kube",
     kube(
