@@ -635,6 +635,29 @@ impl<'a> Machine<'a> {
         op::name(self.op)
     }
 
+    fn underflow(&self) -> DecodeError {
+        DecodeError::StackUnderflow {
+            opcode: self.opname(),
+            offset: self.at,
+        }
+    }
+
+    fn truncated(&self, needed: usize) -> DecodeError {
+        DecodeError::Truncated {
+            opcode: self.opname(),
+            offset: self.at,
+            needed,
+        }
+    }
+
+    fn too_long(&self) -> DecodeError {
+        DecodeError::ContainerTooLong {
+            opcode: self.opname(),
+            offset: self.at,
+            limit: self.limits.max_container_len,
+        }
+    }
+
     fn invalid(&self, what: impl Into<String>) -> DecodeError {
         DecodeError::Invalid {
             opcode: self.opname(),
@@ -654,11 +677,7 @@ impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
         let left = self.data.len() - self.pos;
         if n > left {
-            return Err(DecodeError::Truncated {
-                opcode: self.opname(),
-                offset: self.at,
-                needed: n - left,
-            });
+            return Err(self.truncated(n - left));
         }
         let s = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -682,11 +701,7 @@ impl<'a> Machine<'a> {
         let data = self.data;
         let rest = &data[self.pos..];
         let Some(n) = rest.iter().position(|&b| b == b'\n') else {
-            return Err(DecodeError::Truncated {
-                opcode: op::name(self.op),
-                offset: self.at,
-                needed: 1,
-            });
+            return Err(self.truncated(1));
         };
         self.pos += n + 1;
         Ok(&rest[..n])
@@ -723,20 +738,14 @@ impl<'a> Machine<'a> {
 
     fn pop(&mut self) -> Result<Id, DecodeError> {
         if self.stack.len() <= self.base() {
-            return Err(DecodeError::StackUnderflow {
-                opcode: self.opname(),
-                offset: self.at,
-            });
+            return Err(self.underflow());
         }
         Ok(self.stack.pop().expect("checked above"))
     }
 
     fn top(&self) -> Result<Id, DecodeError> {
         if self.stack.len() <= self.base() {
-            return Err(DecodeError::StackUnderflow {
-                opcode: self.opname(),
-                offset: self.at,
-            });
+            return Err(self.underflow());
         }
         Ok(*self.stack.last().expect("checked above"))
     }
@@ -755,11 +764,7 @@ impl<'a> Machine<'a> {
 
     fn check_len(&self, n: usize) -> Result<(), DecodeError> {
         if n > self.limits.max_container_len {
-            return Err(DecodeError::ContainerTooLong {
-                opcode: self.opname(),
-                offset: self.at,
-                limit: self.limits.max_container_len,
-            });
+            return Err(self.too_long());
         }
         Ok(())
     }
@@ -911,18 +916,14 @@ impl<'a> Machine<'a> {
 
     fn append(&mut self, items: Vec<Id>) -> Result<(), DecodeError> {
         let target = self.top()?;
-        let max = self.limits.max_container_len;
+        let (max, too_long) = (self.limits.max_container_len, self.too_long());
         let list = match &mut self.nodes[target] {
             Node::List(l) => l,
             Node::Object(o) => &mut o.list_items,
             _ => return Err(self.invalid("target is not a list")),
         };
         if list.len() + items.len() > max {
-            return Err(DecodeError::ContainerTooLong {
-                opcode: op::name(self.op),
-                offset: self.at,
-                limit: max,
-            });
+            return Err(too_long);
         }
         list.extend(items);
         Ok(())
@@ -930,18 +931,14 @@ impl<'a> Machine<'a> {
 
     fn set_items(&mut self, pairs: Vec<(Id, Id)>) -> Result<(), DecodeError> {
         let target = self.top()?;
-        let max = self.limits.max_container_len;
+        let (max, too_long) = (self.limits.max_container_len, self.too_long());
         let dict = match &mut self.nodes[target] {
             Node::Dict(d) => d,
             Node::Object(o) => &mut o.dict_items,
             _ => return Err(self.invalid("target is not a dict")),
         };
         if dict.len() + pairs.len() > max {
-            return Err(DecodeError::ContainerTooLong {
-                opcode: op::name(self.op),
-                offset: self.at,
-                limit: max,
-            });
+            return Err(too_long);
         }
         dict.extend(pairs);
         Ok(())
@@ -971,11 +968,7 @@ impl<'a> Machine<'a> {
                     // Frames only group reads; the length must still fit in the input.
                     let n = self.take_len(8)?;
                     if n > self.data.len() - self.pos {
-                        return Err(DecodeError::Truncated {
-                            opcode: "FRAME",
-                            offset: self.at,
-                            needed: n - (self.data.len() - self.pos),
-                        });
+                        return Err(self.truncated(n - (self.data.len() - self.pos)));
                     }
                 }
                 op::STOP => return self.pop(),
@@ -1125,10 +1118,7 @@ impl<'a> Machine<'a> {
                 op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
                     let n = usize::from(self.op - op::TUPLE1 + 1);
                     if self.stack.len() < self.base() + n {
-                        return Err(DecodeError::StackUnderflow {
-                            opcode: self.opname(),
-                            offset: self.at,
-                        });
+                        return Err(self.underflow());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.push(Node::Tuple(items))?;
@@ -1170,16 +1160,12 @@ impl<'a> Machine<'a> {
                 op::ADDITEMS => {
                     let items = self.pop_mark()?;
                     let target = self.top()?;
-                    let max = self.limits.max_container_len;
+                    let (max, too_long) = (self.limits.max_container_len, self.too_long());
                     let Node::Set(set) = &mut self.nodes[target] else {
                         return Err(self.invalid("target is not a set"));
                     };
                     if set.len() + items.len() > max {
-                        return Err(DecodeError::ContainerTooLong {
-                            opcode: "ADDITEMS",
-                            offset: self.at,
-                            limit: max,
-                        });
+                        return Err(too_long);
                     }
                     set.extend(items);
                 }
