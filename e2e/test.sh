@@ -476,7 +476,57 @@ EOF
   head -1 <<<"$out" | grep -Eq '^NAME +NODES +CPUS +RUNNING +FINISHED +FAILED +PHASE +AGE' || fail "JobCluster columns"
   out=$(k -n $NS get dj checksums-md5) && echo "$out"
   head -1 <<<"$out" | grep -Eq '^NAME +CLUSTER +STATUS +NODE +RESULT +AGE' || fail "DispyJob columns"
-  grep -Eq '^checksums-md5 +checksums +Finished +node-1 +4d19518 ' <<<"$out" || fail "DispyJob column values"
+  grep -Eq '^checksums-md5 +checksums +Finished +node-1 +4d19518 ' <<<"$out" || fail "DispyJob column values" || return 1
+  k -n $NS delete -f "$REPO_DIR/docs/examples/checksums.yaml" --wait=true >/dev/null
+}
+
+operator_checks() {
+  k -n $NS apply -f - <<'EOF'
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: pool}
+spec:
+  nodes: {replicas: 1, cpus: 1, port: 9801}
+EOF
+  [[ $? == 0 ]] || return 1
+  wait_for 60 "1 node pod Ready" node_pods_ready "True " || return 1
+  wait_for 30 "status 1/1 Ready" field_is jc/pool '{.status.nodes} {.status.phase}' "1/1 Ready" || return 1
+  field_is jc/pool '{.status.conditions[?(@.type=="Ready")].status}' True || fail "Ready condition" || return 1
+  k -n $NS get secret pool-secret >/dev/null || fail "no generated Secret" || return 1
+  field_is svc/pool-nodes '{.spec.clusterIP}' None || fail "no headless Service" || return 1
+  k -n $NS scale jc/pool --replicas=2 || return 1
+  wait_for 60 "2 node pods Ready" node_pods_ready "True True " || return 1
+  wait_for 30 "status 2/2 Ready" field_is jc/pool '{.status.nodes} {.status.phase}' "2/2 Ready" || return 1
+  # each on its own node's address (host network)
+  out=$(k -n $NS get pods -l dispy.io/cluster=pool -o jsonpath='{range .items[*]}{.status.podIP}{" "}{end}')
+  echo "pod IPs: $out"
+  [[ $out =~ ^127\.0\.0\.1[0-9]\ 127\.0\.0\.1[0-9]\ $ ]] || fail "pods not on their nodes' addresses: $out" || return 1
+  out=$(k -n $NS get jc pool) && echo "$out"
+  grep -Eq '^pool +2/2 +2 ' <<<"$out" || fail "printer columns: $out" || return 1
+  # a third pod has no node left (the harness has two, and the node port is a host port)
+  k -n $NS scale jc/pool --replicas=3 || return 1
+  wait_for 30 "status 2/3 Degraded" field_is jc/pool '{.status.nodes} {.status.phase}' "2/3 Degraded" || return 1
+  field_is pod/pool-node-2 '{.status.phase}' Pending || fail "the third pod should wait for a node" || return 1
+  k -n $NS scale jc/pool --replicas=1 || return 1
+  wait_for 60 "scaled down to 1 pod" pool_pod_names pool-node-0 || return 1
+  wait_for 30 "status 1/1" field_is jc/pool '{.status.nodes}' "1/1" || return 1
+  k -n $NS delete jc pool --wait=true || return 1
+  wait_for 60 "pods garbage-collected" none_left pods dispy.io/cluster=pool || return 1
+}
+
+# the operator (run here as a local process) gives a JobCluster its node pods, Service and Secret
+pool_pod_names() { [[ "$(k -n $NS get pods -l dispy.io/cluster=pool -o jsonpath='{.items[*].metadata.name}')" == "$1" ]]; }
+node_pods_ready() { [[ "$(k -n $NS get pods -l dispy.io/cluster=pool -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}')" == "$1" ]]; }
+t_operator_node_pods() {
+  local op_log="$E2E_STATE_DIR/operator.log" op_pid out rc=0
+  k apply -f "$REPO_DIR/crds/dispy.io.yaml" >/dev/null || return 1
+  "$REPO_DIR/target/debug/dispy-operator" run --node-image dispy/node >"$op_log" 2>&1 &
+  op_pid=$!
+  operator_checks || rc=1
+  kill "$op_pid" 2>/dev/null
+  wait "$op_pid" 2>/dev/null
+  if [[ $rc != 0 ]]; then echo "--- operator log"; tail -n 30 "$op_log"; fi
+  return $rc
 }
 
 gone() { ! k -n $NS get "$1" >/dev/null 2>&1 && k -n $NS get --raw /readyz >/dev/null; }
@@ -606,7 +656,7 @@ if [[ $LOCAL == 1 ]]; then
   bash "$E2E_DIR/controlplane/build.sh" || phase_failed "build control plane"
   phase_done "build control plane"
   phase "build process kubelet (Rust)"
-  (cd "$REPO_DIR" && cargo build -q -p process-kubelet) || phase_failed "build process kubelet"
+  (cd "$REPO_DIR" && cargo build -q -p process-kubelet -p dispynode -p dispy-operator) || phase_failed "build process kubelet"
   phase_done "build process kubelet"
   phase "cluster up"
   "$E2E_DIR/cluster" up || {
@@ -641,6 +691,9 @@ run_test "server-side apply conflicts, finalizers, owner references on a custom 
 run_test "Lease create and renew" t_lease_create_renew
 run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
 run_test "dispy CRDs: explain, CEL rules, scale, category, printer columns" t_dispy_crds
+if [[ $LOCAL == 1 ]]; then
+  run_test "operator: node pods, Service, Secret, status, scale, garbage collection" t_operator_node_pods
+fi
 if [[ $LOCAL == 1 ]]; then
   # these two restart and then remove the cluster: keep them last
   run_test "cluster up twice is a no-op; up after a crash recovers" t_cluster_up_twice_and_after_a_crash

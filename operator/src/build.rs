@@ -175,6 +175,9 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
                     "--dest-path-prefix", DEST_PATH,
                     "--shutdown-grace", "20s",
                     "--daemon",
+                    // The pod's own address: announcements go to that network only (with host
+                    // networking, the node's), never to every interface of the host.
+                    "--host", "$(POD_IP)",
                 ],
                 "env": [
                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

@@ -1,6 +1,7 @@
 //! The dispy operator: what JobClusters own in Kubernetes (`build`), and the CRDs.
 
 pub mod build;
+pub mod controller;
 
 use dispy_core::manifest::{DispyJobResource, JobClusterResource};
 use kube::CustomResourceExt;

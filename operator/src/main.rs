@@ -21,11 +21,37 @@ struct Cli {
 enum Cmd {
     /// Print the CustomResourceDefinitions (JobCluster, DispyJob) as YAML.
     Crd,
+    /// Run the controllers (uses the in-cluster config or $KUBECONFIG).
+    Run {
+        /// Node image for JobClusters that name none.
+        #[arg(long, env = "DISPY_NODE_IMAGE", default_value = concat!("dispy/node:", env!("CARGO_PKG_VERSION")))]
+        node_image: String,
+    },
 }
 
 fn main() {
     match Cli::parse().command {
         Cmd::Crd => print!("{}", crds_yaml()),
+        Cmd::Run { node_image } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            runtime.block_on(async {
+                let client = match kube::Client::try_default().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("dispy-operator: cannot reach the Kubernetes API: {e}");
+                        std::process::exit(2);
+                    }
+                };
+                tracing::info!(%node_image, "dispy-operator running");
+                dispy_operator::controller::run(client, node_image).await;
+            });
+        }
     }
 }
 
