@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispy_core::client::Stream;
+use dispy_core::discovery::interfaces;
 use dispy_core::frame::frame;
 use dispy_core::protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -115,13 +116,6 @@ fn announcement(node: &Node, addr: IpAddr) -> NodeAnnouncement {
     }
 }
 
-fn interfaces() -> Vec<(Ipv4Addr, Ipv4Addr, Option<Ipv4Addr>)> {
-    dispy_core::discovery::interfaces()
-        .into_iter()
-        .map(|i| (i.ip, i.netmask, i.broadcast))
-        .collect()
-}
-
 /// The local address on the subnet of `peer` (for a node bound to all interfaces).
 fn local_addr_for(bound: IpAddr, peer: IpAddr) -> IpAddr {
     if !bound.is_unspecified() {
@@ -131,12 +125,11 @@ fn local_addr_for(bound: IpAddr, peer: IpAddr) -> IpAddr {
     if peer.is_loopback() {
         return IpAddr::V4(Ipv4Addr::LOCALHOST);
     }
+    let mask = |a: Ipv4Addr, m: Ipv4Addr| u32::from(a) & u32::from(m);
     interfaces()
         .into_iter()
-        .find(|(ip, mask, _)| {
-            u32::from(*ip) & u32::from(*mask) == u32::from(peer) & u32::from(*mask)
-        })
-        .map(|(ip, _, _)| IpAddr::V4(ip))
+        .find(|i| mask(i.ip, i.netmask) == mask(peer, i.netmask))
+        .map(|i| IpAddr::V4(i.ip))
         .unwrap_or(bound)
 }
 
@@ -151,8 +144,8 @@ pub fn broadcast_targets(bound: IpAddr) -> Vec<(Ipv4Addr, Ipv4Addr)> {
     }
     interfaces()
         .into_iter()
-        .filter(|(ip, _, _)| bound.is_unspecified() || *ip == bound)
-        .filter_map(|(ip, _, bcast)| bcast.map(|b| (ip, b)))
+        .filter(|i| bound.is_unspecified() || i.ip == bound)
+        .filter_map(|i| i.broadcast.map(|b| (i.ip, b)))
         .collect()
 }
 

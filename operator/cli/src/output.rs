@@ -86,18 +86,10 @@ fn age(d: Duration) -> String {
 /// `dispy nodes`: what each node says about itself.
 pub async fn nodes(mut addrs: Vec<String>, discover: bool, secret: String) -> i32 {
     if discover {
-        let targets =
-            dispy_core::discovery::broadcast_targets(dispy_core::protocol::DEFAULT_NODE_PORT);
-        match dispy_core::discovery::discover(
-            "0.0.0.0:0".parse().expect("valid"),
-            &targets,
-            Duration::from_secs(2),
-        )
-        .await
-        {
-            Ok(found) => addrs.extend(found.iter().map(|n| format!("{}:{}", n.addr, n.port))),
+        match crate::run::discover_nodes().await {
+            Ok(found) => addrs.extend(found),
             Err(e) => {
-                eprintln!("dispy: UDP discovery failed: {e}");
+                eprintln!("dispy: {e}");
                 return 2;
             }
         }
@@ -117,11 +109,7 @@ pub async fn nodes(mut addrs: Vec<String>, discover: bool, secret: String) -> i3
     );
     let mut code = 0;
     for addr in addrs {
-        let addr = if addr.contains(':') {
-            addr
-        } else {
-            format!("{addr}:9701")
-        };
+        let addr = crate::run::with_port(&addr);
         match NodeClient::connect(&addr, &config).await {
             Ok((c, _)) => {
                 let i = c.node_info().await.unwrap_or_else(|_| c.info().clone());

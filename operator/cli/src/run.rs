@@ -147,16 +147,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
     }
     let discover = opts.discover || plan.clusters.iter().any(|c| c.spec.nodes.discover);
     if discover {
-        let targets =
-            dispy_core::discovery::broadcast_targets(dispy_core::protocol::DEFAULT_NODE_PORT);
-        let found = dispy_core::discovery::discover(
-            "0.0.0.0:0".parse().expect("valid"),
-            &targets,
-            Duration::from_secs(2),
-        )
-        .await
-        .map_err(|e| format!("UDP discovery failed: {e}"))?;
-        addrs.extend(found.iter().map(|n| format!("{}:{}", n.addr, n.port)));
+        addrs.extend(discover_nodes().await?);
     }
     addrs.sort();
     addrs.dedup();
@@ -664,7 +655,24 @@ async fn connect_node(
     }
 }
 
-fn with_port(addr: &str) -> String {
+/// Nodes that answer a discovery ping on this host's networks, as `host:port`.
+pub async fn discover_nodes() -> Result<Vec<String>, String> {
+    let targets = dispy_core::discovery::broadcast_targets(dispy_core::protocol::DEFAULT_NODE_PORT);
+    let found = dispy_core::discovery::discover(
+        "0.0.0.0:0".parse().expect("valid"),
+        &targets,
+        Duration::from_secs(2),
+    )
+    .await
+    .map_err(|e| format!("UDP discovery failed: {e}"))?;
+    Ok(found
+        .iter()
+        .map(|n| format!("{}:{}", n.addr, n.port))
+        .collect())
+}
+
+/// `host` or `host:port`, with dispy's node port when none is given.
+pub fn with_port(addr: &str) -> String {
     if addr
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())

@@ -1,25 +1,13 @@
 //! Ctrl-C during a run, and `--discover` across private network namespaces.
 
+mod common;
 #[path = "../../../node-image/tests/common/netns.rs"]
 mod netns;
 
-use std::path::{Path, PathBuf};
+use common::{dispynode, repo};
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn dispynode() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_dispy")).with_file_name("dispynode");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "dispynode"])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-        .status()
-        .unwrap();
-    assert!(
-        status.success() && bin.exists(),
-        "building dispynode failed"
-    );
-    bin
-}
 
 #[test]
 fn ctrl_c_cancels_jobs_runs_cleanup_stops_local_nodes_and_prints_what_finished() {
@@ -90,12 +78,12 @@ fn discover_finds_a_node_in_another_namespace_and_runs_the_jobs_there() {
     let mut net = netns::Netns::new("c");
     let a = net.a.clone();
     net.start_node(
-        &bin,
+        bin,
         &a,
         &["--port", "9701", "--cpus", "2", "--name", "far-node"],
     );
     std::thread::sleep(Duration::from_millis(500));
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/checksums.yaml");
+    let examples = repo().join("docs/examples/checksums.yaml");
     let out = Command::new("ip")
         .args([
             "netns",

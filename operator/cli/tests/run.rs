@@ -1,33 +1,14 @@
 //! `dispy run` against real local `dispynode` processes.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{dispynode, repo};
+
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The dispynode binary beside `dispy` (built here when `cargo test -p dispy-cli` ran alone).
-fn dispynode() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let bin = Path::new(env!("CARGO_BIN_EXE_dispy")).with_file_name("dispynode");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "dispynode"])
-            .current_dir(repo())
-            .status()
-            .unwrap();
-        assert!(
-            status.success() && bin.exists(),
-            "building dispynode failed"
-        );
-        bin
-    })
-}
 
 fn dispy(args: &[&str]) -> Output {
     dispynode();
