@@ -121,6 +121,42 @@ pub struct ComputationSpec {
     pub program: Option<ProgramSpec>,
 }
 
+impl ComputationSpec {
+    /// The computation as the node protocol carries it. `source_of` reads a
+    /// `python.configMapRef` (from the manifests, or from the API server).
+    pub fn to_protocol(
+        &self,
+        source_of: impl FnOnce(&ConfigMapKeyRef) -> Result<String, String>,
+    ) -> Result<crate::protocol::Computation, String> {
+        use crate::protocol::{Computation, ProgramComputation, PythonComputation};
+        match (&self.python, &self.program) {
+            (Some(py), None) => {
+                let source = match (&py.source, &py.config_map_ref) {
+                    (Some(s), None) => s.clone(),
+                    (None, Some(r)) => source_of(r)?,
+                    _ => return Err("python: set exactly one of source or configMapRef".into()),
+                };
+                Ok(Computation::Python(PythonComputation {
+                    source,
+                    function: py.function.clone(),
+                    setup: py.setup.as_ref().map(|s| s.function.clone()),
+                    setup_args: py
+                        .setup
+                        .as_ref()
+                        .map(|s| serde_json::Value::Array(s.args.clone()).to_string()),
+                    cleanup: py.cleanup.clone(),
+                    reuse_workers: py.reuse_workers,
+                }))
+            }
+            (None, Some(p)) => Ok(Computation::Program(ProgramComputation {
+                command: p.command.clone(),
+                env: vec![],
+            })),
+            _ => Err("set exactly one of python or program".into()),
+        }
+    }
+}
+
 /// A Python function: the module source (inline or from a ConfigMap) and the function each
 /// job calls, with optional setup and cleanup functions.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
@@ -311,6 +347,10 @@ pub struct DispyJobStatus {
     /// Why the job is where it is, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The ConfigMap (owned by the job) holding its whole output when the status shows only
+    /// part of it: keys `result`, `stdout`, `stderr`, `exception`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_config_map: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -118,6 +118,17 @@ pub enum Event {
     },
     /// A new job. A key seen before is ignored: submitting is idempotent.
     JobSubmitted(JobSpec),
+    /// A job an earlier instance of the caller dispatched (an operator restart): `node` is
+    /// where a node reported it, still pending or running (`running`), after `attempts`
+    /// dispatches. With `node: None` no node has it any more: if it had started, that attempt
+    /// was lost with its node (requeued or Abandoned by the cluster's policy); if it had not,
+    /// it is queued again. A key seen before is ignored.
+    JobAdopted {
+        spec: JobSpec,
+        attempts: u32,
+        node: Option<NodeId>,
+        running: bool,
+    },
     /// The node says the job is Running.
     JobStarted {
         key: JobKey,
@@ -306,6 +317,12 @@ impl Scheduler {
             }
             Event::NodeLost { node, reason } => self.node_lost(node, reason, &mut out),
             Event::JobSubmitted(spec) => self.submit(spec, &mut out),
+            Event::JobAdopted {
+                spec,
+                attempts,
+                node,
+                running,
+            } => self.adopt(now, spec, attempts, node, running, &mut out),
             Event::JobStarted { key, node } => {
                 if let Some(rec) = self.jobs.get_mut(&key) {
                     if matches!(&rec.state, JobState::Dispatched { node: n } if *n == node) {
@@ -434,6 +451,55 @@ impl Scheduler {
                 self.finalize(&key, JobStatus::Abandoned, reason, out);
             }
             None => self.enqueue(&key),
+        }
+    }
+
+    fn adopt(
+        &mut self,
+        now: Duration,
+        spec: JobSpec,
+        attempts: u32,
+        node: Option<NodeId>,
+        running: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if self.jobs.contains_key(&spec.key) {
+            return;
+        }
+        let key = spec.key.clone();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.jobs.insert(
+            key.clone(),
+            JobRecord {
+                spec,
+                state: JobState::Queued,
+                attempts,
+                seq,
+                terminate_sent: false,
+                cancel_requested: false,
+            },
+        );
+        self.open += 1;
+        self.cluster_mut(&key.cluster);
+        match node {
+            Some(node) if self.nodes.contains_key(&node) => {
+                self.nodes.get_mut(&node).unwrap().jobs.insert(key.clone());
+                self.jobs.get_mut(&key).unwrap().state = if running {
+                    JobState::Running { node, since: now }
+                } else {
+                    JobState::Dispatched { node }
+                };
+            }
+            Some(node) if running => {
+                let cause = format!("node {node}, where it was running, is not up");
+                self.attempt_failed(&key, cause, out);
+            }
+            None if running => {
+                let cause = "its node no longer has it (lost while the scheduler was away)";
+                self.attempt_failed(&key, cause.into(), out);
+            }
+            _ => self.enqueue(&key),
         }
     }
 
@@ -938,6 +1004,53 @@ mod tests {
         // Back in its FIFO place: before nothing newer, and it goes when B frees up.
         sim.ev(submit(WC, 3));
         assert_eq!(sim.ev(done(WC, 2, B)), vec![dispatch(WC, 1, B, 2)]);
+    }
+
+    fn adopted(cluster: &str, job: JobId, node: Option<&str>, running: bool) -> Event {
+        Event::JobAdopted {
+            spec: JobSpec::new(key(cluster, job)),
+            attempts: 2,
+            node: node.map(str::to_string),
+            running,
+        }
+    }
+
+    #[test]
+    fn adopted_jobs_hold_their_cpu_or_follow_the_policy() {
+        let mut sim = Sim::new();
+        sim.all([added(WC, false, 6), up(A, 2), ready(WC, A)]);
+        // Running on A as the node said: it holds a cpu and is not dispatched again.
+        assert_eq!(sim.ev(adopted(WC, 1, Some(A), true)), vec![]);
+        let rec = sim.s.job(&key(WC, 1)).unwrap();
+        assert_eq!((rec.status(), rec.attempts), (JobStatus::Running, 2));
+        assert_eq!(sim.s.node_load(A), Some(NodeLoad { cpus: 2, busy: 1 }));
+        assert_eq!(sim.ev(adopted(WC, 1, None, true)), vec![], "seen before");
+        // Dispatched but never started anywhere: queued again, and dispatched as attempt 3.
+        assert_eq!(
+            sim.ev(adopted(WC, 2, None, false)),
+            vec![dispatch(WC, 2, A, 3)]
+        );
+        // It had started and no node has it: lost, and the cluster is not reentrant.
+        let why = "its node no longer has it (lost while the scheduler was away); cluster default/wc is not reentrant";
+        assert_eq!(
+            sim.ev(adopted(WC, 3, None, true)),
+            vec![abandoned(WC, 3, why)]
+        );
+        // Its result still counts once.
+        assert_eq!(sim.ev(done(WC, 1, A)), vec![]);
+        assert_eq!(sim.s.job(&key(WC, 1)).unwrap().status(), JobStatus::Finished);
+        assert_eq!(sim.s.node_load(A), Some(NodeLoad { cpus: 2, busy: 1 }));
+    }
+
+    #[test]
+    fn an_adopted_job_whose_node_is_down_is_requeued_when_reentrant() {
+        let mut sim = Sim::new();
+        sim.all([added(WC, true, 6), up(B, 1), ready(WC, B)]);
+        let actions = sim.ev(adopted(WC, 1, Some(A), true));
+        assert!(
+            matches!(&actions[..], [Action::Requeued { attempt: 2, .. }, Action::Dispatch { node, attempt: 3, .. }] if node == B),
+            "{actions:?}"
+        );
     }
 
     #[test]

@@ -329,11 +329,16 @@ impl Node {
                 .comps
                 .get_mut(id)
                 .ok_or_else(|| unknown_computation(id))?;
-            if comp.phase != Phase::Registered {
-                return Err(NodeError::new(
-                    ErrorCode::BadRequest,
-                    format!("computation {id:?} is already set up"),
-                ));
+            match comp.phase {
+                Phase::Registered => {}
+                // A client that re-attached after a restart sets up again: nothing to do.
+                Phase::Ready => return Ok(self.cfg.cpus),
+                _ => {
+                    return Err(NodeError::new(
+                        ErrorCode::AlreadyExists,
+                        format!("computation {id:?} is being set up or closed"),
+                    ))
+                }
             }
             comp.phase = Phase::SettingUp;
             (comp.spec.clone(), comp.dir.clone())

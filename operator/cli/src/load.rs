@@ -7,7 +7,7 @@ use std::path::Path;
 use dispy_core::manifest::{
     self, ConfigMap, DependsSource, DispyJobSpec, Document, JobClusterSpec,
 };
-use dispy_core::protocol::{Computation, ProgramComputation, PythonComputation};
+use dispy_core::protocol::Computation;
 
 pub struct ClusterPlan {
     pub name: String,
@@ -103,38 +103,18 @@ pub fn plan(docs: Vec<Document>) -> Result<Plan, String> {
                 "{owner} has no computation: it is a node pool for Python dispy clients, which `dispy run` has nothing to run on"
             ));
         };
-        let computation = match (&comp.python, &comp.program) {
-            (Some(py), _) => {
-                let source = match (&py.source, &py.config_map_ref) {
-                    (Some(s), _) => s.clone(),
-                    (None, Some(r)) => {
-                        let cm = config_maps.get(&(namespace.clone(), r.name.clone())).ok_or_else(|| {
-                            format!("{owner}: ConfigMap {namespace}/{} (python.configMapRef) is not in the manifests", r.name)
-                        })?;
-                        cm.data.get(&r.key).cloned().ok_or_else(|| {
-                            format!("{owner}: ConfigMap {namespace}/{} has no key {:?} (python.configMapRef.key)", r.name, r.key)
-                        })?
-                    }
-                    (None, None) => unreachable!("validated: source or configMapRef"),
-                };
-                Computation::Python(PythonComputation {
-                    source,
-                    function: py.function.clone(),
-                    setup: py.setup.as_ref().map(|s| s.function.clone()),
-                    setup_args: py
-                        .setup
-                        .as_ref()
-                        .map(|s| serde_json::Value::Array(s.args.clone()).to_string()),
-                    cleanup: py.cleanup.clone(),
-                    reuse_workers: py.reuse_workers,
+        let computation = comp
+            .to_protocol(|r| {
+                let cm = config_maps
+                    .get(&(namespace.clone(), r.name.clone()))
+                    .ok_or_else(|| {
+                        format!("ConfigMap {namespace}/{} (python.configMapRef) is not in the manifests", r.name)
+                    })?;
+                cm.data.get(&r.key).cloned().ok_or_else(|| {
+                    format!("ConfigMap {namespace}/{} has no key {:?} (python.configMapRef.key)", r.name, r.key)
                 })
-            }
-            (None, Some(p)) => Computation::Program(ProgramComputation {
-                command: p.command.clone(),
-                env: vec![],
-            }),
-            (None, None) => unreachable!("validated: python or program"),
-        };
+            })
+            .map_err(|e| format!("{owner}: {e}"))?;
         clusters.push(ClusterPlan {
             name: c.metadata.name.clone(),
             namespace: namespace.clone(),
