@@ -59,6 +59,12 @@ RUN_STATUS = struct.Struct(">Qi")
 class JsonCodec:
     """Arguments and results as JSON: the native protocol's codec."""
 
+    def __init__(self, host):
+        pass
+
+    def decode_setup_args(self, value):
+        return value or []
+
     def decode_call(self, body):
         call = json.loads(body)
         return call.get("a") or [], call.get("k") or {}
@@ -70,7 +76,116 @@ class JsonCodec:
             raise TypeError("the result of type %s cannot be sent as JSON: %s" % (type(value).__name__, e))
 
 
-CODECS = {"json": JsonCodec}
+class PickleCodec:
+    """dispy's own clients (pickle, as dispy 4.15's node). The node sends setup arguments as
+    the hex of a pickled tuple, and each call as a pickle of {a: pickled args, k: pickled
+    kwargs, c: source of the job's dispy_job_depends, u: uid, h: hash}; results go back as
+    the hex of a pickle. The job's code may call dispy_provisional_result and dispy_send_file,
+    which talk to the client directly, as on dispy's node."""
+
+    def __init__(self, host):
+        import pickle
+
+        self.pickle = pickle
+        self.globals = host.globals
+        self.job = None
+        self.globals.update(dispy_provisional_result=self.provisional_result, dispy_send_file=self.send_file)
+
+    def decode_setup_args(self, value):
+        return self.pickle.loads(bytes.fromhex(value)) if value else ()
+
+    def decode_call(self, body):
+        call = self.pickle.loads(body)
+        self.job = call
+        if call.get("c"):
+            exec(call["c"], self.globals)
+        return self.pickle.loads(call["a"]), self.pickle.loads(call["k"])
+
+    def encode_result(self, value):
+        return self.pickle.dumps(value, 4).hex()
+
+    # dispy's own records (dispy._JobReply, dispy._XferFile) written by hand: the node has no
+    # dispy package, and the client only needs the class path and the attributes.
+    def record(self, cls, state):
+        body = self.pickle.dumps(state, 2)
+        return b"\x80\x02cdispy\n" + cls.encode() + b"\n)\x81" + body[2:-1] + b"b."
+
+    def job_reply(self, status, result):
+        g, job = self.globals, self.job or {}
+        now = time.time()
+        return self.record("_JobReply", {
+            "uid": job.get("u"), "hash": job.get("h"), "ip_addr": g.get("dispy_node_ip_addr"),
+            "status": status, "result": self.pickle.dumps(result, 4), "stdout": None,
+            "stderr": None, "exception": None, "start_time": job.get("t0", now), "end_time": now,
+        })
+
+    def connect(self, timeout):
+        import socket
+
+        host, port = self.globals["_dispy_client_reply_addr"]
+        sock = socket.create_connection((host, port), timeout=timeout)
+        certfile = self.globals.get("_dispy_certfile")
+        if certfile:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.load_verify_locations(certfile)
+            sock = ctx.wrap_socket(sock)
+        return sock
+
+    @staticmethod
+    def send_msg(sock, msg):
+        sock.sendall(struct.pack(">L", len(msg)) + msg)
+
+    @staticmethod
+    def recv_msg(sock):
+        def recvall(n):
+            data = b""
+            while len(data) < n:
+                more = sock.recv(n - len(data))
+                if not more:
+                    raise EOFError("connection closed")
+                data += more
+            return data
+
+        (n,) = struct.unpack(">L", recvall(4))
+        return recvall(n)
+
+    def provisional_result(self, result, relay=False, timeout=10):
+        """Sends a provisional result of the running job to the client; 0 when delivered."""
+        try:
+            with self.connect(timeout) as sock:
+                self.send_msg(sock, b"JOB_REPLY:" + self.job_reply(7, result))
+                return 0 if self.recv_msg(sock) == b"ACK" else -1
+        except Exception:
+            return -1
+
+    def send_file(self, path, relay=False, timeout=10):
+        """Sends a file to the client, which saves it under its working directory; 0 when done."""
+        try:
+            path = os.path.abspath(path)
+            cwd = os.getcwd()
+            dest = os.path.dirname(path[len(cwd):].lstrip(os.sep)) if path.startswith(cwd) else "."
+            st = os.stat(path)
+            xf = self.record("_XferFile", {"name": path, "dest_path": dest, "compute_id": self.globals.get("_dispy_compute_id"), "stat_buf": st, "sep": os.sep})
+            with self.connect(timeout) as sock, open(path, "rb") as f:
+                self.send_msg(sock, b"FILEXFER:" + xf)
+                self.send_msg(sock, self.job_reply(6, None))
+                recvd, sent = self.pickle.loads(self.recv_msg(sock)), 0
+                while sent == recvd:
+                    data = f.read(1024000)
+                    if not data:
+                        break
+                    sock.sendall(data)
+                    sent += len(data)
+                    recvd = self.pickle.loads(self.recv_msg(sock))
+                return 0 if recvd == st.st_size else -1
+        except Exception:
+            return -1
+
+
+CODECS = {"json": JsonCodec, "pickle": PickleCodec}
 
 
 class Host:
@@ -148,7 +263,6 @@ class Host:
     # --- the computation ----------------------------------------------------------------
     def init(self, cfg):
         self.cfg = cfg
-        self.codec = CODECS[cfg.get("codec", "json")]()
         self.max_output = cfg.get("max_output", 1 << 20)
         # The node runs us with -S (no site: forks are several times cheaper without it) and
         # passes the interpreter's normal sys.path; the computation's directory comes first.
@@ -158,6 +272,8 @@ class Host:
         main.__dict__.update(cfg.get("env") or {})
         sys.modules["__main__"] = main
         self.globals = main.__dict__
+        self.codec = CODECS[cfg.get("codec", "json")](self)
+        self.setup_args = self.codec.decode_setup_args(cfg.get("setup_args"))
         try:
             code = compile(cfg["source"], "<computation>", "exec")
         except SyntaxError as e:
@@ -176,7 +292,7 @@ class Host:
             if not callable(fn):
                 return "the source defines no setup function %r" % setup
             try:
-                ret = fn(*(cfg.get("setup_args") or []))
+                ret = fn(*self.setup_args)
             except BaseException:
                 return "setup %s() raised:\n%s" % (setup, format_exc())
             # dispy: 0 forks jobs from the setup state; 1 and 2 are other ways to do the same here.
@@ -192,7 +308,7 @@ class Host:
         if not callable(fn):
             return "the source defines no cleanup function %r" % name
         try:
-            fn(*(self.cfg.get("setup_args") or []))
+            fn(*self.setup_args)
         except BaseException:
             return "cleanup %s() raised:\n%s" % (name, format_exc())
         return None

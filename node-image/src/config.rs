@@ -16,7 +16,7 @@ use dispy_core::protocol::{DEFAULT_CLIENT_PORT, DEFAULT_MAX_FRAME, DEFAULT_NODE_
     long_about = "dispy node agent. Runs the computations (Python functions or programs) that clients send, \
                   executes their jobs on up to --cpus processes at a time and sends back each job's result, \
                   stdout, stderr, exception and times. One port (default 9701) serves TCP and UDP: discovery, \
-                  the native protocol and, later, dispy's own."
+                  the native protocol and dispy 4.15's own, so unmodified Python dispy clients use the node."
 )]
 pub struct Args {
     /// Number of cpus (concurrent jobs) to offer; 0 = all, a negative number leaves that many unused.
@@ -75,6 +75,11 @@ pub struct Args {
     /// PEM certificate (chain) for TLS; clients then must use TLS.
     #[arg(long)]
     pub certfile: Option<PathBuf>,
+
+    /// The dispy version this node announces to Python dispy clients, which ignore nodes
+    /// whose version is not exactly theirs.
+    #[arg(long, default_value = "4.15.2")]
+    pub dispy_version: String,
 
     /// PEM private key for --certfile (default: the key is in the certfile).
     #[arg(long)]
@@ -146,6 +151,9 @@ pub struct NodeConfig {
     pub ping_interval: Duration,
     pub secret: String,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate file itself: dispy clients' TLS trusts exactly that certificate.
+    pub certfile: Option<PathBuf>,
+    pub dispy_version: String,
     pub serve: Option<u64>,
     pub python: PathBuf,
     pub shutdown_grace: Duration,
@@ -203,6 +211,8 @@ impl NodeConfig {
             ping_interval: args.ping_interval,
             secret: args.secret.clone(),
             tls,
+            certfile: args.certfile.clone(),
+            dispy_version: args.dispy_version.clone(),
             serve: u64::try_from(args.serve).ok(),
             python: args.python.clone(),
             shutdown_grace: args.shutdown_grace,

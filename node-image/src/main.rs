@@ -1,6 +1,7 @@
 //! `dispynode`: the dispy node agent.
 
 mod config;
+mod dispy;
 mod metrics;
 mod node;
 mod process;
@@ -97,7 +98,9 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
         env!("CARGO_PKG_VERSION")
     );
 
+    let dispy = dispy::Dispy::new(node.clone())?;
     tokio::spawn(node.clone().run_outcomes(outcomes));
+    tokio::spawn(dispy.clone().pulses());
     tokio::spawn(node.clone().reap_zombies());
     if let Some(addr) = cfg.metrics_addr {
         let node = node.clone();
@@ -109,15 +112,25 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
     }
     let mut accept_tasks = Vec::new();
     for (_, l) in listeners {
-        accept_tasks.push(tokio::spawn(server::accept_loop(node.clone(), l)));
+        accept_tasks.push(tokio::spawn(server::accept_loop(
+            node.clone(),
+            dispy.clone(),
+            l,
+        )));
     }
-    for (host, s) in sockets {
+    for (host, s) in &sockets {
         accept_tasks.push(tokio::spawn(server::udp_loop(
             node.clone(),
+            dispy.clone(),
             s.clone(),
-            host,
+            *host,
         )));
-        tokio::spawn(server::announce(node.clone(), s, host));
+        tokio::spawn(server::announce(
+            node.clone(),
+            dispy.clone(),
+            s.clone(),
+            *host,
+        ));
     }
     if !daemon && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         tokio::spawn(console(node.clone()));
@@ -134,6 +147,8 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
     for t in accept_tasks {
         t.abort();
     }
+    let udp: Vec<_> = sockets.iter().map(|(h, s)| (s.clone(), *h)).collect();
+    dispy.shut_down(&udp).await;
     node.shut_down().await;
     node.shutdown.send_replace(true);
     // Let sessions send their shutdown notice.

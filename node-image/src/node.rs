@@ -31,6 +31,25 @@ pub enum Outcome {
 }
 
 pub type SessionId = u64;
+
+/// How a computation's Python host reads a job's call and writes its result: JSON for the
+/// native protocol, pickle for dispy's own clients (arguments and results stay opaque bytes
+/// that only the host opens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Codec {
+    #[default]
+    Json,
+    Pickle,
+}
+
+impl Codec {
+    fn name(self) -> &'static str {
+        match self {
+            Codec::Json => "json",
+            Codec::Pickle => "pickle",
+        }
+    }
+}
 /// Framed messages to one client connection.
 pub type Outbox = mpsc::UnboundedSender<Vec<u8>>;
 
@@ -78,6 +97,9 @@ enum Runner {
 
 struct Comp {
     spec: Computation,
+    codec: Codec,
+    /// Globals the Python host adds for this computation's code.
+    env: serde_json::Map<String, serde_json::Value>,
     dir: PathBuf,
     keep_files: bool,
     phase: Phase,
@@ -96,6 +118,8 @@ struct Comp {
 
 struct Job {
     req: JobRequest,
+    /// The call as the Python host's codec reads it, when not built from `req`'s JSON.
+    call: Option<Vec<u8>>,
     run: Option<Running>,
 }
 
@@ -257,6 +281,8 @@ impl Node {
             id.clone(),
             Comp {
                 spec: req.spec,
+                codec: Codec::Json,
+                env: Default::default(),
                 dir,
                 keep_files: req.keep_files,
                 phase: Phase::Registered,
@@ -273,6 +299,53 @@ impl Node {
         self.metrics.computations.set(st.comps.len() as i64);
         tracing::info!(computation = %id, "computation registered");
         Ok(())
+    }
+
+    /// Replaces a registered computation's spec and codec before its setup (dispy clients
+    /// send setup arguments after the computation and its files).
+    pub fn configure(
+        &self,
+        id: &str,
+        spec: Computation,
+        codec: Codec,
+        env: serde_json::Map<String, serde_json::Value>,
+    ) -> NodeResult<()> {
+        let mut st = self.state.lock().unwrap();
+        let comp = st
+            .comps
+            .get_mut(id)
+            .ok_or_else(|| unknown_computation(id))?;
+        if comp.phase != Phase::Registered {
+            return Err(NodeError::new(
+                ErrorCode::BadRequest,
+                format!("computation {id:?} is already set up"),
+            ));
+        }
+        comp.spec = spec;
+        comp.codec = codec;
+        comp.env = env;
+        Ok(())
+    }
+
+    /// Ids of the computation's queued and running jobs.
+    pub fn job_ids(&self, id: &str) -> NodeResult<Vec<JobId>> {
+        let st = self.state.lock().unwrap();
+        let comp = st.comps.get(id).ok_or_else(|| unknown_computation(id))?;
+        Ok(comp.jobs.keys().copied().collect())
+    }
+
+    /// Ids of the computation's results not yet acknowledged.
+    pub fn done_ids(&self, id: &str) -> NodeResult<Vec<JobId>> {
+        let st = self.state.lock().unwrap();
+        let comp = st.comps.get(id).ok_or_else(|| unknown_computation(id))?;
+        Ok(comp.done.keys().copied().collect())
+    }
+
+    /// A result not yet acknowledged.
+    pub fn done_result(&self, id: &str, job: JobId) -> NodeResult<Option<JobResult>> {
+        let st = self.state.lock().unwrap();
+        let comp = st.comps.get(id).ok_or_else(|| unknown_computation(id))?;
+        Ok(comp.done.get(&job).cloned())
     }
 
     /// The computation's directory, for file transfers.
@@ -323,7 +396,7 @@ impl Node {
 
     /// Runs the computation's setup: starts its Python host or finds its program.
     pub async fn setup(self: &Arc<Self>, id: &str) -> NodeResult<u32> {
-        let (spec, dir) = {
+        let (spec, dir, codec, env) = {
             let mut st = self.state.lock().unwrap();
             let comp = st
                 .comps
@@ -341,7 +414,12 @@ impl Node {
                 }
             }
             comp.phase = Phase::SettingUp;
-            (comp.spec.clone(), comp.dir.clone())
+            (
+                comp.spec.clone(),
+                comp.dir.clone(),
+                comp.codec,
+                comp.env.clone(),
+            )
         };
         let runner = match &spec {
             Computation::Program(p) => {
@@ -351,7 +429,10 @@ impl Node {
                     env: p.env.clone(),
                 })
             }
-            Computation::Python(py) => self.start_python(id, py, &dir).await.map(Runner::Python),
+            Computation::Python(py) => self
+                .start_python(id, py, &dir, codec, env)
+                .await
+                .map(Runner::Python),
         };
         let mut st = self.state.lock().unwrap();
         let Some(comp) = st.comps.get_mut(id) else {
@@ -382,16 +463,21 @@ impl Node {
         id: &str,
         py: &PythonComputation,
         dir: &Path,
+        codec: Codec,
+        extra_env: serde_json::Map<String, serde_json::Value>,
     ) -> Result<Arc<PyHost>, String> {
         let sys_path = self
             .python_path
             .get_or_try_init(|| crate::pyhost::interpreter_path(&self.cfg.python))
             .await?;
-        let env = serde_json::json!({
+        let mut env = serde_json::json!({
             "dispy_node_name": self.cfg.name,
             "dispy_node_ip_addr": self.cfg.public_addr(),
             "dispy_job_path": dir,
         });
+        if let serde_json::Value::Object(map) = &mut env {
+            map.extend(extra_env);
+        }
         let settings = HostSettings {
             python: &self.cfg.python,
             sys_path,
@@ -399,12 +485,22 @@ impl Node {
             dir,
             workers: self.cfg.cpus,
             max_output: self.cfg.max_output,
+            codec: codec.name(),
             env,
         };
         PyHost::start(id, py, settings, self.outcomes.clone()).await
     }
 
     pub fn submit(self: &Arc<Self>, id: &str, jobs: Vec<JobRequest>) -> NodeResult<Vec<Rejected>> {
+        self.submit_calls(id, jobs.into_iter().map(|req| (req, None)).collect())
+    }
+
+    /// Queues jobs whose calls may be given ready-made in the Python host's codec.
+    pub fn submit_calls(
+        self: &Arc<Self>,
+        id: &str,
+        jobs: Vec<(JobRequest, Option<Vec<u8>>)>,
+    ) -> NodeResult<Vec<Rejected>> {
         let mut st = self.state.lock().unwrap();
         if st.closing_all {
             return Err(NodeError::new(
@@ -433,7 +529,7 @@ impl Node {
         }
         let mut rejected = Vec::new();
         let mut accepted = Vec::with_capacity(jobs.len());
-        for req in jobs {
+        for (req, call) in jobs {
             match admit(comp, id, &req) {
                 Ok(()) => {
                     for name in &req.depends {
@@ -442,7 +538,14 @@ impl Node {
                     // A client reusing an id (as dispy's do) has moved on from the old result.
                     comp.done.remove(&req.id);
                     accepted.push(req.id);
-                    comp.jobs.insert(req.id, Job { req, run: None });
+                    comp.jobs.insert(
+                        req.id,
+                        Job {
+                            req,
+                            call,
+                            run: None,
+                        },
+                    );
                 }
                 Err(error) => rejected.push(Rejected { job: req.id, error }),
             }
@@ -799,10 +902,13 @@ impl Node {
             let run = self.next_run.fetch_add(1, Ordering::Relaxed);
             let started = match (&comp.broken, &comp.runner) {
                 (Some(reason), _) => Err(reason.clone()),
-                (None, Some(Runner::Python(host))) => {
-                    let call = format!("{{\"a\":{},\"k\":{}}}", j.req.args, j.req.kwargs);
-                    host.start_job(run, call.as_bytes()).map(|_| None)
-                }
+                (None, Some(Runner::Python(host))) => match j.call.take() {
+                    Some(call) => host.start_job(run, &call).map(|_| None),
+                    None => {
+                        let call = format!("{{\"a\":{},\"k\":{}}}", j.req.args, j.req.kwargs);
+                        host.start_job(run, call.as_bytes()).map(|_| None)
+                    }
+                },
                 (None, Some(Runner::Program { program, args, env })) => {
                     let mut argv = args.clone();
                     argv.extend(program_args(&j.req.args));

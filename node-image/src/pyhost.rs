@@ -88,6 +88,8 @@ pub struct HostSettings<'a> {
     pub dir: &'a Path,
     pub workers: u32,
     pub max_output: usize,
+    /// The host's codec for calls and results (`CODECS` in the script).
+    pub codec: &'static str,
     pub env: serde_json::Value,
 }
 
@@ -213,7 +215,7 @@ impl PyHost {
             "reuse_workers": py.reuse_workers,
             "workers": settings.workers,
             "max_output": settings.max_output,
-            "codec": "json",
+            "codec": settings.codec,
             "sys_path": sys_path,
             "worker_fds": worker_fds,
             "env": settings.env,

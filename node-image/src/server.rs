@@ -1,7 +1,8 @@
 //! The node's one port, TCP and UDP. The first bytes of a TCP connection tell the protocol:
 //! TLS (0x16, when the node has a certificate), the native magic, or dispy's 40-character
-//! auth prefix. UDP carries discovery: native pings get a pong; the node announces itself at
-//! start on the broadcast addresses of the interfaces it is bound to.
+//! auth prefix (served by [`crate::dispy`]). UDP carries discovery: native pings get a pong,
+//! dispy's `PING:` a dispy `PONG:`; the node announces itself, in both protocols, at start on
+//! the broadcast addresses of the interfaces it is bound to.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,12 +15,13 @@ use dispy_core::protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use crate::dispy::Dispy;
 use crate::node::Node;
 
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE: u8 = 0x16;
 
-pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
+pub async fn accept_loop(node: Arc<Node>, dispy: Arc<Dispy>, listener: TcpListener) {
     let tls = node.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -31,9 +33,9 @@ pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
             }
         };
         tcp.set_nodelay(true).ok();
-        let (node, tls) = (node.clone(), tls.clone());
+        let (node, dispy, tls) = (node.clone(), dispy.clone(), tls.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(SNIFF_TIMEOUT, sniff(node, tcp, peer, tls)).await {
+            match tokio::time::timeout(SNIFF_TIMEOUT, sniff(node, dispy, tcp, peer, tls)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(%peer, "{e}"),
                 Err(_) => {
@@ -48,6 +50,7 @@ pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
 /// the connection is handed over (the session itself runs in its own task).
 async fn sniff(
     node: Arc<Node>,
+    dispy: Arc<Dispy>,
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -57,6 +60,7 @@ async fn sniff(
     if n == 0 {
         return Ok(());
     }
+    let local = tcp.local_addr().map_err(|e| e.to_string())?.ip();
     let mut stream: Box<dyn Stream> = match (first[0] == TLS_HANDSHAKE, &tls) {
         (true, Some(acceptor)) => Box::new(
             acceptor
@@ -88,13 +92,15 @@ async fn sniff(
         tokio::spawn(crate::session::serve(node, stream, peer));
         return Ok(());
     }
-    node.metrics.bad_requests.inc();
     if prefix.iter().all(|b| b.is_ascii_hexdigit() || *b == b'x') {
-        let msg =
-            b"NAK (this node does not speak dispy's own protocol yet; use the native protocol)";
-        let _ = stream.write_all(&frame(msg)).await;
-        return Err("a dispy (Python) client connected; dispy's protocol is not served yet".into());
+        if tls.is_some() && first[0] != TLS_HANDSHAKE {
+            node.metrics.bad_requests.inc();
+            return Err("plain-text dispy client refused: this node requires TLS (the client needs certfile=)".into());
+        }
+        // dispy's requests are short: serve it here, within the sniff timeout's bound.
+        return crate::dispy::serve(dispy, stream, peer, local, prefix).await;
     }
+    node.metrics.bad_requests.inc();
     Err(format!("unknown protocol prefix {prefix:02x?}; closing"))
 }
 
@@ -149,7 +155,7 @@ pub fn broadcast_targets(bound: IpAddr) -> Vec<(Ipv4Addr, Ipv4Addr)> {
         .collect()
 }
 
-pub async fn udp_loop(node: Arc<Node>, socket: Arc<UdpSocket>, bound: IpAddr) {
+pub async fn udp_loop(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>, bound: IpAddr) {
     let mut buf = vec![0u8; 2048];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -173,7 +179,7 @@ pub async fn udp_loop(node: Arc<Node>, socket: Arc<UdpSocket>, bound: IpAddr) {
                 tracing::warn!(%peer, "{e}");
             }
             None if buf[..n].starts_with(b"PING:") => {
-                tracing::debug!(%peer, "dispy discovery ping ignored (dispy's protocol is not served yet)");
+                dispy.udp_ping(&buf[5..n], peer, local_addr_for(bound, peer.ip()));
             }
             None => tracing::debug!(%peer, "ignoring an unknown {n}-byte datagram"),
         }
@@ -181,7 +187,7 @@ pub async fn udp_loop(node: Arc<Node>, socket: Arc<UdpSocket>, bound: IpAddr) {
 }
 
 /// Announces the node once, then every `--ping-interval` when set.
-pub async fn announce(node: Arc<Node>, socket: Arc<UdpSocket>, bound: IpAddr) {
+pub async fn announce(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>, bound: IpAddr) {
     if let Err(e) = socket.set_broadcast(true) {
         tracing::warn!("cannot enable UDP broadcast: {e}");
         return;
@@ -193,6 +199,12 @@ pub async fn announce(node: Arc<Node>, socket: Arc<UdpSocket>, bound: IpAddr) {
             match socket.send_to(&msg, to).await {
                 Ok(_) => tracing::info!(%to, "announced the node"),
                 Err(e) => tracing::warn!(%to, "cannot announce the node: {e}"),
+            }
+            if let Err(e) = socket
+                .send_to(&dispy.announcement(IpAddr::V4(ip)), to)
+                .await
+            {
+                tracing::warn!(%to, "cannot announce the node to dispy clients: {e}");
             }
         }
         if node.cfg.ping_interval.is_zero() {

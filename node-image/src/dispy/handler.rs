@@ -1,0 +1,631 @@
+//! One dispy request: a connection that opened with 40 bytes of auth and carries one
+//! `PREFIX:` + pickle frame. Each handler answers as dispy 4.15's node does, with a clear
+//! error where the client expects an answer and the request was wrong.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dispy_core::client::Stream;
+use dispy_core::frame::{frame, read_frame};
+use dispy_core::pickle::Value;
+use dispy_core::protocol::{
+    Computation, ComputeRequest, JobRequest, ProgramComputation, PythonComputation,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::auth::AUTH_LEN;
+use super::messages::{deserialize, dict, serialize, uid, Compute, Job, Reply, XferFile};
+use super::{Comp, Dispy};
+use crate::node::{safe_relative, Codec};
+
+/// dispy's file transfer chunk.
+const CHUNK: u64 = 1_024_000;
+
+struct Conn {
+    stream: Box<dyn Stream>,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn reply(&mut self, msg: &[u8]) {
+        if let Err(e) = self.stream.write_all(&frame(msg)).await {
+            tracing::debug!(peer = %self.peer, "cannot answer the dispy client: {e}");
+        }
+    }
+
+    async fn reply_value(&mut self, v: &Value) {
+        self.reply(&serialize(v)).await
+    }
+}
+
+/// Serves one connection whose first 4 bytes (of the auth prefix) were read by the sniffer.
+pub async fn serve(
+    dispy: Arc<Dispy>,
+    mut stream: Box<dyn Stream>,
+    peer: SocketAddr,
+    local: IpAddr,
+    first: [u8; 4],
+) -> Result<(), String> {
+    let mut auth = [0u8; AUTH_LEN];
+    auth[..4].copy_from_slice(&first);
+    stream
+        .read_exact(&mut auth[4..])
+        .await
+        .map_err(|e| format!("dispy client: connection closed inside the auth prefix: {e}"))?;
+    let msg = read_frame(&mut stream, dispy.node.cfg.max_frame)
+        .await
+        .map_err(|e| format!("dispy client: {e}"))?
+        .unwrap_or_default();
+    let authorized = auth == dispy.auth.as_bytes();
+    let mut conn = Conn { stream, peer };
+    let (command, body) = split(&msg);
+    let result = match (command, authorized) {
+        ("PING", _) => {
+            dispy.udp_ping(body, peer, local);
+            Ok(())
+        }
+        ("NODE_STATUS", _) => {
+            let status = if authorized {
+                dispy.status()
+            } else {
+                Value::Int(-1)
+            };
+            conn.reply_value(&status).await;
+            Ok(())
+        }
+        (_, false) => {
+            conn.reply(
+                b"NAK (authentication failed: the client's secret is not this node's --secret)",
+            )
+            .await;
+            Err(format!(
+                "dispy client refused: {command}: authentication failed (wrong secret?)"
+            ))
+        }
+        ("COMPUTE", true) => dispy.compute(&mut conn, body).await,
+        ("FILEXFER", true) => dispy.file(&mut conn, body).await,
+        ("SETUP", true) => dispy.setup(&mut conn, body).await,
+        ("JOB", true) => dispy.job(&mut conn, body).await,
+        ("TERMINATE_JOB", true) => dispy.terminate(body),
+        ("CLOSE", true) => dispy.close_request(&mut conn, body).await,
+        ("JOBS" | "PENDING_JOBS" | "RETRIEVE_JOB" | "RESEND_JOB_RESULTS", true) => {
+            dispy.results_request(&mut conn, command, body).await
+        }
+        (other, true) => {
+            let error = format!("NAK (invalid command: {other:?})");
+            conn.reply(error.as_bytes()).await;
+            Err(format!("dispy client: {error}"))
+        }
+    };
+    let _ = conn.stream.shutdown().await;
+    if let Err(e) = &result {
+        dispy.node.metrics.bad_requests.inc();
+        tracing::warn!(%peer, "{e}");
+    }
+    result.map(|_| ())
+}
+
+/// `PREFIX:pickle` → (`PREFIX`, pickle); a message without a colon is all command.
+fn split(msg: &[u8]) -> (&str, &[u8]) {
+    let at = msg
+        .iter()
+        .take(32)
+        .position(|&b| b == b':')
+        .unwrap_or(msg.len());
+    let command = std::str::from_utf8(&msg[..at]).unwrap_or("?");
+    (command, msg.get(at + 1..).unwrap_or_default())
+}
+
+fn compute_id_of(info: &Value) -> Result<i64, String> {
+    info.attr("compute_id")
+        .and_then(Value::as_int)
+        .ok_or_else(|| "the request names no compute_id".to_string())
+}
+
+impl Dispy {
+    fn status(&self) -> Value {
+        let (busy, _, _) = self.node.load();
+        let st = self.state.lock().unwrap();
+        dict([
+            ("busy", Value::Int(busy as i64)),
+            (
+                "serve",
+                Value::Int(self.node.cfg.serve.map_or(-1, |n| n as i64)),
+            ),
+            ("clients_done", Value::Int(0)),
+            ("jobs_done", Value::Int(0)),
+            ("cpu_time", Value::Float(0.0)),
+            (
+                "scheduler_ip",
+                st.client.as_ref().map(|c| c.0.clone()).into(),
+            ),
+            ("avail_info", Value::None),
+        ])
+    }
+
+    /// The node computation of a dispy computation, checking its `auth` when given.
+    fn node_id(&self, compute_id: i64, auth: Option<&Value>) -> Result<String, String> {
+        let st = self.state.lock().unwrap();
+        let comp = st
+            .comps
+            .get(&compute_id)
+            .ok_or_else(|| format!("unknown computation {compute_id} (closed, or never sent)"))?;
+        if let Some(auth) = auth {
+            if auth.as_str() != Some(comp.compute.auth.as_str()) {
+                return Err(format!(
+                    "request for computation {compute_id} with the wrong computation auth"
+                ));
+            }
+        }
+        Ok(comp.node_id.clone())
+    }
+
+    async fn compute(self: &Arc<Self>, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
+        let compute = match deserialize("COMPUTE", body).and_then(|v| Compute::from_value(&v)) {
+            Ok(c) => c,
+            Err(e) => {
+                conn.reply(format!("Invalid computation request: {e}").as_bytes())
+                    .await;
+                return Err(format!("dispy COMPUTE refused: {e}"));
+            }
+        };
+        let client = (compute.scheduler_ip_addr.clone(), compute.scheduler_port);
+        let conflict = {
+            let st = self.state.lock().unwrap();
+            match st.client.clone() {
+                Some(serving) if serving != client => Some((
+                    Value::from("Node busy"),
+                    format!(
+                        "dispy COMPUTE from {}:{} refused: the node serves the client at {}:{}",
+                        client.0, client.1, serving.0, serving.1
+                    ),
+                )),
+                _ if st.comps.contains_key(&compute.id) => Some((
+                    Value::from("Computation already exists on this node"),
+                    format!("dispy COMPUTE {} sent twice", compute.id),
+                )),
+                _ => None,
+            }
+        };
+        if let Some((answer, error)) = conflict {
+            conn.reply_value(&answer).await;
+            return Err(error);
+        }
+        for xf in &compute.xfer_files {
+            if let Err(e) = self.node.check_size(&xf.name, xf.size) {
+                conn.reply(e.message.as_bytes()).await;
+                return Err(format!("dispy COMPUTE refused: {}", e.message));
+            }
+        }
+        let node_id = format!("dispy_{}", compute.id);
+        let (session, outbox) = self.subscribe(compute.id);
+        let req = ComputeRequest {
+            computation: node_id.clone(),
+            spec: spec(&compute, None, &self.node.cfg.python),
+            keep_files: compute.keep_files,
+        };
+        if let Err(e) = self.node.compute(session, &outbox, req) {
+            conn.reply(e.message.as_bytes()).await;
+            return Err(format!("dispy COMPUTE refused: {}", e.message));
+        }
+        tracing::info!(
+            computation = %node_id,
+            name = %compute.name,
+            client = %format!("{}:{}", client.0, client.1),
+            "dispy computation registered"
+        );
+        {
+            let mut st = self.state.lock().unwrap();
+            st.client = Some(client);
+            st.comps.insert(
+                compute.id,
+                Comp {
+                    compute,
+                    node_id,
+                    hashes: Default::default(),
+                    last_contact: Instant::now(),
+                },
+            );
+        }
+        conn.reply_value(&Value::Int(self.node.cfg.cpus as i64))
+            .await;
+        Ok(())
+    }
+
+    /// `FILEXFER:`: the receiver drives — it says how much it has (a pickled int), the sender
+    /// sends up to 1,024,000 raw bytes, until all is there. A file already present with the
+    /// same size and an mtime within a second is not sent again.
+    async fn file(&self, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
+        let refuse = |e: String| format!("dispy FILEXFER refused: {e}");
+        let xf = match deserialize("FILEXFER", body).and_then(|v| XferFile::from_value(&v)) {
+            Ok(xf) => xf,
+            Err(e) => {
+                conn.reply_value(&Value::Int(-1)).await;
+                return Err(refuse(e));
+            }
+        };
+        let target = self.node_id(xf.compute_id, None).and_then(|id| {
+            self.node
+                .check_size(&xf.name, xf.size)
+                .map_err(|e| e.message)?;
+            let rel = safe_relative(&xf.relative_path()).map_err(|e| e.message)?;
+            Ok(self.node.comp_dir(&id).map_err(|e| e.message)?.join(rel))
+        });
+        let path = match target {
+            Ok(p) => p,
+            Err(e) => {
+                conn.reply_value(&Value::Int(-1)).await;
+                return Err(refuse(e));
+            }
+        };
+        if same_file(&path, &xf) {
+            conn.reply_value(&Value::Int(xf.size as i64)).await;
+            return Ok(());
+        }
+        let received = self.receive(conn, &path, &xf).await;
+        match received {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(format!("dispy FILEXFER of {:?} failed: {e}", xf.name))
+            }
+        }
+    }
+
+    async fn receive(
+        &self,
+        conn: &mut Conn,
+        path: &std::path::Path,
+        xf: &XferFile,
+    ) -> Result<(), String> {
+        use std::io::Write;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        let mut file = std::fs::File::create(path).map_err(|e| e.to_string())?;
+        let mut received = 0u64;
+        let mut buf = vec![0u8; CHUNK.min(xf.size) as usize];
+        while received < xf.size {
+            conn.reply_value(&Value::Int(received as i64)).await;
+            let n = CHUNK.min(xf.size - received) as usize;
+            conn.stream
+                .read_exact(&mut buf[..n])
+                .await
+                .map_err(|e| format!("after {received} of {} bytes: {e}", xf.size))?;
+            file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+            received += n as u64;
+        }
+        conn.reply_value(&Value::Int(received as i64)).await;
+        let time = |t: f64| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(t.max(0.0));
+        let times = std::fs::FileTimes::new()
+            .set_accessed(time(xf.atime))
+            .set_modified(time(xf.mtime));
+        file.set_times(times).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::PermissionsExt;
+        let mode = (xf.mode & 0o7777) | 0o600;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn setup(self: &Arc<Self>, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
+        let info = deserialize("SETUP", body)?;
+        let compute_id = compute_id_of(&info)?;
+        let setup_args = info
+            .attr("setup_args")
+            .cloned()
+            .unwrap_or(Value::Tuple(vec![]));
+        let prepared = {
+            let st = self.state.lock().unwrap();
+            st.comps.get(&compute_id).map(|c| {
+                let compute = &c.compute;
+                let env = serde_json::json!({
+                    "dispy_node_ip_addr": compute.node_ip_addr,
+                    "_dispy_client_reply_addr": compute.client_reply_addr.clone().unwrap_or_else(|| compute.reply_addr()),
+                    "_dispy_certfile": self.node.cfg.certfile,
+                    "_dispy_compute_id": compute.id,
+                });
+                let args = hex(&serialize(&setup_args));
+                (c.node_id.clone(), spec(compute, Some(args), &self.node.cfg.python), env)
+            })
+        };
+        let Some((node_id, spec, env)) = prepared else {
+            conn.reply(format!("unknown computation {compute_id}").as_bytes())
+                .await;
+            return Err(format!("dispy SETUP for unknown computation {compute_id}"));
+        };
+        let env = match env {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        };
+        let outcome = match self.node.configure(&node_id, spec, Codec::Pickle, env) {
+            Ok(()) => self.node.setup(&node_id).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                conn.reply(b"ACK").await;
+                Ok(())
+            }
+            Err(e) => {
+                conn.reply(e.message.as_bytes()).await;
+                let dispy = self.clone();
+                tokio::spawn(async move { dispy.close(compute_id, true).await });
+                Err(format!("dispy SETUP failed: {}", e.message))
+            }
+        }
+    }
+
+    async fn job(&self, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
+        let job = match deserialize("JOB", body).and_then(|v| Job::from_value(&v)) {
+            Ok(j) => j,
+            Err(e) => {
+                conn.reply(format!("Invalid job ({e})").as_bytes()).await;
+                return Err(format!("dispy JOB refused: {e}"));
+            }
+        };
+        let prepared = {
+            let mut st = self.state.lock().unwrap();
+            st.comps.get_mut(&job.compute_id).map(|c| {
+                c.last_contact = Instant::now();
+                // Before the job is queued: a fast job's reply needs it.
+                c.hashes.insert(job.uid, job.hash.clone());
+                (c.node_id.clone(), c.compute.program)
+            })
+        };
+        let Some((node_id, program)) = prepared else {
+            let error = format!(
+                "Invalid computation (node may have closed computation {})",
+                job.compute_id
+            );
+            conn.reply(error.as_bytes()).await;
+            return Err(format!("dispy JOB refused: {error}"));
+        };
+        let depends: Vec<String> = job.xfer_files.iter().map(XferFile::relative_path).collect();
+        let (args, call) = if program {
+            match job.program_args() {
+                Ok(a) => (serde_json::to_string(&a).unwrap_or_default(), None),
+                Err(e) => {
+                    self.forget(job.compute_id, job.uid, &job.hash);
+                    conn.reply(format!("Invalid job ({e})").as_bytes()).await;
+                    return Err(format!("dispy JOB refused: {e}"));
+                }
+            }
+        } else {
+            ("[]".to_string(), Some(job.host_call()))
+        };
+        let req = JobRequest {
+            id: job.uid,
+            args,
+            kwargs: "{}".into(),
+            depends,
+        };
+        let refused = match self.node.submit_calls(&node_id, vec![(req, call)]) {
+            Ok(rejected) => rejected.into_iter().next().map(|r| r.error.message),
+            Err(e) => Some(e.message),
+        };
+        match refused {
+            None => {
+                conn.reply(b"ACK").await;
+                Ok(())
+            }
+            Some(error) => {
+                self.forget(job.compute_id, job.uid, &job.hash);
+                conn.reply(format!("Invalid job ({error})").as_bytes())
+                    .await;
+                Err(format!("dispy JOB refused: {error}"))
+            }
+        }
+    }
+
+    fn forget(&self, compute_id: i64, uid: u64, hash: &str) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(c) = st.comps.get_mut(&compute_id) {
+            if c.hashes.get(&uid).is_some_and(|h| h == hash) {
+                c.hashes.remove(&uid);
+            }
+        }
+    }
+
+    /// `TERMINATE_JOB:` (no answer): the job is terminated and its reply says Terminated.
+    fn terminate(&self, body: &[u8]) -> Result<(), String> {
+        let job = deserialize("TERMINATE_JOB", body).and_then(|v| Job::from_value(&v))?;
+        let node_id = {
+            let st = self.state.lock().unwrap();
+            st.comps
+                .get(&job.compute_id)
+                .filter(|c| c.hashes.get(&job.uid) == Some(&job.hash))
+                .map(|c| c.node_id.clone())
+        };
+        let node_id =
+            node_id.ok_or_else(|| format!("dispy TERMINATE_JOB for an unknown job {}", job.uid))?;
+        tracing::info!(computation = %node_id, job = job.uid, "terminating a job at the client's request");
+        self.node
+            .cancel(&node_id, job.uid)
+            .map_err(|e| format!("dispy TERMINATE_JOB: {}", e.message))
+    }
+
+    /// `CLOSE:`: answered with `ACK` once the jobs are done (or terminated, with
+    /// `terminate_pending`) and cleanup has run.
+    async fn close_request(&self, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
+        let info = deserialize("CLOSE", body)?;
+        let compute_id = compute_id_of(&info)?;
+        let checked = self.node_id(compute_id, Some(info.attr("auth").unwrap_or(&Value::None)));
+        let result = match checked {
+            Ok(_) => {
+                let terminate = info
+                    .attr("terminate_pending")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                self.close(compute_id, terminate).await;
+                tracing::info!(compute_id, "dispy computation closed by its client");
+                Ok(())
+            }
+            Err(e) => Err(format!("dispy CLOSE ignored: {e}")),
+        };
+        // dispy's node acknowledges every close.
+        conn.reply(b"ACK").await;
+        result
+    }
+
+    /// `JOBS:`, `PENDING_JOBS:`, `RETRIEVE_JOB:` and `RESEND_JOB_RESULTS:`, all authorized by
+    /// the computation's own auth.
+    async fn results_request(
+        &self,
+        conn: &mut Conn,
+        command: &str,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let info = deserialize(command, body)?;
+        let compute_id = compute_id_of(&info)?;
+        let node_id =
+            match self.node_id(compute_id, Some(info.attr("auth").unwrap_or(&Value::None))) {
+                Ok(id) => id,
+                Err(e) => {
+                    let empty = match command {
+                        "JOBS" => Value::List(vec![]),
+                        "RESEND_JOB_RESULTS" => Value::Int(0),
+                        "PENDING_JOBS" => {
+                            dict([("done", Value::List(vec![])), ("pending", Value::Int(0))])
+                        }
+                        _ => Value::None,
+                    };
+                    conn.reply_value(&empty).await;
+                    return Err(format!("dispy {command}: {e}"));
+                }
+            };
+        self.touch(compute_id);
+        let uids =
+            |ids: Vec<u64>| Value::List(ids.into_iter().map(|u| Value::Int(u as i64)).collect());
+        let err = |e: dispy_core::protocol::NodeError| format!("dispy {command}: {}", e.message);
+        match command {
+            "JOBS" => {
+                let ids = self.node.job_ids(&node_id).map_err(err)?;
+                conn.reply_value(&uids(ids)).await;
+            }
+            "PENDING_JOBS" => {
+                let done = self.node.done_ids(&node_id).map_err(err)?;
+                let pending = self.node.job_ids(&node_id).map_err(err)?.len();
+                conn.reply_value(&dict([
+                    ("done", uids(done)),
+                    ("pending", Value::Int(pending as i64)),
+                ]))
+                .await;
+            }
+            "RESEND_JOB_RESULTS" => {
+                let count = self.node.done_ids(&node_id).map_err(err)?.len()
+                    + self.node.job_ids(&node_id).map_err(err)?.len();
+                conn.reply_value(&Value::Int(count as i64)).await;
+                self.node.resend_results(&node_id);
+            }
+            _ => return self.retrieve(conn, compute_id, &node_id, &info).await,
+        }
+        Ok(())
+    }
+
+    /// `RETRIEVE_JOB:`: a saved result, then the client's `ACK` lets it go.
+    async fn retrieve(
+        &self,
+        conn: &mut Conn,
+        compute_id: i64,
+        node_id: &str,
+        info: &Value,
+    ) -> Result<(), String> {
+        let job = info.attr("uid").and_then(uid);
+        let hash = info.attr("hash").and_then(Value::as_str).unwrap_or("");
+        let found = job.and_then(|job| {
+            let st = self.state.lock().unwrap();
+            let comp = st.comps.get(&compute_id)?;
+            (comp.hashes.get(&job).map(String::as_str) == Some(hash)).then_some(())?;
+            let result = self.node.done_result(node_id, job).ok()??;
+            let reply = Reply {
+                uid: job,
+                hash,
+                ip_addr: &comp.compute.node_ip_addr,
+                program: comp.compute.program,
+                result: &result,
+            };
+            Some((job, reply.encode()))
+        });
+        let Some((job, reply)) = found else {
+            conn.reply_value(&Value::None).await;
+            return Ok(());
+        };
+        conn.reply(&reply).await;
+        let ack = read_frame(&mut conn.stream, 64).await.ok().flatten();
+        if ack.as_deref() == Some(b"ACK") {
+            self.forget(compute_id, job, hash);
+            let _ = self.node.ack(node_id, &[job]);
+        }
+        Ok(())
+    }
+}
+
+/// dispy's `_same_file`: same size and an mtime within a second.
+fn same_file(path: &std::path::Path, xf: &XferFile) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    meta.is_file() && meta.len() == xf.size && mtime.is_some_and(|m| (m - xf.mtime).abs() <= 1.0)
+}
+
+/// The node's spec of a dispy computation. A program is the file the client sent along with
+/// the computation; a `.py` program runs under the node's Python, as on dispy's node.
+fn spec(compute: &Compute, setup_args: Option<String>, python: &std::path::Path) -> Computation {
+    if compute.program {
+        let program = compute
+            .xfer_files
+            .iter()
+            .find(|xf| xf.name == compute.name)
+            .map(XferFile::relative_path)
+            .unwrap_or_else(|| {
+                compute
+                    .name
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(&compute.name)
+                    .to_string()
+            });
+        let program = format!("./{program}");
+        let command = if program.ends_with(".py") {
+            vec![python.display().to_string(), program]
+        } else {
+            vec![program]
+        };
+        return Computation::Program(ProgramComputation {
+            command,
+            env: vec![],
+        });
+    }
+    Computation::Python(PythonComputation {
+        source: compute.code.clone(),
+        function: compute.name.clone(),
+        setup: compute.setup.clone(),
+        setup_args: setup_args.map(|hex| serde_json::Value::String(hex).to_string()),
+        cleanup: compute.cleanup.clone(),
+        reuse_workers: false,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_split_at_the_first_colon() {
+        assert_eq!(split(b"JOB:\x80\x05:"), ("JOB", &b"\x80\x05:"[..]));
+        assert_eq!(split(b"NODE_STATUS:"), ("NODE_STATUS", &b""[..]));
+        assert_eq!(split(b"PULSE"), ("PULSE", &b""[..]));
+        assert_eq!(split(b""), ("", &b""[..]));
+    }
+}

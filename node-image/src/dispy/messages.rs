@@ -1,0 +1,528 @@
+//! dispy 4.15's messages as data: the records a client sends (`dispy._Compute`,
+//! `dispy._XferFile`, `dispy._DispyJob_`) read from pickles, and the dicts and `_JobReply`
+//! records the node sends back. Pure: bytes in, values out.
+
+use dispy_core::job::{JobResult, JobStatus};
+use dispy_core::pickle::{self, Value};
+
+/// A pickle as `pycos.serialize` would write it (protocol 4 here; every client reads it).
+pub fn serialize(value: &Value) -> Vec<u8> {
+    pickle::encode(value).expect("node-built values are always picklable")
+}
+
+/// `PREFIX:` + pickle → the decoded value, with an error naming the message.
+pub fn deserialize(what: &str, bytes: &[u8]) -> Result<Value, String> {
+    pickle::decode(bytes).map_err(|e| format!("unreadable {what} message: {e}"))
+}
+
+fn field<'a>(v: &'a Value, what: &str, name: &str) -> Result<&'a Value, String> {
+    v.attr(name)
+        .ok_or_else(|| format!("{what} has no {name:?} attribute"))
+}
+
+fn str_field(v: &Value, what: &str, name: &str) -> Result<String, String> {
+    match field(v, what, name)? {
+        Value::Str(s) => Ok(s.clone()),
+        other => Err(format!("{what}.{name} is a {}, not a str", other.kind())),
+    }
+}
+
+fn opt_str(v: &Value, name: &str) -> Option<String> {
+    v.attr(name).and_then(Value::as_str).map(str::to_owned)
+}
+
+fn int_field(v: &Value, what: &str, name: &str) -> Result<i64, String> {
+    let f = field(v, what, name)?;
+    f.as_int()
+        .ok_or_else(|| format!("{what}.{name} is a {}, not an int", f.kind()))
+}
+
+/// A dispy job uid: `id(_job)` on the client, a positive 64-bit int.
+pub fn uid(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) if *n >= 0 => Some(*n as u64),
+        Value::BigInt(b) if b.len() <= 9 && b.last().is_some_and(|x| x & 0x80 == 0) => {
+            let mut buf = [0u8; 8];
+            let n = b.len().min(8);
+            buf[..n].copy_from_slice(&b[..n]);
+            Some(u64::from_le_bytes(buf))
+        }
+        _ => None,
+    }
+}
+
+fn uid_value(uid: u64) -> Value {
+    match i64::try_from(uid) {
+        Ok(n) => Value::Int(n),
+        Err(_) => Value::int_from_le_bytes(&[&uid.to_le_bytes()[..], &[0]].concat()),
+    }
+}
+
+/// `dispy._Compute`: a computation as a client sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compute {
+    pub program: bool,
+    /// The function's name, or the program's path on the client.
+    pub name: String,
+    pub id: i64,
+    /// Python source of the function and its depends.
+    pub code: String,
+    pub xfer_files: Vec<XferFile>,
+    pub setup: Option<String>,
+    /// A cleanup function's name; `cleanup=True/False` keeps or removes files only.
+    pub cleanup: Option<String>,
+    pub keep_files: bool,
+    pub scheduler_ip_addr: String,
+    pub scheduler_port: u16,
+    pub node_ip_addr: String,
+    pub auth: String,
+    pub job_result_port: u16,
+    pub pulse_interval: Option<f64>,
+    pub client_reply_addr: Option<(String, u16)>,
+}
+
+impl Compute {
+    pub fn from_value(v: &Value) -> Result<Compute, String> {
+        const W: &str = "_Compute";
+        if v.class_path() != Some(("dispy", "_Compute")) {
+            return Err(format!(
+                "COMPUTE carries a {}, not a dispy._Compute",
+                describe(v)
+            ));
+        }
+        let program = match int_field(v, W, "type")? {
+            1 => false,
+            2 => true,
+            t => {
+                return Err(format!(
+                    "_Compute.type {t} is neither 1 (function) nor 2 (program)"
+                ))
+            }
+        };
+        let xfer_files = match v.attr("xfer_files") {
+            Some(files) => seq(files, "_Compute.xfer_files")?
+                .iter()
+                .map(XferFile::from_value)
+                .collect::<Result<_, _>>()?,
+            None => vec![],
+        };
+        let (cleanup, keep_files) = match v.attr("cleanup") {
+            Some(Value::Str(name)) => (Some(name.clone()), false),
+            Some(Value::Bool(false)) => (None, true),
+            _ => (None, false),
+        };
+        let port = |name: &str| -> Result<u16, String> {
+            u16::try_from(int_field(v, W, name)?)
+                .map_err(|_| format!("_Compute.{name} is not a port"))
+        };
+        let client_reply_addr = v.attr("client_reply_addr").and_then(|a| {
+            let a = a.as_seq()?;
+            Some((
+                a.first()?.as_str()?.to_owned(),
+                u16::try_from(a.get(1)?.as_int()?).ok()?,
+            ))
+        });
+        Ok(Compute {
+            program,
+            name: str_field(v, W, "name")?,
+            id: int_field(v, W, "id")?,
+            code: opt_str(v, "code").unwrap_or_default(),
+            xfer_files,
+            setup: opt_str(v, "setup"),
+            cleanup,
+            keep_files,
+            scheduler_ip_addr: str_field(v, W, "scheduler_ip_addr")?,
+            scheduler_port: port("scheduler_port")?,
+            node_ip_addr: str_field(v, W, "node_ip_addr")?,
+            auth: str_field(v, W, "auth")?,
+            job_result_port: port("job_result_port")?,
+            pulse_interval: v.attr("pulse_interval").and_then(Value::as_float),
+            client_reply_addr,
+        })
+    }
+
+    /// Where job replies go.
+    pub fn reply_addr(&self) -> (String, u16) {
+        (self.scheduler_ip_addr.clone(), self.job_result_port)
+    }
+}
+
+/// `dispy._XferFile`: a file the client is about to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XferFile {
+    /// The file's absolute path on the client.
+    pub name: String,
+    /// Directory relative to the computation's, where the file goes.
+    pub dest_path: String,
+    pub compute_id: i64,
+    pub size: u64,
+    pub mtime: f64,
+    pub atime: f64,
+    pub mode: u32,
+    pub sep: String,
+}
+
+impl XferFile {
+    pub fn from_value(v: &Value) -> Result<XferFile, String> {
+        const W: &str = "_XferFile";
+        if v.class_path() != Some(("dispy", "_XferFile")) {
+            return Err(format!("expected a dispy._XferFile, got {}", describe(v)));
+        }
+        let stat = StatResult::from_value(field(v, W, "stat_buf")?)?;
+        Ok(XferFile {
+            name: str_field(v, W, "name")?,
+            dest_path: opt_str(v, "dest_path").unwrap_or_default(),
+            compute_id: v.attr("compute_id").and_then(Value::as_int).unwrap_or(0),
+            size: stat.size,
+            mtime: stat.mtime,
+            atime: stat.atime,
+            mode: stat.mode,
+            sep: opt_str(v, "sep").unwrap_or_else(|| "/".into()),
+        })
+    }
+
+    /// The file's place inside the computation's directory, as a relative path.
+    pub fn relative_path(&self) -> String {
+        let sep = if self.sep.is_empty() { "/" } else { &self.sep };
+        let base = self.name.rsplit(sep).next().unwrap_or(&self.name);
+        let dir: Vec<&str> = self
+            .dest_path
+            .split(sep)
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
+        if dir.is_empty() {
+            base.to_string()
+        } else {
+            format!("{}/{base}", dir.join("/"))
+        }
+    }
+}
+
+/// The fields of an `os.stat_result` the node uses (it travels as `REDUCE` of a 10-tuple and a
+/// dict of the float times).
+struct StatResult {
+    mode: u32,
+    size: u64,
+    atime: f64,
+    mtime: f64,
+}
+
+impl StatResult {
+    fn from_value(v: &Value) -> Result<StatResult, String> {
+        let bad = || {
+            format!(
+                "_XferFile.stat_buf is {}, not an os.stat_result",
+                describe(v)
+            )
+        };
+        let obj = v.as_object().ok_or_else(bad)?;
+        let items = obj.args.first().and_then(Value::as_seq).ok_or_else(bad)?;
+        let extra = obj.args.get(1);
+        let int = |i: usize| items.get(i).and_then(Value::as_int).ok_or_else(bad);
+        let time = |i: usize, name: &str| {
+            extra
+                .and_then(|d| d.as_dict_get(name))
+                .and_then(Value::as_float)
+                .or_else(|| items.get(i).and_then(Value::as_float))
+                .ok_or_else(bad)
+        };
+        Ok(StatResult {
+            mode: int(0)? as u32,
+            size: u64::try_from(int(6)?).map_err(|_| bad())?,
+            atime: time(7, "st_atime")?,
+            mtime: time(8, "st_mtime")?,
+        })
+    }
+}
+
+/// `dispy._DispyJob_`, from its `__getstate__`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub uid: u64,
+    pub hash: String,
+    pub compute_id: i64,
+    /// Pickled positional arguments (a tuple), opened only by the Python host.
+    pub args: Vec<u8>,
+    /// Pickled keyword arguments (a dict).
+    pub kwargs: Vec<u8>,
+    pub xfer_files: Vec<XferFile>,
+    /// Source of the job's `dispy_job_depends` functions and classes.
+    pub code: String,
+}
+
+impl Job {
+    pub fn from_value(v: &Value) -> Result<Job, String> {
+        const W: &str = "_DispyJob_";
+        if v.class_path() != Some(("dispy", "_DispyJob_")) {
+            return Err(format!("expected a dispy._DispyJob_, got {}", describe(v)));
+        }
+        let bytes = |name: &str| -> Result<Vec<u8>, String> {
+            field(v, W, name)?
+                .as_bytes()
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| format!("_DispyJob_.{name} is not pickled bytes"))
+        };
+        let xfer_files = match v.attr("xfer_files") {
+            Some(files) => seq(files, "_DispyJob_.xfer_files")?
+                .iter()
+                .map(XferFile::from_value)
+                .collect::<Result<_, _>>()?,
+            None => vec![],
+        };
+        Ok(Job {
+            uid: uid(field(v, W, "uid")?).ok_or("_DispyJob_.uid is not a job id")?,
+            hash: str_field(v, W, "hash")?,
+            compute_id: int_field(v, W, "compute_id")?,
+            args: bytes("_args")?,
+            kwargs: bytes("_kwargs")?,
+            xfer_files,
+            code: opt_str(v, "code").unwrap_or_default(),
+        })
+    }
+
+    /// The call as the Python host's pickle codec reads it.
+    pub fn host_call(&self) -> Vec<u8> {
+        serialize(&Value::Dict(vec![
+            ("a".into(), Value::bytes(self.args.clone())),
+            ("k".into(), Value::bytes(self.kwargs.clone())),
+            ("c".into(), self.code.clone().into()),
+            ("u".into(), uid_value(self.uid)),
+            ("h".into(), self.hash.clone().into()),
+        ]))
+    }
+
+    /// A program job's arguments: the client has made each one a str.
+    pub fn program_args(&self) -> Result<Vec<String>, String> {
+        let args = deserialize("job arguments", &self.args)?;
+        let items = args.as_seq().ok_or_else(|| {
+            format!(
+                "a program job's arguments are a {}, not a tuple",
+                args.kind()
+            )
+        })?;
+        items
+            .iter()
+            .map(|a| match a {
+                Value::Str(s) => Ok(s.clone()),
+                Value::Int(n) => Ok(n.to_string()),
+                Value::Float(f) => Ok(f.to_string()),
+                other => Err(format!(
+                    "a program job's argument is a {}, not a str",
+                    other.kind()
+                )),
+            })
+            .collect()
+    }
+}
+
+fn seq<'a>(v: &'a Value, what: &str) -> Result<&'a [Value], String> {
+    match v {
+        Value::List(items) | Value::Tuple(items) | Value::Set(items) => Ok(items),
+        other => Err(format!("{what} is a {}, not a list", other.kind())),
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v.class_path() {
+        Some((m, n)) => format!("{m}.{n}"),
+        None => v.kind().to_string(),
+    }
+}
+
+/// A dict with str keys.
+pub fn dict<const N: usize>(items: [(&str, Value); N]) -> Value {
+    Value::Dict(items.into_iter().map(|(k, v)| (k.into(), v)).collect())
+}
+
+/// What a `_JobReply` says about one job.
+pub struct Reply<'a> {
+    pub uid: u64,
+    pub hash: &'a str,
+    pub ip_addr: &'a str,
+    pub program: bool,
+    pub result: &'a JobResult,
+}
+
+impl Reply<'_> {
+    /// `dispy._JobReply`, pickled. Function results arrive from the Python host as the hex of
+    /// their pickle; a program's result is its exit code, its output bytes. dispy's
+    /// JobCluster knows only Finished and Terminated from a node, so a job cancelled before it
+    /// ran reads as Terminated.
+    pub fn encode(&self) -> Vec<u8> {
+        let r = self.result;
+        let status = match r.status {
+            JobStatus::Finished => JobStatus::Finished,
+            JobStatus::ProvisionalResult => JobStatus::ProvisionalResult,
+            _ => JobStatus::Terminated,
+        };
+        let none = || serialize(&Value::None);
+        let result = match (&r.result, self.program) {
+            (None, _) => none(),
+            (Some(code), true) => code
+                .parse::<i64>()
+                .map(|c| serialize(&Value::Int(c)))
+                .unwrap_or_else(|_| none()),
+            (Some(hex), false) => from_hex(hex).unwrap_or_else(none),
+        };
+        let output = |s: &str| {
+            if self.program {
+                Value::bytes(s.as_bytes())
+            } else {
+                Value::Str(s.to_owned())
+            }
+        };
+        let reply = Value::instance(
+            "dispy",
+            "_JobReply",
+            [
+                ("uid", uid_value(self.uid)),
+                ("hash", self.hash.into()),
+                ("ip_addr", self.ip_addr.into()),
+                ("status", Value::Int(status.dispy_value())),
+                ("result", Value::bytes(result)),
+                ("stdout", output(&r.stdout)),
+                ("stderr", output(&r.stderr)),
+                ("exception", r.exception.clone().into()),
+                ("start_time", Value::Float(r.start_time.unwrap_or(0.0))),
+                (
+                    "end_time",
+                    Value::Float(r.end_time.or(r.start_time).unwrap_or(0.0)),
+                ),
+            ],
+        );
+        serialize(&reply)
+    }
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(size: i64) -> Value {
+        Value::Object(Box::new(pickle::Object {
+            module: "os".into(),
+            name: "stat_result".into(),
+            construct: pickle::Construct::Reduce,
+            args: vec![
+                Value::Tuple(
+                    [0o100644, 1, 2, 1, 0, 0, size, 10, 20, 30]
+                        .into_iter()
+                        .map(Value::Int)
+                        .collect(),
+                ),
+                dict([("st_mtime", Value::Float(20.5))]),
+            ],
+            list_items: vec![],
+            dict_items: vec![],
+            state: None,
+        }))
+    }
+
+    fn xfer(name: &str, dest: &str) -> Value {
+        Value::instance(
+            "dispy",
+            "_XferFile",
+            [
+                ("name", name.into()),
+                ("dest_path", dest.into()),
+                ("compute_id", Value::Int(7)),
+                ("stat_buf", stat(42)),
+                ("sep", "/".into()),
+            ],
+        )
+    }
+
+    #[test]
+    fn xfer_file_reads_stat_and_places_the_file() {
+        let xf = XferFile::from_value(&xfer("/home/u/data/a.txt", "data")).unwrap();
+        assert_eq!((xf.size, xf.mode, xf.compute_id), (42, 0o100644, 7));
+        assert_eq!((xf.mtime, xf.atime), (20.5, 10.0));
+        assert_eq!(xf.relative_path(), "data/a.txt");
+        let xf = XferFile::from_value(&xfer("/x/b.py", ".")).unwrap();
+        assert_eq!(xf.relative_path(), "b.py");
+    }
+
+    #[test]
+    fn compute_needs_dispy_class_and_fields() {
+        let err = Compute::from_value(&dict([("type", Value::Int(1))])).unwrap_err();
+        assert!(err.contains("not a dispy._Compute"), "{err}");
+        let c = Value::instance(
+            "dispy",
+            "_Compute",
+            [
+                ("type", Value::Int(1)),
+                ("name", "compute".into()),
+                ("id", Value::Int(1700000000000)),
+                ("code", "def compute(n): return n\n".into()),
+                ("xfer_files", Value::List(vec![xfer("/a/b", ".")])),
+                ("cleanup", Value::Bool(true)),
+                ("setup", Value::None),
+                ("scheduler_ip_addr", "127.0.0.1".into()),
+                ("scheduler_port", Value::Int(9700)),
+                ("node_ip_addr", "127.0.0.1".into()),
+                ("auth", "ab".into()),
+                ("job_result_port", Value::Int(9700)),
+                ("pulse_interval", Value::None),
+            ],
+        );
+        let compute = Compute::from_value(&c).unwrap();
+        assert!(!compute.program && !compute.keep_files);
+        assert_eq!(compute.xfer_files.len(), 1);
+        assert_eq!(compute.setup, None);
+        assert_eq!(compute.reply_addr(), ("127.0.0.1".to_string(), 9700));
+        let mut broken = c.clone();
+        if let Value::Object(o) = &mut broken {
+            if let Some(Value::Dict(d)) = &mut o.state {
+                d.retain(|(k, _)| k.as_str() != Some("auth"));
+            }
+        }
+        let err = Compute::from_value(&broken).unwrap_err();
+        assert!(err.contains("no \"auth\""), "{err}");
+    }
+
+    #[test]
+    fn job_reply_round_trips_through_the_codec() {
+        let result = JobResult {
+            status: JobStatus::Cancelled,
+            result: None,
+            stdout: "out".into(),
+            exception: Some("cancelled".into()),
+            start_time: Some(1.5),
+            ..Default::default()
+        };
+        let bytes = Reply {
+            uid: 140_000_000_000_000,
+            hash: "abc",
+            ip_addr: "127.0.0.1",
+            program: true,
+            result: &result,
+        }
+        .encode();
+        let v = pickle::decode(&bytes).unwrap();
+        assert_eq!(v.class_path(), Some(("dispy", "_JobReply")));
+        assert_eq!(v.attr("status").unwrap().as_int(), Some(9));
+        assert_eq!(uid(v.attr("uid").unwrap()), Some(140_000_000_000_000));
+        assert_eq!(v.attr("stdout").unwrap().as_bytes(), Some(&b"out"[..]));
+        assert_eq!(v.attr("end_time").unwrap().as_float(), Some(1.5));
+        let inner = pickle::decode(v.attr("result").unwrap().as_bytes().unwrap()).unwrap();
+        assert!(inner.is_none());
+    }
+
+    #[test]
+    fn hex_results_and_big_uids() {
+        assert_eq!(from_hex("80044b022e"), Some(vec![0x80, 4, 0x4b, 2, 0x2e]));
+        assert_eq!(from_hex("8"), None);
+        assert_eq!(uid(&uid_value(u64::MAX)), Some(u64::MAX));
+        assert_eq!(uid(&Value::Int(-1)), None);
+    }
+}

@@ -1,0 +1,497 @@
+//! dispy 4.15's own wire protocol, so unmodified `pip install dispy` clients use this node.
+//!
+//! Every request is one TCP connection: 40 bytes of auth, one length-prefixed frame
+//! `PREFIX:` + pickle, at most one reply. Discovery is UDP `PING:` both ways; results go back
+//! to the client's port (9700) on connections the node opens. The records clients send are
+//! read as data ([`messages`]); nothing a client sends is ever executed here — the
+//! computation's source and the jobs' pickled arguments go to the Python host as they came.
+//!
+//! The node's state machine does the work: a dispy computation is a node computation whose
+//! Python host speaks pickle, a dispy job a node job keyed by the client's uid. Results come
+//! back as the node's job events and are delivered as `JOB_REPLY`s; one that cannot be
+//! delivered stays buffered for `RETRIEVE_JOB` and `RESEND_JOB_RESULTS`.
+
+pub mod auth;
+mod handler;
+pub mod messages;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dispy_core::frame::{frame, read_frame};
+use dispy_core::job::{JobId, JobResult};
+use dispy_core::pickle::Value;
+use dispy_core::protocol::{JobEventKind, NodeMsg};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::node::{Node, SessionId};
+use messages::{deserialize, dict, serialize, Compute, Reply};
+
+/// dispy's `MsgTimeout`.
+pub const MSG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Job replies in flight at once, per node.
+const DELIVERIES: usize = 16;
+/// Node-side session ids of dispy computations, apart from native sessions'.
+const SESSION_BASE: SessionId = 1 << 62;
+
+pub struct Dispy {
+    node: Arc<Node>,
+    /// This node's sign, sent in clear in PING and PONG.
+    sign: String,
+    /// `sha1(secret + sign)`: what every request but `PING:` must start with.
+    auth: String,
+    /// The dispy version announced; clients want it to equal theirs exactly.
+    version: String,
+    /// For connections to clients when the node has `--certfile` (dispy's TLS mode: the peer's
+    /// certificate must be the shared certificate itself).
+    tls: Option<tokio_rustls::TlsConnector>,
+    state: Mutex<State>,
+    deliveries: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct State {
+    comps: HashMap<i64, Comp>,
+    /// The client (its address and port) the node serves; dispy's node serves one at a time,
+    /// with any number of computations from it.
+    client: Option<(String, u16)>,
+    next_session: SessionId,
+}
+
+struct Comp {
+    compute: Compute,
+    /// The computation's id in the node's state machine.
+    node_id: String,
+    /// Each queued, running or undelivered job's hash, echoed in its reply.
+    hashes: HashMap<JobId, String>,
+    last_contact: Instant,
+}
+
+impl Dispy {
+    pub fn new(node: Arc<Node>) -> Result<Arc<Dispy>, String> {
+        let sign = auth::new_sign();
+        let tls = match &node.cfg.certfile {
+            None => None,
+            Some(cert) => {
+                let trust = dispy_core::tls::Trust::PinnedCert(cert.clone());
+                let config = dispy_core::tls::client_config(&trust).map_err(|e| e.to_string())?;
+                Some(tokio_rustls::TlsConnector::from(config))
+            }
+        };
+        Ok(Arc::new(Dispy {
+            auth: auth::auth_code(&node.cfg.secret, &sign),
+            version: node.cfg.dispy_version.clone(),
+            sign,
+            tls,
+            node,
+            state: Mutex::new(State {
+                next_session: SESSION_BASE,
+                ..State::default()
+            }),
+            deliveries: Arc::new(Semaphore::new(DELIVERIES)),
+        }))
+    }
+
+    /// The address clients reach this node at, seen from `local` (the address a request came
+    /// in on, or the interface facing the asker).
+    fn node_addr(&self, local: IpAddr) -> String {
+        self.node
+            .cfg
+            .ext_host
+            .clone()
+            .unwrap_or_else(|| local.to_string())
+    }
+
+    /// The node's announcement to dispy clients (UDP to their port 9700).
+    pub fn announcement(&self, ip: IpAddr) -> Vec<u8> {
+        let msg = dict([
+            ("ip_addr", self.node_addr(ip).into()),
+            ("port", Value::Int(self.node.cfg.port as i64)),
+            ("sign", self.sign.clone().into()),
+            ("version", self.version.clone().into()),
+            ("scheduler_ip_addr", Value::None),
+        ]);
+        [&b"PING:"[..], &serialize(&msg)].concat()
+    }
+
+    /// A UDP `PING:` from a client looking for nodes.
+    pub fn udp_ping(self: &Arc<Self>, data: &[u8], peer: SocketAddr, local: IpAddr) {
+        let info = match deserialize("PING", data) {
+            Ok(info) => info,
+            Err(e) => {
+                self.node.metrics.bad_requests.inc();
+                tracing::warn!(%peer, "dispy client: {e}");
+                return;
+            }
+        };
+        let dispy = self.clone();
+        tokio::spawn(async move { dispy.pong(&info, peer.ip(), local).await });
+    }
+
+    /// Answers a client's `PING:` with a `PONG:` on a connection to the client, at the first
+    /// of its addresses that takes one.
+    async fn pong(&self, info: &Value, peer: IpAddr, local: IpAddr) {
+        let version = info.attr("version").and_then(|v| v.as_str());
+        if version != Some(self.version.as_str()) {
+            tracing::warn!(
+                %peer,
+                "dispy client version {:?} is not this node's --dispy-version {:?}; ignoring its ping",
+                version.unwrap_or("?"),
+                self.version
+            );
+            return;
+        }
+        let Some(port) = info
+            .attr("port")
+            .and_then(Value::as_int)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            tracing::warn!(%peer, "dispy ping without a port; ignored");
+            return;
+        };
+        let mut targets: Vec<String> = info
+            .attr("ip_addrs")
+            .and_then(Value::as_seq)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        if info.attr("relay").is_none_or(Value::is_none) {
+            targets.push(peer.to_string());
+        }
+        targets.dedup();
+        if let Some((ip, p)) = &self.state.lock().unwrap().client {
+            if *p != port || !targets.contains(ip) {
+                tracing::info!(%peer, "busy with the dispy client at {ip}:{p}; ignoring a ping");
+                return;
+            }
+        }
+        let node_ip = info
+            .attr("node_ip_addr")
+            .and_then(Value::as_str)
+            .filter(|a| a.parse::<IpAddr>().is_ok_and(|a| a == local))
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.node_addr(local));
+        let sign = info.attr("sign").and_then(Value::as_str).unwrap_or("");
+        let cpus = self.node.cfg.cpus as i64;
+        for target in targets {
+            let msg = if sign.is_empty() {
+                // A relay's ping (no sign): dispy's node answers with its own ping.
+                [&b"PING:"[..], &self.announcement(local)[5..]].concat()
+            } else {
+                let pong = dict([
+                    ("port", Value::Int(self.node.cfg.port as i64)),
+                    ("sign", self.sign.clone().into()),
+                    ("version", self.version.clone().into()),
+                    ("name", self.node.cfg.name.clone().into()),
+                    ("cpus", Value::Int(cpus)),
+                    ("platform", platform().into()),
+                    (
+                        "auth",
+                        Value::bytes(auth::auth_code(&self.node.cfg.secret, sign).into_bytes()),
+                    ),
+                    ("avail_info", Value::None),
+                    ("ip_addr", node_ip.clone().into()),
+                    ("scheduler_ip_addr", target.clone().into()),
+                ]);
+                [&b"PONG:"[..], &serialize(&pong)].concat()
+            };
+            match self.send(&target, port, &msg, false).await {
+                Ok(_) => {
+                    tracing::info!(client = %target, port, "answered a dispy client's ping");
+                    return;
+                }
+                Err(e) => tracing::debug!(client = %target, port, "cannot answer a ping: {e}"),
+            }
+        }
+        tracing::warn!(%peer, "could not reach the dispy client at any of its addresses");
+    }
+
+    /// Sends one message to a client on a new connection; with `reply`, reads one frame back.
+    async fn send(
+        &self,
+        host: &str,
+        port: u16,
+        msg: &[u8],
+        reply: bool,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let work = async {
+            let tcp = TcpStream::connect((host, port))
+                .await
+                .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+            tcp.set_nodelay(true).ok();
+            match &self.tls {
+                None => exchange(tcp, msg, reply, self.node.cfg.max_frame).await,
+                Some(tls) => {
+                    let name = dispy_core::tls::server_name(host)?;
+                    let stream = tls
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| format!("TLS with {host}:{port} failed: {e}"))?;
+                    exchange(stream, msg, reply, self.node.cfg.max_frame).await
+                }
+            }
+        };
+        tokio::time::timeout(MSG_TIMEOUT, work)
+            .await
+            .map_err(|_| format!("{host}:{port} did not answer within {MSG_TIMEOUT:?}"))?
+    }
+
+    /// Registers a computation's delivery: the node's job events for it become `JOB_REPLY`s.
+    fn subscribe(self: &Arc<Self>, compute_id: i64) -> (SessionId, crate::node::Outbox) {
+        let session = {
+            let mut st = self.state.lock().unwrap();
+            st.next_session += 1;
+            st.next_session
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let dispy = self.clone();
+        tokio::spawn(async move {
+            while let Some(framed) = rx.recv().await {
+                let Some(body) = framed.get(4..) else {
+                    continue;
+                };
+                let Ok(NodeMsg::Event(event)) = dispy_core::protocol::decode("event", body) else {
+                    continue;
+                };
+                if let JobEventKind::Done(result) = event.kind {
+                    let permit = dispy.deliveries.clone().acquire_owned().await;
+                    let dispy = dispy.clone();
+                    tokio::spawn(async move {
+                        dispy.deliver(compute_id, event.job, result).await;
+                        drop(permit);
+                    });
+                }
+            }
+        });
+        (session, tx)
+    }
+
+    /// Sends a job's result to its client. Acknowledged results leave the node; the others
+    /// stay for `RETRIEVE_JOB` / `RESEND_JOB_RESULTS`.
+    async fn deliver(&self, compute_id: i64, uid: JobId, result: JobResult) {
+        let Some((reply, (host, port), node_id, hash)) = self.reply_for(compute_id, uid, &result)
+        else {
+            tracing::warn!(compute_id, uid, "result of an unknown dispy job dropped");
+            return;
+        };
+        let msg = [&b"JOB_REPLY:"[..], &reply].concat();
+        match self.send(&host, port, &msg, true).await {
+            Ok(Some(ack)) if ack == b"ACK" => {
+                let mut st = self.state.lock().unwrap();
+                if let Some(comp) = st.comps.get_mut(&compute_id) {
+                    comp.last_contact = Instant::now();
+                    // A uid the client has already reused names a newer job: leave it be.
+                    if comp.hashes.get(&uid) == Some(&hash) {
+                        comp.hashes.remove(&uid);
+                        let _ = self.node.ack(&node_id, &[uid]);
+                    }
+                }
+            }
+            Ok(other) => tracing::warn!(
+                compute_id,
+                uid,
+                "the dispy client refused the result ({:?}); kept for RETRIEVE_JOB",
+                other.map(|b| String::from_utf8_lossy(&b).into_owned())
+            ),
+            Err(e) => tracing::warn!(
+                compute_id,
+                uid,
+                "cannot deliver the result: {e}; kept for RETRIEVE_JOB"
+            ),
+        }
+    }
+
+    /// A job's pickled `_JobReply`, where it goes, the node computation and the job's hash.
+    fn reply_for(
+        &self,
+        compute_id: i64,
+        uid: JobId,
+        result: &JobResult,
+    ) -> Option<(Vec<u8>, (String, u16), String, String)> {
+        let st = self.state.lock().unwrap();
+        let comp = st.comps.get(&compute_id)?;
+        let hash = comp.hashes.get(&uid)?.clone();
+        let reply = Reply {
+            uid,
+            hash: &hash,
+            ip_addr: &comp.compute.node_ip_addr,
+            program: comp.compute.program,
+            result,
+        }
+        .encode();
+        Some((reply, comp.compute.reply_addr(), comp.node_id.clone(), hash))
+    }
+
+    /// Node shutdown: tells the clients (TCP) and the network (UDP broadcast) it is gone.
+    pub async fn shut_down(&self, udp: &[(Arc<UdpSocket>, IpAddr)]) {
+        let clients: Vec<(String, u16, String)> = {
+            let st = self.state.lock().unwrap();
+            st.comps
+                .values()
+                .map(|c| {
+                    (
+                        c.compute.scheduler_ip_addr.clone(),
+                        c.compute.scheduler_port,
+                        c.compute.node_ip_addr.clone(),
+                    )
+                })
+                .collect()
+        };
+        let terminated = |ip: String| {
+            let msg = dict([
+                ("ip_addr", ip.into()),
+                ("port", Value::Int(self.node.cfg.port as i64)),
+                ("sign", self.sign.clone().into()),
+            ]);
+            [&b"TERMINATED:"[..], &serialize(&msg)].concat()
+        };
+        let mut told = Vec::new();
+        for (host, port, node_ip) in clients {
+            if told.contains(&(host.clone(), port)) {
+                continue;
+            }
+            match self.send(&host, port, &terminated(node_ip), false).await {
+                Ok(_) => {
+                    tracing::info!(client = %host, port, "told the dispy client the node stops")
+                }
+                Err(e) => {
+                    tracing::warn!(client = %host, port, "cannot tell the client the node stops: {e}")
+                }
+            }
+            told.push((host, port));
+        }
+        for (socket, bound) in udp {
+            for (ip, bcast) in crate::server::broadcast_targets(*bound) {
+                let to = SocketAddr::from((bcast, self.node.cfg.client_port));
+                let _ = socket
+                    .send_to(&terminated(self.node_addr(IpAddr::V4(ip))), to)
+                    .await;
+            }
+        }
+    }
+
+    /// Sends `PULSE:` to each client that asked for pulses (`pulse_interval`), so it can tell
+    /// a live node with long jobs from a dead one; closes computations whose client has been
+    /// unreachable for the zombie interval.
+    pub async fn pulses(self: Arc<Self>) {
+        let tick = Duration::from_millis(500);
+        let mut last_pulse: HashMap<i64, Instant> = HashMap::new();
+        loop {
+            tokio::time::sleep(tick).await;
+            let (busy, _, _) = self.node.load();
+            let due: Vec<(i64, String, u16, String, bool)> = {
+                let st = self.state.lock().unwrap();
+                st.comps
+                    .iter()
+                    .filter_map(|(&id, c)| {
+                        let every = c.compute.pulse_interval.filter(|p| *p > 0.0)?;
+                        let last = last_pulse.get(&id).copied();
+                        let due = last.is_none_or(|t| t.elapsed().as_secs_f64() >= every);
+                        due.then(|| {
+                            let zombie = c.last_contact.elapsed() >= self.node.cfg.zombie_interval;
+                            (
+                                id,
+                                c.compute.scheduler_ip_addr.clone(),
+                                c.compute.scheduler_port,
+                                c.compute.node_ip_addr.clone(),
+                                zombie,
+                            )
+                        })
+                    })
+                    .collect()
+            };
+            last_pulse.retain(|id, _| self.state.lock().unwrap().comps.contains_key(id));
+            for (id, host, port, node_ip, zombie) in due {
+                last_pulse.insert(id, Instant::now());
+                let msg = dict([
+                    ("ip_addr", node_ip.into()),
+                    ("port", Value::Int(self.node.cfg.port as i64)),
+                    ("cpus", Value::Int(busy as i64)),
+                    ("scheduler_ip_addr", host.clone().into()),
+                    ("avail_info", Value::None),
+                ]);
+                let msg = [&b"PULSE:"[..], &serialize(&msg)].concat();
+                let dispy = self.clone();
+                tokio::spawn(async move {
+                    match dispy.send(&host, port, &msg, true).await {
+                        Ok(Some(r)) if r == b"PULSE" => dispy.touch(id),
+                        Ok(_) | Err(_) if zombie => {
+                            tracing::warn!(compute_id = id, "dispy client gone for the zombie interval; closing its computation");
+                            dispy.close(id, true).await;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(compute_id = id, "pulse not delivered: {e}"),
+                    }
+                });
+            }
+        }
+    }
+
+    fn touch(&self, compute_id: i64) {
+        if let Some(c) = self.state.lock().unwrap().comps.get_mut(&compute_id) {
+            c.last_contact = Instant::now();
+        }
+    }
+
+    /// Closes a computation on the node (its jobs finish or are terminated, cleanup runs).
+    async fn close(&self, compute_id: i64, terminate_pending: bool) {
+        let node_id = {
+            let st = self.state.lock().unwrap();
+            match st.comps.get(&compute_id) {
+                Some(c) => c.node_id.clone(),
+                None => return,
+            }
+        };
+        if let Err(e) = self.node.close(&node_id, terminate_pending).await {
+            tracing::warn!(compute_id, "closing the computation: {}", e.message);
+        }
+        let mut st = self.state.lock().unwrap();
+        st.comps.remove(&compute_id);
+        if st.comps.is_empty() {
+            st.client = None;
+        }
+        drop(st);
+        self.node.check_serve_limit();
+    }
+}
+
+/// Writes one frame; with `reply`, reads one back (an empty frame or EOF reads as empty).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    msg: &[u8],
+    reply: bool,
+    max: usize,
+) -> Result<Option<Vec<u8>>, String> {
+    stream
+        .write_all(&frame(msg))
+        .await
+        .map_err(|e| format!("send failed: {e}"))?;
+    let answer = if reply {
+        Some(
+            read_frame(&mut stream, max)
+                .await
+                .map_err(|e| format!("no answer: {e}"))?
+                .unwrap_or_default(),
+        )
+    } else {
+        None
+    };
+    let _ = stream.shutdown().await;
+    Ok(answer)
+}
+
+fn platform() -> String {
+    format!(
+        "{}-{}-dispynode-rs-{}",
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+pub use handler::serve;
