@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The dispy compatibility suite: the real dispy client (PyPI, pinned) against our dispynode.
+# Creates a venv with dispy and pytest, builds dispynode, and runs pytest INSIDE a private
+# network namespace (dispy clients broadcast to 255.255.255.255; nothing here may reach the
+# machine's real interfaces). Needs root (namespaces). Prints "N passed, M failed" last.
+#   usage: node-image/tests/compat/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+ROOT=$PWD
+HERE=node-image/tests/compat
+VENV=$ROOT/target/dispy-compat-venv
+DISPY_VERSION=4.15.2
+
+if [ "$(id -u)" != 0 ]; then
+  echo "the dispy compatibility suite needs root (private network namespaces)"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+fi
+if ! "$VENV/bin/python" -c "import dispy, pytest; assert dispy.__version__ == '$DISPY_VERSION'" 2>/dev/null; then
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "dispy==$DISPY_VERSION" "pycos==4.12.2" "pytest>=7,<9"
+fi
+command -v openssl >/dev/null || { apt-get update -q; DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; }
+
+cargo build -q -p dispynode --bin dispynode
+export DISPYNODE=$ROOT/target/debug/dispynode
+
+status=0
+timeout 1800 unshare -n bash -c "
+  ip link set lo up
+  cd $HERE
+  $VENV/bin/python -m pytest -p no:cacheprovider -q -rfE $* ." 2>&1 | tee /tmp/dispy-compat.log || status=$?
+line=$(grep -Eo '[0-9]+ passed' /tmp/dispy-compat.log | tail -1 || true)
+passed=${line%% *}
+failed=$(grep -Eo '[0-9]+ (failed|error)' /tmp/dispy-compat.log | awk '{s+=$1} END {print s+0}')
+if [ "$status" -ne 0 ] && [ "${failed:-0}" -eq 0 ]; then failed=1; fi
+echo "${passed:-0} passed, ${failed:-0} failed"
+exit $status

@@ -1,0 +1,85 @@
+"""dispy's own examples, as the dispy 4.15.2 package ships them, run against our dispynode.
+Each example is copied with its waits shortened (they sleep for up to minutes) and with the
+client's address given (`host=`), since this private network has no name for the host; nodes
+are found by UDP broadcast (`nodes=['*']`, the examples' default) on the private LAN."""
+
+import hashlib
+import os
+import re
+
+import dispy
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(dispy.__file__), "examples")
+
+
+def example(client, name, edits):
+    source = open(os.path.join(EXAMPLES, name)).read()
+    source = source.replace("dispy.JobCluster(compute", "dispy.JobCluster(compute, host='10.77.0.1'")
+    for old, new in edits:
+        assert old in source, "%s no longer contains %r" % (name, old)
+        source = source.replace(old, new)
+    return client.script(source, name)
+
+
+@pytest.fixture
+def lan_node(nodes, lan):
+    return nodes.start(None, lan=lan)
+
+
+def test_sample(lan_node, client):
+    path = example(client, "sample.py", [("random.randint(5,20)", "random.uniform(0.1, 0.5)")])
+    out = client.run_file(path)
+    lines = re.findall(r"^vm \(10\.77\.0\.2\) executed job (\d+) at [\d.]+ with ([\d.]+)$", out, re.M) or \
+        re.findall(r"^\S+ \(10\.77\.0\.2\) executed job (\d+) at [\d.]+ with ([\d.]+)$", out, re.M)
+    assert len(lines) == 10, out
+
+
+def test_obj_instances(lan_node, client):
+    path = example(client, "obj_instances.py", [("random.uniform(1, 3)", "random.uniform(0.1, 0.3)")])
+    out = client.run_file(path)
+    lines = re.findall(r"^(\d+): ([\d.]+) / \1: \2\n$", out, re.M)
+    assert sorted(int(i) for i, _ in lines) == list(range(10)), out
+
+
+def test_node_setup(lan_node, client):
+    path = example(client, "node_setup.py", [("time.sleep(2)", "time.sleep(0.2)"), ("time.sleep(5)", "time.sleep(2)")])
+    out = client.run_file(path)
+    data = open(path, "rb").read()
+    found = re.findall(r'^10\.77\.0\.2: "node_setup\.py" (\w+): (\w+)$', out, re.M)
+    assert len(found) == 10, out
+    for alg, digest in found:
+        assert hashlib.new(alg, data).hexdigest() == digest
+
+
+def test_provisional_results(lan_node, client):
+    path = example(client, "provisional_results.py", [("random.randint(50,100)", "random.randint(10,20)")])
+    out = client.run_file(path)
+    assert len(re.findall(r"^best value from \S+: [\d.e-]+$", out, re.M)) >= 8, out
+
+
+def test_bounded_submit(lan_node, client):
+    path = example(client, "bounded_submit.py", [
+        ("range(1000)", "range(60)"),
+        ("random.uniform(3, 7)", "random.uniform(0.01, 0.05)"),
+        ("lower_bound, upper_bound = 50, 100", "lower_bound, upper_bound = 5, 10"),
+    ])
+    out = client.run_file(path)
+    # print_status: the node's line shows all 60 jobs done.
+    assert re.search(r"10\.77\.0\.2\s+\d+\s+60\s", out), out
+
+
+def test_job_scheduler(lan_node, client, tmp_path):
+    for i in range(4):
+        (tmp_path / ("data%03d" % i)).write_bytes(os.urandom(5000 + i))
+    path = example(client, "job_scheduler.py", [("time.sleep(5)", "time.sleep(0.2)")])
+    # The example reads commands from stdin; "quit" after the jobs have had time to run.
+    import subprocess, sys, time
+    from conftest import client_env
+    proc = subprocess.Popen([sys.executable, str(path)], cwd=tmp_path, env=client_env(), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(8)
+    out, err = proc.communicate("quit\n", timeout=60)
+    found = dict(re.findall(r"^sha1sum for (data\d+): (\w+)$", out, re.M))
+    expected = {("data%03d" % i): hashlib.sha1((tmp_path / ("data%03d" % i)).read_bytes()).hexdigest() for i in range(4)}
+    assert found == expected, out + err[-3000:]
