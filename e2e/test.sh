@@ -606,6 +606,266 @@ t_helm_installs_a_chart() {
   rm -rf "$chart"
 }
 
+# --- the dispy-operator Helm chart --------------------------------------------
+
+CHART="$REPO_DIR/charts/dispy-operator"
+
+# render ARGS...: helm template of the chart, as one JSON List (kubectl parses, the server maps kinds)
+render() {
+  local y
+  y=$("$HELM" template dispy-operator "$CHART" -n dispy-system "$@") || return 1
+  k create --dry-run=client -o json -f - <<<"$y" | jq -s '{items: .}'
+}
+# kinds JSON: the kinds of a rendered List, sorted, one line
+kinds() { jq -r '[.items[].kind] | sort | join(" ")' <<<"$1"; }
+# rules JSON KIND NAME NAMESPACE: that object's rules, one per line, as groups|resources|names|verbs
+rules_of() {
+  jq -r --arg k "$2" --arg n "$3" --arg ns "$4" '.items[] | select(.kind == $k and .metadata.name == $n and ((.metadata.namespace // "") == $ns))
+    | .rules[] | "\(.apiGroups | join(","))|\(.resources | join(","))|\((.resourceNames // []) | join(","))|\(.verbs | join(","))"' <<<"$1"
+}
+# what the operator needs where it watches, and not one verb more
+LEAST_PRIVILEGE='dispy.io|jobclusters,dispyjobs||get,list,watch,patch,update
+dispy.io|jobclusters/status,dispyjobs/status||get,patch,update
+dispy.io|jobclusters/finalizers,dispyjobs/finalizers||update
+|pods||get,list,watch,create,delete
+|services||get,list,watch,create,patch
+|secrets||get,list,watch,create
+|configmaps||get,list,watch,create,patch,update,delete
+|events||create,patch
+events.k8s.io|events||create,patch'
+LEADER_ELECTION='coordination.k8s.io|leases||create
+coordination.k8s.io|leases|dispy-operator|get,update'
+
+t_helm_chart_lint_template() {
+  local out app dep args
+  "$HELM" lint --strict "$CHART" || fail "helm lint --strict" || return 1
+  "$HELM" lint --strict "$CHART" --set 'watchNamespaces={team-a,team-b}' --set leaderElection.enabled=false \
+    --set serviceMonitor.enabled=true || fail "helm lint --strict with options" || return 1
+  cmp "$CHART/crds/dispy.io.yaml" "$REPO_DIR/crds/dispy.io.yaml" || fail "the chart's CRDs differ from crds/" || return 1
+  app=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")
+  [[ $app == "$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_DIR/Cargo.toml" | head -1)" ]] ||
+    fail "appVersion $app is not the workspace version" || return 1
+  "$HELM" template x "$CHART" --include-crds | grep -c '^kind: CustomResourceDefinition$' | grep -qx 2 ||
+    fail "--include-crds lacks the 2 CRDs" || return 1
+
+  # defaults: every namespace (ClusterRole), leader election, metrics Service, no ServiceMonitor
+  out=$(render) || return 1
+  [[ "$(kinds "$out")" == "ClusterRole ClusterRoleBinding Deployment Role RoleBinding Service ServiceAccount" ]] ||
+    fail "default kinds: $(kinds "$out")" || return 1
+  [[ "$(rules_of "$out" ClusterRole dispy-operator '')" == "$LEAST_PRIVILEGE" ]] ||
+    fail "ClusterRole rules are not the least-privilege set:" "$(rules_of "$out" ClusterRole dispy-operator '')" || return 1
+  [[ "$(rules_of "$out" Role dispy-operator-leader-election dispy-system)" == "$LEADER_ELECTION" ]] ||
+    fail "leader-election Role:" "$(rules_of "$out" Role dispy-operator-leader-election dispy-system)" || return 1
+  jq -e '.items[] | select(.kind == "ClusterRoleBinding") | .roleRef.name == "dispy-operator"
+    and .subjects == [{"kind": "ServiceAccount", "name": "dispy-operator", "namespace": "dispy-system"}]' <<<"$out" >/dev/null ||
+    fail "ClusterRoleBinding does not bind the ClusterRole to the ServiceAccount" || return 1
+  dep=$(jq '.items[] | select(.kind == "Deployment")' <<<"$out")
+  jq -e '.spec.replicas == 1 and .spec.template.spec.serviceAccountName == "dispy-operator"
+    and (.spec.template.spec.securityContext | .runAsNonRoot == true and .seccompProfile.type == "RuntimeDefault")
+    and (.spec.template.spec.containers[0] | .image == "dispy/operator:'"$app"'"
+      and (.securityContext | .runAsNonRoot == true and .readOnlyRootFilesystem == true
+        and .allowPrivilegeEscalation == false and .capabilities.drop == ["ALL"]
+        and .seccompProfile.type == "RuntimeDefault")
+      and .resources.requests.cpu != null and .resources.requests.memory != null and .resources.limits.memory != null
+      and .livenessProbe.httpGet.path == "/healthz" and .readinessProbe.httpGet.path == "/readyz"
+      and .livenessProbe.httpGet.port == "metrics" and .ports[0].containerPort == 8080
+      and (.env[] | select(.name == "POD_NAMESPACE") | .valueFrom.fieldRef.fieldPath == "metadata.namespace")
+      and (.env[] | select(.name == "RUST_LOG") | .value == "info"))' <<<"$dep" >/dev/null ||
+    { echo "$dep"; fail "Deployment: security context, resources, probes, image or env"; } || return 1
+  args=$(jq -r '.spec.template.spec.containers[0].args | join(" ")' <<<"$dep")
+  [[ $args == "run --node-image=dispy/node:$app --metrics-addr=0.0.0.0:8080 --log-format=json --leader-elect --lease-name=dispy-operator" ]] ||
+    fail "operator args: $args" || return 1
+  jq -e '.items[] | select(.kind == "Service") | .spec.ports[0].targetPort == "metrics"
+    and .spec.selector == {"app.kubernetes.io/name": "dispy-operator", "app.kubernetes.io/instance": "dispy-operator"}' <<<"$out" >/dev/null ||
+    fail "metrics Service" || return 1
+
+  # watched namespaces: a Role and RoleBinding in each, nothing cluster-wide
+  out=$(render --set 'watchNamespaces={team-a,team-b}' --set leaderElection.enabled=false --set logFormat=text \
+    --set logLevel=dispy_operator=debug) || return 1
+  [[ "$(kinds "$out")" == "Deployment Role Role RoleBinding RoleBinding Service ServiceAccount" ]] ||
+    fail "kinds with watchNamespaces, no leader election: $(kinds "$out")" || return 1
+  local ns
+  for ns in team-a team-b; do
+    [[ "$(rules_of "$out" Role dispy-operator $ns)" == "$LEAST_PRIVILEGE" ]] || fail "Role in $ns:" "$(rules_of "$out" Role dispy-operator $ns)" || return 1
+    jq -e --arg ns $ns '.items[] | select(.kind == "RoleBinding" and .metadata.namespace == $ns)
+      | .roleRef == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dispy-operator"}
+      and .subjects == [{"kind": "ServiceAccount", "name": "dispy-operator", "namespace": "dispy-system"}]' <<<"$out" >/dev/null ||
+      fail "RoleBinding in $ns" || return 1
+  done
+  dep=$(jq '.items[] | select(.kind == "Deployment")' <<<"$out")
+  args=$(jq -r '.spec.template.spec.containers[0].args | join(" ")' <<<"$dep")
+  [[ $args == "run --node-image=dispy/node:$app --metrics-addr=0.0.0.0:8080 --log-format=text --namespaces=team-a,team-b" ]] ||
+    fail "operator args with watchNamespaces: $args" || return 1
+  jq -e '.spec.strategy.type == "Recreate" and (.spec.template.spec.containers[0].env[] | select(.name == "RUST_LOG") | .value == "dispy_operator=debug")' \
+    <<<"$dep" >/dev/null || fail "no leader election: Recreate strategy and RUST_LOG" || return 1
+
+  # toggles: ServiceMonitor on, metrics Service off, images
+  out=$("$HELM" template dispy-operator "$CHART" --set serviceMonitor.enabled=true) || return 1
+  grep -q '^kind: ServiceMonitor$' <<<"$out" || fail "serviceMonitor.enabled=true renders no ServiceMonitor" || return 1
+  out=$("$HELM" template dispy-operator "$CHART" --set metrics.enabled=false) || return 1
+  ! grep -q '^kind: Service$' <<<"$out" || fail "metrics.enabled=false still renders a Service" || return 1
+  out=$("$HELM" template dispy-operator "$CHART" --set image.tag=dev --set nodeImage.repository=reg.example/node --set nodeImage.tag=v7) || return 1
+  grep -q 'image: "dispy/operator:dev"' <<<"$out" || fail "image.tag not used" || return 1
+  grep -q -- '--node-image=reg.example/node:v7' <<<"$out" || fail "nodeImage not used" || return 1
+
+  # the values schema refuses wrong types, unknown keys and bad enums
+  if out=$("$HELM" template dispy-operator "$CHART" --set leaderElection.enabled=notabool 2>&1); then
+    fail "leaderElection.enabled=notabool accepted" || return 1
+  fi
+  echo "$out"
+  grep -q "/leaderElection/enabled" <<<"$out" || fail "the schema error does not name leaderElection.enabled" || return 1
+  if "$HELM" template dispy-operator "$CHART" --set logFormat=xml >/dev/null 2>&1; then fail "logFormat=xml accepted" || return 1; fi
+  if "$HELM" template dispy-operator "$CHART" --set leaderElect=true >/dev/null 2>&1; then fail "unknown key leaderElect accepted" || return 1; fi
+  if "$HELM" template dispy-operator "$CHART" --set metrics.port=70000 >/dev/null 2>&1; then fail "metrics.port 70000 accepted" || return 1; fi
+  if "$HELM" template dispy-operator "$CHART" --set 'watchNamespaces={Bad_Name}' >/dev/null 2>&1; then fail "namespace Bad_Name accepted" || return 1; fi
+  # two replicas without a Lease would both reconcile
+  if "$HELM" template dispy-operator "$CHART" --set replicaCount=2 --set leaderElection.enabled=false >/dev/null 2>&1; then
+    fail "replicaCount=2 without leader election accepted" || return 1
+  fi
+}
+
+# helm install: the operator runs as a pod (a process of the process kubelet) under its
+# service account with the chart's RBAC, holds its Lease and reconciles a JobCluster
+HELM_NS=dispy-system
+operator_pod() { k -n $HELM_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{.items[0].metadata.name}'; }
+lease_held_by() { local v; v=$(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}') || return 1; [[ -n $1 && $v == *"$1"* ]]; }
+lease_renewed_ns() { local v; v=$(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.renewTime}') || return 1; [[ -n $v && $v != "$1" ]]; }
+ns_gone() { ! k get namespace "$1" >/dev/null 2>&1; }
+crd_gone() { ! k get crd jobclusters.dispy.io dispyjobs.dispy.io >/dev/null 2>&1; }
+# can_i ANSWER VERB RESOURCE [ARGS]: what the API server's authorizer says for the operator's account
+can_i() {
+  local want=$1 got
+  shift
+  got=$(k auth can-i --as=system:serviceaccount:$HELM_NS:dispy-operator "$@" 2>/dev/null)
+  [[ $got == "$want" ]] || fail "can-i $* is '$got', want '$want'"
+}
+process_gone() { [[ -n $1 && ! -d /proc/$1 ]]; }
+
+t_helm_install_operator() {
+  local pod rc=0
+  HELM_OPERATOR_PID=
+  wait_for 90 "namespace $HELM_NS from an earlier run gone" ns_gone $HELM_NS || return 1
+  # the chart installs the CRDs itself: start without them (nothing before this test leaves a
+  # dispy resource behind)
+  k delete crd jobclusters.dispy.io dispyjobs.dispy.io --ignore-not-found --wait=true --timeout=60s || return 1
+  wait_for 30 "dispy CRDs deleted" crd_gone || return 1
+  # the operator binds its pod IP: under the process kubelet pods share the host's network
+  "$HELM" install dispy-operator "$CHART" -n $HELM_NS --create-namespace \
+    --set-string 'metrics.bindAddress=$(POD_IP)' --set 'logLevel=info\,dispy_operator=debug' --set logFormat=text \
+    --wait --timeout 120s || rc=1
+  if [[ $rc == 0 ]]; then helm_operator_checks || rc=1; fi
+  if [[ $rc == 0 ]]; then helm_watch_namespaces_checks || rc=1; fi
+  if [[ $rc != 0 ]]; then
+    k -n $HELM_NS get deploy,pods -o wide
+    k -n $HELM_NS get events --sort-by=.lastTimestamp | tail -n 15
+    pod=$(operator_pod 2>/dev/null) && [[ -n $pod ]] && { echo "--- operator log"; k -n $HELM_NS logs "$pod" --tail=20; }
+  fi
+  k -n $NS delete jc helm-pool --ignore-not-found --wait=false >/dev/null 2>&1
+  k -n default delete jc helm-unwatched --ignore-not-found --wait=false >/dev/null 2>&1
+  if "$HELM" status dispy-operator -n $HELM_NS >/dev/null 2>&1; then
+    "$HELM" uninstall dispy-operator -n $HELM_NS --wait --timeout 60s || fail "helm uninstall" || rc=1
+  fi
+  if [[ $rc == 0 ]]; then
+    wait_for 60 "operator process $HELM_OPERATOR_PID gone" process_gone "$HELM_OPERATOR_PID" || rc=1
+    ! k get clusterrole dispy-operator >/dev/null 2>&1 || fail "ClusterRole left after uninstall" || rc=1
+    ! k -n $HELM_NS get role dispy-operator-leader-election >/dev/null 2>&1 || fail "Role left after uninstall" || rc=1
+    ! k -n $NS get role dispy-operator >/dev/null 2>&1 || fail "Role in $NS left after uninstall" || rc=1
+    # Helm keeps CRDs (and so every JobCluster and DispyJob) on uninstall
+    k get crd jobclusters.dispy.io dispyjobs.dispy.io >/dev/null || fail "CRDs removed by uninstall" || rc=1
+  fi
+  k delete namespace $HELM_NS --wait=false >/dev/null 2>&1
+  return $rc
+}
+
+helm_operator_checks() {
+  local pod pid ip r1 out
+  k -n $HELM_NS wait --for=condition=Available deployment/dispy-operator --timeout=60s || return 1
+  k wait --for=condition=Established crd/jobclusters.dispy.io crd/dispyjobs.dispy.io --timeout=60s || fail "chart CRDs not established" || return 1
+  "$HELM" status dispy-operator -n $HELM_NS | grep -q "kubectl apply -f docs/examples/checksums.yaml" || fail "NOTES do not say what to apply next" || return 1
+  pod=$(operator_pod)
+  [[ -n $pod ]] || fail "no operator pod" || return 1
+  pid=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
+  HELM_OPERATOR_PID=$pid
+  [[ -d /proc/$pid ]] || fail "operator process $pid not running" || return 1
+  tr '\0' ' ' </proc/$pid/cmdline | grep -q "dispy-operator run .*--leader-elect" || fail "process is not the operator: $(tr '\0' ' ' </proc/$pid/cmdline)" || return 1
+  [[ "$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.spec.serviceAccountName}')" == dispy-operator ]] || fail "pod's service account" || return 1
+  # its HTTP server: probes and Prometheus metrics on the pod's address
+  ip=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.podIP}')
+  curl -sf --max-time 5 "http://$ip:8080/healthz" >/dev/null || fail "/healthz on $ip:8080" || return 1
+  curl -sf --max-time 5 "http://$ip:8080/readyz" >/dev/null || fail "/readyz on $ip:8080" || return 1
+  curl -sf --max-time 5 "http://$ip:8080/metrics" | grep -q '^# TYPE ' || fail "/metrics has no Prometheus text" || return 1
+  [[ "$(k -n $HELM_NS get svc dispy-operator-metrics -o jsonpath='{.spec.ports[0].port}')" == 8080 ]] || fail "metrics Service" || return 1
+  # leader election: the pod holds the operator's Lease in its own namespace, and renews it
+  wait_for 30 "Lease held by $pod" lease_held_by "$pod" ||
+    fail "holder: $(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}' 2>&1)" || return 1
+  r1=$(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.renewTime}')
+  wait_for 40 "Lease renewed" lease_renewed_ns "$r1" || return 1
+  # least privilege, as the API server's authorizer sees the operator's account
+  can_i yes create pods -n $NS || return 1
+  can_i yes patch jobclusters.dispy.io/status -n $NS || return 1
+  can_i yes update leases/dispy-operator -n $HELM_NS || return 1
+  can_i no update leases/other -n $HELM_NS || return 1
+  can_i no create leases -n $NS || return 1
+  can_i no list nodes || return 1
+  can_i no delete secrets -n $NS || return 1
+  can_i no update pods -n $NS || return 1
+  can_i no create deployments.apps -n $NS || return 1
+  can_i no create jobclusters.dispy.io -n $NS || return 1
+  # and it is enough to run a JobCluster: node pods from the chart's node image, status written
+  k -n $NS apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: helm-pool}
+spec:
+  nodes: {replicas: 1, cpus: 1, port: 9831}
+EOF
+  wait_for 90 "helm-pool 1/1 Ready" field_is jc/helm-pool '{.status.nodes} {.status.phase}' "1/1 Ready" ||
+    fail "status: $(k -n $NS get jc helm-pool -o jsonpath='{.status}')" || return 1
+  out=$(k -n $NS get pods -l dispy.io/cluster=helm-pool -o jsonpath='{.items[*].spec.containers[0].image}')
+  [[ $out == "dispy/node:$(sed -n 's/^appVersion: *"\(.*\)"$/\1/p' "$CHART/Chart.yaml")" ]] || fail "node pod image: $out" || return 1
+  k -n $NS delete jc helm-pool --wait=true --timeout=60s || return 1
+  wait_for 60 "helm-pool pods garbage-collected" none_left pods dispy.io/cluster=helm-pool || return 1
+}
+
+# watchNamespaces: an upgrade swaps the ClusterRole for a Role in the watched namespace; the
+# restarted operator still runs JobClusters there and leaves other namespaces alone
+helm_watch_namespaces_checks() {
+  local pod pid
+  "$HELM" upgrade dispy-operator "$CHART" -n $HELM_NS --reuse-values --set "watchNamespaces={$NS}" --wait --timeout 120s || return 1
+  k -n $HELM_NS rollout status deployment/dispy-operator --timeout=90s || return 1
+  ! k get clusterrole dispy-operator >/dev/null 2>&1 || fail "ClusterRole still there with watchNamespaces" || return 1
+  k -n $NS get role dispy-operator >/dev/null || fail "no Role in $NS" || return 1
+  can_i yes create pods -n $NS || return 1
+  can_i no create pods -n default || return 1
+  can_i no list jobclusters.dispy.io --all-namespaces || return 1
+  pod=$(operator_pod)
+  pid=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
+  HELM_OPERATOR_PID=$pid
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "--namespaces=$NS" || fail "the operator does not run with --namespaces=$NS" || return 1
+  wait_for 60 "Lease held by the new pod $pod" lease_held_by "$pod" || return 1
+  k -n default apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: helm-unwatched}
+spec:
+  nodes: {replicas: 1, cpus: 1, port: 9832}
+EOF
+  k -n $NS apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: helm-pool}
+spec:
+  nodes: {replicas: 1, cpus: 1, port: 9833}
+EOF
+  wait_for 90 "helm-pool 1/1 Ready" field_is jc/helm-pool '{.status.nodes} {.status.phase}' "1/1 Ready" ||
+    fail "status: $(k -n $NS get jc helm-pool -o jsonpath='{.status}')" || return 1
+  [[ -z "$(k -n default get jc helm-unwatched -o jsonpath='{.status}')" ]] || fail "a JobCluster outside watchNamespaces got a status" || return 1
+  [[ -z "$(k -n default get pods -l dispy.io/cluster=helm-unwatched -o name)" ]] || fail "a JobCluster outside watchNamespaces got pods" || return 1
+  k -n default delete jc helm-unwatched --wait=true --timeout=30s || return 1
+  k -n $NS delete jc helm-pool --wait=true --timeout=60s || return 1
+  wait_for 60 "helm-pool pods garbage-collected" none_left pods dispy.io/cluster=helm-pool || return 1
+}
+
 t_cluster_up_twice_and_after_a_crash() {
   local api_pid out
   api_pid=$(cat "$E2E_STATE_DIR/pids/kube-apiserver")
@@ -691,6 +951,10 @@ run_test "server-side apply conflicts, finalizers, owner references on a custom 
 run_test "Lease create and renew" t_lease_create_renew
 run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
 run_test "dispy CRDs: explain, CEL rules, scale, category, printer columns" t_dispy_crds
+run_test "helm chart: lint --strict, template (kinds, security context, least-privilege RBAC, Roles per watched namespace, values schema)" t_helm_chart_lint_template
+if [[ $LOCAL == 1 ]]; then
+  run_test "helm chart: install, operator pod Available under its account, CRDs, Lease, metrics, RBAC, watchNamespaces upgrade, uninstall" t_helm_install_operator
+fi
 if [[ $LOCAL == 1 ]]; then
   run_test "operator: node pods, Service, Secret, status, scale, garbage collection" t_operator_node_pods
 fi
