@@ -634,7 +634,7 @@ dispy.io|jobclusters/finalizers,dispyjobs/finalizers||update
 |events||create,patch
 events.k8s.io|events||create,patch'
 LEADER_ELECTION='coordination.k8s.io|leases||create
-coordination.k8s.io|leases|dispy-operator|get,update'
+coordination.k8s.io|leases|dispy-operator|get,patch'
 
 t_helm_chart_lint_template() {
   local out app dep args
@@ -803,8 +803,9 @@ helm_operator_checks() {
   # least privilege, as the API server's authorizer sees the operator's account
   can_i yes create pods -n $NS || return 1
   can_i yes patch jobclusters.dispy.io/status -n $NS || return 1
-  can_i yes update leases/dispy-operator -n $HELM_NS || return 1
-  can_i no update leases/other -n $HELM_NS || return 1
+  can_i yes patch leases/dispy-operator -n $HELM_NS || return 1
+  can_i no patch leases/other -n $HELM_NS || return 1
+  can_i no update leases/dispy-operator -n $HELM_NS || return 1
   can_i no create leases -n $NS || return 1
   can_i no list nodes || return 1
   can_i no delete secrets -n $NS || return 1
