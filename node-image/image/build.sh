@@ -46,7 +46,7 @@ done
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)"
 tag="${tag:-$version}"
-name="dispynode"
+name="dispy/node"
 : "${SOURCE_DATE_EPOCH:=$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 1700000000)}"
 export SOURCE_DATE_EPOCH
 created="$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)"
@@ -146,7 +146,7 @@ umoci config --image "$img" --no-history \
 umoci gc --layout "$layout"
 
 # --- the docker-archive tarball, converted from the layout (same layers, same config)
-archive="$out/$name-image.tar"
+archive="$out/dispynode-image.tar"
 rm -f "$archive"
 skopeo --insecure-policy copy --quiet "oci:$layout:$tag" "docker-archive:$archive:$name:$tag"
 
