@@ -647,6 +647,13 @@ t_helm_chart_lint_template() {
     fail "appVersion $app is not the workspace version" || return 1
   "$HELM" template x "$CHART" --include-crds | grep -c '^kind: CustomResourceDefinition$' | grep -qx 2 ||
     fail "--include-crds lacks the 2 CRDs" || return 1
+  # the packaged chart carries the CRDs themselves
+  local pkg
+  pkg=$(mktemp -d)
+  "$HELM" package "$CHART" -d "$pkg" >/dev/null || fail "helm package" || return 1
+  tar -xzOf "$pkg/dispy-operator-"*.tgz dispy-operator/crds/dispy.io.yaml | cmp - "$REPO_DIR/crds/dispy.io.yaml" ||
+    fail "the packaged chart's CRDs differ from crds/" || return 1
+  rm -rf "$pkg"
 
   # defaults: every namespace (ClusterRole), leader election, metrics Service, no ServiceMonitor
   out=$(render) || return 1
