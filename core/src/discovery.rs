@@ -84,3 +84,28 @@ pub fn broadcast_targets(port: u16) -> Vec<SocketAddr> {
     targets.dedup();
     targets
 }
+
+/// `host` or `host:port`, with dispy's node port when none is given.
+pub fn with_port(addr: &str) -> String {
+    if addr
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        addr.to_string()
+    } else {
+        format!("{addr}:{}", crate::protocol::DEFAULT_NODE_PORT)
+    }
+}
+
+/// Nodes that answer a discovery ping on this host's networks (their broadcast addresses,
+/// dispy's node port), as `host:port`.
+pub async fn discover_nodes(timeout: std::time::Duration) -> Result<Vec<String>, String> {
+    let targets = broadcast_targets(crate::protocol::DEFAULT_NODE_PORT);
+    let found = discover("0.0.0.0:0".parse().expect("valid"), &targets, timeout)
+        .await
+        .map_err(|e| format!("UDP discovery failed: {e}"))?;
+    Ok(found
+        .iter()
+        .map(|n| format!("{}:{}", n.addr, n.port))
+        .collect())
+}

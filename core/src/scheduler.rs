@@ -1038,7 +1038,10 @@ mod tests {
         );
         // Its result still counts once.
         assert_eq!(sim.ev(done(WC, 1, A)), vec![]);
-        assert_eq!(sim.s.job(&key(WC, 1)).unwrap().status(), JobStatus::Finished);
+        assert_eq!(
+            sim.s.job(&key(WC, 1)).unwrap().status(),
+            JobStatus::Finished
+        );
         assert_eq!(sim.s.node_load(A), Some(NodeLoad { cpus: 2, busy: 1 }));
     }
 

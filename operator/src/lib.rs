@@ -1,10 +1,28 @@
-//! The dispy operator: what JobClusters own in Kubernetes (`build`), and the CRDs.
+//! The dispy operator: what JobClusters own in Kubernetes (`build`), the JobCluster and
+//! DispyJob controllers, the engine that runs jobs on the nodes through core's scheduler, and
+//! the CRDs.
 
 pub mod build;
-pub mod controller;
+pub mod cluster;
+pub mod engine;
+pub mod jobs;
+pub mod metrics;
+pub mod status;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use dispy_core::manifest::{DispyJobResource, JobClusterResource};
-use kube::CustomResourceExt;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, CustomResourceExt};
+
+/// Field manager and event reporter name.
+pub const MANAGER: &str = "dispy-operator";
 
 /// Both CRDs as one multi-document YAML text (`dispy-operator crd`).
 pub fn crds_yaml() -> String {
@@ -13,4 +31,146 @@ pub fn crds_yaml() -> String {
         .map(|crd| serde_yaml::to_string(crd).expect("a CRD serializes"))
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+/// What both controllers share.
+pub struct Ctx {
+    pub client: Client,
+    /// Node image used when a JobCluster names none.
+    pub image: String,
+    pub engine: engine::Handle,
+    pub metrics: Arc<metrics::Metrics>,
+    pub writer: writer::Writer,
+    /// JobClusters as the JobCluster controller last saw them.
+    pub clusters: Store<JobClusterResource>,
+}
+
+pub struct Options {
+    pub image: String,
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    /// DispyJob reconciles run at once.
+    pub concurrency: u16,
+    /// Status writes in flight at once.
+    pub write_concurrency: usize,
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs both controllers (one set per watched namespace) until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let writer = writer::Writer::new(client.clone(), options.write_concurrency, metrics.clone());
+    let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let engine = engine::start(writer.clone(), metrics.clone(), changed_tx);
+    let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {
+        vec![None]
+    } else {
+        options.namespaces.iter().cloned().map(Some).collect()
+    };
+    // The engine's notices (node up/lost, job counts) re-run the cluster's reconcile.
+    let (notice_txs, notice_rxs): (Vec<_>, Vec<_>) = scopes
+        .iter()
+        .map(|_| tokio::sync::mpsc::unbounded_channel::<ObjectRef<JobClusterResource>>())
+        .unzip();
+    {
+        let scopes = scopes.clone();
+        let mut changed_rx = changed_rx;
+        tokio::spawn(async move {
+            while let Some((ns, name)) = changed_rx.recv().await {
+                for (scope, tx) in scopes.iter().zip(&notice_txs) {
+                    if scope.as_ref().is_none_or(|s| *s == ns) {
+                        let _ = tx.send(ObjectRef::new(&name).within(&ns));
+                    }
+                }
+            }
+        });
+    }
+    let mut tasks = Vec::new();
+    for (scope, notices) in scopes.into_iter().zip(notice_rxs) {
+        let ns = scope.as_deref();
+        let managed =
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=dispy-operator");
+        let clusters = Controller::new(
+            api::<JobClusterResource>(&client, ns),
+            watcher::Config::default(),
+        )
+        .owns(api::<Pod>(&client, ns), managed)
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
+        .reconcile_on(tokio_stream_from(notices))
+        .graceful_shutdown_on(shutdown.clone());
+        let ctx = Arc::new(Ctx {
+            client: client.clone(),
+            image: options.image.clone(),
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            writer: writer.clone(),
+            clusters: clusters.store(),
+        });
+        let jobs = Controller::new(
+            api::<DispyJobResource>(&client, ns),
+            watcher::Config::default(),
+        )
+        .with_config(ControllerConfig::default().concurrency(options.concurrency))
+        .graceful_shutdown_on(shutdown.clone());
+        let c = ctx.clone();
+        tasks.push(tokio::spawn(
+            clusters
+                .run(cluster::reconcile, cluster::error_policy, c)
+                .for_each(|_| async {}),
+        ));
+        tasks.push(tokio::spawn(
+            jobs.run(jobs::reconcile, jobs::error_policy, ctx)
+                .for_each(|_| async {}),
+        ));
+    }
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    futures::future::join_all(tasks).await;
+    // Stopped: store the statuses already known. Nodes keep running jobs and their results
+    // until the next instance attaches.
+    let drained = engine
+        .ask(
+            |reply| engine::Input::Drain { reply },
+            Duration::from_secs(10),
+        )
+        .await;
+    if !drained {
+        tracing::warn!("some job statuses were not stored; the next instance recovers them");
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// `host` or `host:port`, with dispy's node port when none is given.
+pub fn with_port(addr: &str) -> String {
+    dispy_core::discovery::with_port(addr)
+}
+
+/// Nodes that answer a discovery ping on the operator's networks (`spec.nodes.discover`).
+pub async fn discovered_nodes() -> Vec<String> {
+    dispy_core::discovery::discover_nodes(Duration::from_secs(2))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            Vec::new()
+        })
 }

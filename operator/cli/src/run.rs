@@ -655,32 +655,11 @@ async fn connect_node(
     }
 }
 
+pub use dispy_core::discovery::with_port;
+
 /// Nodes that answer a discovery ping on this host's networks, as `host:port`.
 pub async fn discover_nodes() -> Result<Vec<String>, String> {
-    let targets = dispy_core::discovery::broadcast_targets(dispy_core::protocol::DEFAULT_NODE_PORT);
-    let found = dispy_core::discovery::discover(
-        "0.0.0.0:0".parse().expect("valid"),
-        &targets,
-        Duration::from_secs(2),
-    )
-    .await
-    .map_err(|e| format!("UDP discovery failed: {e}"))?;
-    Ok(found
-        .iter()
-        .map(|n| format!("{}:{}", n.addr, n.port))
-        .collect())
-}
-
-/// `host` or `host:port`, with dispy's node port when none is given.
-pub fn with_port(addr: &str) -> String {
-    if addr
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        addr.to_string()
-    } else {
-        format!("{addr}:{}", dispy_core::protocol::DEFAULT_NODE_PORT)
-    }
+    dispy_core::discovery::discover_nodes(Duration::from_secs(2)).await
 }
 
 /// A pinned job's `node`: a node name or an address.

@@ -1,0 +1,221 @@
+//! The DispyJob controller: hands each DispyJob of an existing JobCluster to the engine, which
+//! schedules it and writes its status. A job naming a cluster that does not exist waits, with a
+//! `Waiting` condition and an Event that say so, and runs once the cluster appears. Deleting a
+//! job that runs terminates it on its node first (finalizer).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispy_core::job::JobStatus;
+use dispy_core::manifest::{DispyJobResource, DispyJobStatus, JobClusterResource};
+use dispy_core::protocol::JobRequest;
+use dispy_core::scheduler::JobKey;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::ResourceExt;
+
+use crate::cluster::{computation_id, depends_files};
+use crate::engine::{Input, JobInfo};
+use crate::status::{conditions, job_id};
+use crate::{Ctx, MANAGER};
+
+/// Held until the job is no longer on a node.
+pub const FINALIZER: &str = "dispy.io/terminate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("DispyJob {job}: {action}: {source}")]
+    Kube {
+        job: String,
+        action: &'static str,
+        source: kube::Error,
+    },
+    #[error("DispyJob {job}: {message}")]
+    Invalid { job: String, message: String },
+    #[error("DispyJob {0}: its node did not confirm the termination in time")]
+    TerminateTimeout(String),
+    #[error("DispyJob finalizer: {0}")]
+    Finalizer(String),
+}
+
+pub fn error_policy(_job: Arc<DispyJobResource>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics.reconciled("dispyjob", false);
+    tracing::warn!("{error}");
+    match error {
+        Error::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+pub async fn reconcile(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let terminal = job.status.as_ref().is_some_and(|s| s.status.is_terminal());
+    let ns = job.namespace().unwrap_or_else(|| "default".into());
+    let api = Api::<DispyJobResource>::namespaced(ctx.client.clone(), &ns);
+    let result =
+        if terminal && job.finalizers().is_empty() && job.metadata.deletion_timestamp.is_none() {
+            // Done before its finalizer was ever needed: only counted.
+            apply(job, ctx.clone()).await
+        } else {
+            finalizer(&api, FINALIZER, job, |event| async {
+                match event {
+                    Finalizer::Apply(job) => apply(job, ctx.clone()).await,
+                    Finalizer::Cleanup(job) => cleanup(job, ctx.clone()).await,
+                }
+            })
+            .await
+            .map_err(|e| match e {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+                other => Error::Finalizer(other.to_string()),
+            })
+        };
+    ctx.metrics.reconciled("dispyjob", result.is_ok());
+    result
+}
+
+fn cluster_of(job: &DispyJobResource, ctx: &Ctx) -> Option<Arc<JobClusterResource>> {
+    let ns = job.namespace().unwrap_or_else(|| "default".into());
+    ctx.clusters
+        .state()
+        .into_iter()
+        .find(|c| c.name_any() == job.spec.cluster && c.namespace().as_deref() == Some(&ns))
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+}
+
+async fn cleanup(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let Some(cluster) = cluster_of(&job, &ctx) else {
+        return Ok(Action::await_change());
+    };
+    let key = JobKey::new(
+        computation_id(&cluster),
+        job_id(job.metadata.uid.as_deref().unwrap_or("")),
+    );
+    let stopped = ctx
+        .engine
+        .ask(
+            |reply| Input::JobGone { key, reply },
+            Duration::from_secs(30),
+        )
+        .await;
+    if stopped {
+        Ok(Action::await_change())
+    } else {
+        Err(Error::TerminateTimeout(job.name_any()))
+    }
+}
+
+async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_else(|| "default".into());
+    let name = job.name_any();
+    let stored = job.status.clone().unwrap_or_default();
+    let Some(cluster) = cluster_of(&job, &ctx) else {
+        if stored.status.is_terminal() {
+            return Ok(Action::await_change());
+        }
+        return wait_for_cluster(&job, &ctx, &ns, &name, stored).await;
+    };
+    let invalid = |message: String| Error::Invalid {
+        job: format!("{ns}/{name}"),
+        message,
+    };
+    let program = matches!(
+        cluster
+            .spec
+            .computation
+            .as_ref()
+            .map(|c| c.program.is_some()),
+        Some(true)
+    );
+    if program && !job.spec.kwargs.is_empty() {
+        return Err(invalid(
+            "spec.kwargs: a program computation takes no kwargs".into(),
+        ));
+    }
+    let files = if stored.status.is_terminal() {
+        Vec::new()
+    } else {
+        depends_files(&ctx.client, &ns, &job.spec.depends)
+            .await
+            .map_err(invalid)?
+    };
+    let key = JobKey::new(
+        computation_id(&cluster),
+        job_id(job.metadata.uid.as_deref().unwrap_or("")),
+    );
+    let info = JobInfo {
+        request: JobRequest {
+            id: key.job,
+            args: serde_json::Value::Array(job.spec.args.clone()).to_string(),
+            kwargs: serde_json::Value::Object(job.spec.kwargs.clone()).to_string(),
+            depends: files.iter().map(|(n, _)| n.clone()).collect(),
+        },
+        key,
+        namespace: ns,
+        name,
+        uid: job.metadata.uid.clone().unwrap_or_default(),
+        files,
+        node: job.spec.node.clone(),
+        deadline: job.spec.active_deadline_seconds.map(Duration::from_secs),
+        stored,
+    };
+    ctx.engine.send(Input::Job(Box::new(info)));
+    Ok(Action::await_change())
+}
+
+/// The job names a JobCluster that does not exist (yet): say so once, look again later.
+async fn wait_for_cluster(
+    job: &DispyJobResource,
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    mut status: DispyJobStatus,
+) -> Result<Action, Error> {
+    let message = format!(
+        "JobCluster {ns}/{} does not exist; the job runs once it does",
+        job.spec.cluster
+    );
+    let said = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Waiting" && c.status == "True" && c.reason == "ClusterNotFound");
+    if !said {
+        status.status = JobStatus::Created;
+        status.message = Some(message.clone());
+        let now = dispy_core::manifest::rfc3339(dispy_core::job::now_secs());
+        status.conditions = conditions(
+            &status,
+            &status.conditions,
+            &now,
+            Some(("ClusterNotFound", &message)),
+        );
+        let patch = serde_json::json!({
+            "apiVersion": "dispy.io/v1alpha1",
+            "kind": "DispyJob",
+            "status": status,
+        });
+        Api::<DispyJobResource>::namespaced(ctx.client.clone(), ns)
+            .patch_status(
+                name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(|source| Error::Kube {
+                job: format!("{ns}/{name}"),
+                action: "update its status",
+                source,
+            })?;
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("dispy.io/v1alpha1".into()),
+            kind: Some("DispyJob".into()),
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            uid: job.metadata.uid.clone(),
+            ..Default::default()
+        };
+        ctx.writer
+            .publish(reference, "ClusterNotFound", message, true);
+    }
+    Ok(Action::requeue(Duration::from_secs(5)))
+}

@@ -1,0 +1,176 @@
+//! The operator's Prometheus metrics and its `/metrics`, `/healthz` and `/readyz` endpoints.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dispy_core::job::JobStatus;
+use dispy_core::scheduler::JobKey;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub jobs: Family<StatusLabel, Gauge>,
+    pub scheduling_latency: Histogram,
+    pub reconcile_errors: Family<ControllerLabel, Counter>,
+    pub reconciles: Family<ControllerLabel, Counter>,
+    pub nodes_up: Gauge,
+    pub status_writes: Counter,
+    pub events_dropped: Counter,
+    pub leader: Gauge,
+    /// Set once the controllers run (as leader) or wait for the lease (as a standby).
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("dispy_operator");
+        let jobs = Family::<StatusLabel, Gauge>::default();
+        registry.register("jobs", "DispyJobs known, by dispy status", jobs.clone());
+        let scheduling_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "scheduling_latency_seconds",
+            "Time from a DispyJob entering the queue to its dispatch to a node",
+            scheduling_latency.clone(),
+        );
+        let reconcile_errors = Family::<ControllerLabel, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by controller",
+            reconcile_errors.clone(),
+        );
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles run, by controller",
+            reconciles.clone(),
+        );
+        let nodes_up = Gauge::default();
+        registry.register("nodes", "Nodes connected", nodes_up.clone());
+        let status_writes = Counter::default();
+        registry.register(
+            "status_writes",
+            "DispyJob status writes sent to the API server",
+            status_writes.clone(),
+        );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Kubernetes Events dropped because their queue was full",
+            events_dropped.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this instance leads", leader.clone());
+        Metrics {
+            registry,
+            jobs,
+            scheduling_latency,
+            reconcile_errors,
+            reconciles,
+            nodes_up,
+            status_writes,
+            events_dropped,
+            leader,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_jobs(&self, known: &HashMap<String, BTreeMap<JobKey, JobStatus>>) {
+        let mut counts: BTreeMap<JobStatus, i64> = BTreeMap::new();
+        for jobs in known.values() {
+            for s in jobs.values() {
+                *counts.entry(*s).or_default() += 1;
+            }
+        }
+        for s in [
+            JobStatus::Created,
+            JobStatus::Running,
+            JobStatus::Finished,
+            JobStatus::Terminated,
+            JobStatus::Cancelled,
+            JobStatus::Abandoned,
+        ] {
+            self.jobs
+                .get_or_create(&StatusLabel {
+                    status: s.as_str().to_string(),
+                })
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+    }
+
+    pub fn reconciled(&self, controller: &str, ok: bool) {
+        let label = ControllerLabel {
+            controller: controller.into(),
+        };
+        self.reconciles.get_or_create(&label).inc();
+        if !ok {
+            self.reconcile_errors.get_or_create(&label).inc();
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (the process runs) and `/readyz` (it leads or stands by).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    if m.ready.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).await
+}

@@ -1,0 +1,169 @@
+//! What the engine writes to the API server: DispyJob statuses (server-side apply on the
+//! status subresource), output ConfigMaps owned by their job, and Events. Writes run at most
+//! `concurrency` at a time; Events are best effort: when their queue is full they are dropped
+//! (and counted) rather than slowing jobs down.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dispy_core::manifest::{DispyJobResource, DispyJobStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Client;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::engine::{ClusterInfo, JobInfo};
+use crate::metrics::Metrics;
+use crate::MANAGER;
+
+/// One status to store.
+pub struct Write {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub status: DispyJobStatus,
+    /// The whole output, for the job's output ConfigMap.
+    pub output: Option<BTreeMap<String, String>>,
+}
+
+/// The name of a job's output ConfigMap.
+pub fn output_name(job: &str) -> String {
+    format!("{job}-output")
+}
+
+#[derive(Clone)]
+pub struct Writer {
+    client: Client,
+    permits: Arc<Semaphore>,
+    events: mpsc::Sender<(ObjectReference, Event)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    pub fn new(client: Client, concurrency: usize, metrics: Arc<Metrics>) -> Writer {
+        let (events, mut queue) = mpsc::channel::<(ObjectReference, Event)>(1024);
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        tokio::spawn(async move {
+            while let Some((reference, event)) = queue.recv().await {
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    tracing::debug!("publishing an Event failed: {e}");
+                }
+            }
+        });
+        Writer {
+            client,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            events,
+            metrics,
+        }
+    }
+
+    /// Stores a status (and first the output ConfigMap, when there is one). An error whose text
+    /// starts with `NotFound` means the DispyJob is gone.
+    pub async fn store(&self, w: Write) -> Result<(), String> {
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let apply = PatchParams::apply(MANAGER).force();
+        if let Some(output) = &w.output {
+            let cm = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": output_name(&w.name),
+                    "namespace": w.namespace,
+                    "labels": {"app.kubernetes.io/managed-by": MANAGER, "dispy.io/job": w.name},
+                    "ownerReferences": [owner(&w.name, &w.uid)],
+                },
+                "data": output,
+            });
+            Api::<ConfigMap>::namespaced(self.client.clone(), &w.namespace)
+                .patch(&output_name(&w.name), &apply, &Patch::Apply(&cm))
+                .await
+                .map_err(|e| describe(&e, "output ConfigMap"))?;
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "dispy.io/v1alpha1",
+            "kind": "DispyJob",
+            "status": w.status,
+        });
+        let result = Api::<DispyJobResource>::namespaced(self.client.clone(), &w.namespace)
+            .patch_status(&w.name, &apply, &Patch::Apply(&patch))
+            .await;
+        self.metrics.status_writes.inc();
+        result.map(|_| ()).map_err(|e| describe(&e, "status"))
+    }
+
+    /// An Event on a DispyJob (best effort).
+    pub fn event(&self, job: &JobInfo, reason: &str, note: String, warning: bool) {
+        let reference = ObjectReference {
+            api_version: Some("dispy.io/v1alpha1".into()),
+            kind: Some("DispyJob".into()),
+            name: Some(job.name.clone()),
+            namespace: Some(job.namespace.clone()),
+            uid: Some(job.uid.clone()),
+            ..Default::default()
+        };
+        self.publish(reference, reason, note, warning);
+    }
+
+    /// An Event on a JobCluster (best effort).
+    pub fn cluster_event(&self, cluster: &ClusterInfo, reason: &str, note: String, warning: bool) {
+        let reference = ObjectReference {
+            api_version: Some("dispy.io/v1alpha1".into()),
+            kind: Some("JobCluster".into()),
+            name: Some(cluster.name.clone()),
+            namespace: Some(cluster.namespace.clone()),
+            uid: Some(cluster.uid.clone()),
+            ..Default::default()
+        };
+        self.publish(reference, reason, note, warning);
+    }
+
+    pub fn publish(&self, reference: ObjectReference, reason: &str, note: String, warning: bool) {
+        let mut note = note;
+        if note.len() > 1000 {
+            let mut cut = 1000;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if self.events.try_send((reference, event)).is_err() {
+            self.metrics.events_dropped.inc();
+        }
+    }
+}
+
+fn owner(name: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "dispy.io/v1alpha1".into(),
+        kind: "DispyJob".into(),
+        name: name.into(),
+        uid: uid.into(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn describe(e: &kube::Error, what: &str) -> String {
+    match e {
+        kube::Error::Api(s) if s.code == 404 => format!("NotFound: {what}: {e}"),
+        _ => format!("{what}: {e}"),
+    }
+}
