@@ -767,7 +767,7 @@ t_helm_install_operator() {
     k -n $HELM_NS get events --sort-by=.lastTimestamp | tail -n 15
     pod=$(operator_pod 2>/dev/null) && [[ -n $pod ]] && { echo "--- operator log"; k -n $HELM_NS logs "$pod" --tail=20; }
   fi
-  k -n $NS delete jc helm-pool --ignore-not-found --wait=false >/dev/null 2>&1
+  k -n $NS delete jc helm-pool squares --ignore-not-found --wait=false >/dev/null 2>&1
   k -n default delete jc helm-unwatched --ignore-not-found --wait=false >/dev/null 2>&1
   if "$HELM" status dispy-operator -n $HELM_NS >/dev/null 2>&1; then
     "$HELM" uninstall dispy-operator -n $HELM_NS --wait --timeout 60s || fail "helm uninstall" || rc=1
@@ -833,6 +833,14 @@ EOF
   [[ $out == "dispy/node:$(sed -n 's/^appVersion: *"\(.*\)"$/\1/p' "$CHART/Chart.yaml")" ]] || fail "node pod image: $out" || return 1
   k -n $NS delete jc helm-pool --wait=true --timeout=60s || return 1
   wait_for 60 "helm-pool pods garbage-collected" none_left pods dispy.io/cluster=helm-pool || return 1
+  # the example the install's NOTES give runs as written
+  "$HELM" get notes dispy-operator -n $HELM_NS | sed -n "/kubectl apply -f - <<'YAML'/,/^  YAML$/p" | sed '1d;$d;s/^  //' >"$E2E_STATE_DIR/notes-example.yaml"
+  grep -q "kind: DispyJob" "$E2E_STATE_DIR/notes-example.yaml" || fail "no example in the NOTES" || return 1
+  k -n $NS apply -f "$E2E_STATE_DIR/notes-example.yaml" || return 1
+  k -n $NS wait --for=condition=Complete dispyjob/squares-7 --timeout=90s || return 1
+  field_is dj/squares-7 '{.status.status} {.status.result}' "Finished 49" ||
+    fail "squares-7: $(k -n $NS get dj squares-7 -o jsonpath='{.status}')" || return 1
+  k -n $NS delete -f "$E2E_STATE_DIR/notes-example.yaml" --wait=true --timeout=60s || return 1
 }
 
 # watchNamespaces: an upgrade swaps the ClusterRole for a Role in the watched namespace; the
