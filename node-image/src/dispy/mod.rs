@@ -62,6 +62,9 @@ struct State {
     next_session: SessionId,
 }
 
+/// A pickled `_JobReply`, where it goes, the node's computation id and the job's hash.
+type Outgoing = (Vec<u8>, (String, u16), String, String);
+
 struct Comp {
     compute: Compute,
     /// The computation's id in the node's state machine.
@@ -307,12 +310,7 @@ impl Dispy {
     }
 
     /// A job's pickled `_JobReply`, where it goes, the node computation and the job's hash.
-    fn reply_for(
-        &self,
-        compute_id: i64,
-        uid: JobId,
-        result: &JobResult,
-    ) -> Option<(Vec<u8>, (String, u16), String, String)> {
+    fn reply_for(&self, compute_id: i64, uid: JobId, result: &JobResult) -> Option<Outgoing> {
         let st = self.state.lock().unwrap();
         let comp = st.comps.get(&compute_id)?;
         let hash = comp.hashes.get(&uid)?.clone();
