@@ -8,6 +8,8 @@
 //! These need root (mmdebstrap, umoci unpack, namespaces, chroot): without it each test says so
 //! and returns. CI runs as root.
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -17,14 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use cli::{dispy_cli, repo};
 use serde_json::Value;
 
 const TAG: &str = env!("CARGO_PKG_VERSION");
 const SECRET: &str = "image-test-secret";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn is_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -401,21 +400,6 @@ fn start_container(ns: &str, bundle: &Path, extra_args: &[&str], log: PathBuf) -
         .spawn()
         .unwrap();
     Container { child, log }
-}
-
-/// The `dispy` CLI beside dispynode (built here when this crate's tests run alone).
-fn dispy_cli() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_dispynode")).with_file_name("dispy");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "dispy-cli"])
-        .current_dir(repo())
-        .status()
-        .unwrap();
-    assert!(
-        status.success() && bin.exists(),
-        "building the dispy CLI failed"
-    );
-    bin
 }
 
 fn status_of<'a>(items: &'a [Value], name: &str) -> &'a Value {

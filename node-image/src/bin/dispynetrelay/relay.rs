@@ -7,8 +7,9 @@
 //! announcements heard on the client port go to the `--scheduler-node`s.
 //!
 //! Loops: pings from the relay's own addresses are ignored, and while a fan-out on a subnet is
-//! open (its answer window), further pings for that subnet only join its list of recipients.
-//! So two relays that share two subnets bounce a ping once, not forever.
+//! open (its answer window), further pings for that subnet only join its list of recipients
+//! (and get the answers that came so far). So two relays that share two subnets bounce a ping
+//! once, not forever.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -93,6 +94,8 @@ fn same_subnet(i: &Interface, ip: Ipv4Addr) -> bool {
 struct FanOut {
     until: Instant,
     recipients: Vec<SocketAddr>,
+    /// Answers so far, for recipients that join later.
+    answers: Vec<Vec<u8>>,
 }
 
 pub struct Relay {
@@ -141,6 +144,10 @@ impl Relay {
                 Some(f) => {
                     if !f.recipients.contains(&reply_to) {
                         f.recipients.push(reply_to);
+                        actions.extend(f.answers.iter().map(|a| Action::Forward {
+                            to: reply_to,
+                            datagram: a.clone(),
+                        }));
                     }
                 }
                 None => {
@@ -149,6 +156,7 @@ impl Relay {
                         FanOut {
                             until: now + ANSWER_WINDOW,
                             recipients: vec![reply_to],
+                            answers: vec![],
                         },
                     );
                     actions.push(Action::FanOut {
@@ -175,15 +183,19 @@ impl Relay {
     /// An answer that came back to the relay socket of interface `iface`: forwarded to the
     /// recipients of the fan-out still open there.
     pub fn on_answer(&mut self, now: Instant, iface: Ipv4Addr, datagram: &[u8]) -> Vec<Action> {
-        match self.open.get(&iface) {
-            Some(f) if f.until > now => f
-                .recipients
-                .iter()
-                .map(|to| Action::Forward {
-                    to: *to,
-                    datagram: datagram.to_vec(),
-                })
-                .collect(),
+        match self.open.get_mut(&iface) {
+            Some(f) if f.until > now => {
+                if !f.answers.iter().any(|a| a == datagram) {
+                    f.answers.push(datagram.to_vec());
+                }
+                f.recipients
+                    .iter()
+                    .map(|to| Action::Forward {
+                        to: *to,
+                        datagram: datagram.to_vec(),
+                    })
+                    .collect()
+            }
             _ => vec![],
         }
     }
@@ -311,6 +323,27 @@ mod tests {
         // Once the window has passed, a ping fans out again.
         let later = now + ANSWER_WINDOW + Duration::from_millis(1);
         assert_eq!(r.on_ping(later, c1, c1.into(), &ping).len(), 1);
+    }
+
+    #[test]
+    fn a_client_that_joins_an_open_fan_out_gets_the_answers_so_far() {
+        let mut r = relay(&[]);
+        let now = Instant::now();
+        let ping = Native.own_ping();
+        let c1: SocketAddrV4 = "10.0.1.9:40000".parse().unwrap();
+        let c2: SocketAddrV4 = "10.0.1.9:40002".parse().unwrap();
+        r.on_ping(now, c1, c1.into(), &ping);
+        r.on_answer(now, Ipv4Addr::new(10, 0, 2, 1), &pong());
+        // The same answer twice (a node answering on two addresses of one subnet) is kept once.
+        r.on_answer(now, Ipv4Addr::new(10, 0, 2, 1), &pong());
+        let a = r.on_ping(now + Duration::from_secs(1), c2, c2.into(), &ping);
+        assert_eq!(
+            a,
+            [Action::Forward {
+                to: c2.into(),
+                datagram: pong()
+            }]
+        );
     }
 
     #[test]
