@@ -94,6 +94,8 @@ fn image() -> &'static Image {
             .arg(repo().join("node-image/image/build.sh"))
             .arg("--binary")
             .arg(env!("CARGO_BIN_EXE_dispynode"))
+            .arg("--relay-binary")
+            .arg(env!("CARGO_BIN_EXE_dispynetrelay"))
             .arg("--out")
             .arg(&out)
             .status()
@@ -244,6 +246,7 @@ fn image_config_and_layers_carry_user_entrypoint_ports_labels_and_python() {
     let app = layer_listing(&image.blob(layers[1]["digest"].as_str().unwrap()));
     for f in [
         "usr/local/bin/dispynode",
+        "usr/local/bin/dispynetrelay",
         "usr/local/bin/dispynode-healthcheck",
     ] {
         let line = app
@@ -486,6 +489,12 @@ fn the_image_runs_python_and_program_jobs_from_its_own_root_filesystem() {
         "health check: {}",
         String::from_utf8_lossy(&h.stderr)
     );
+
+    // dispynetrelay runs from the image too (its libraries are there).
+    let v = run(Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/usr/local/bin/dispynetrelay", "--version"]));
+    assert_eq!(v.trim(), format!("dispynetrelay {TAG}"));
 
     // A Python computation (setup, a data file, hashlib), a program computation, and a Python
     // job that reports where it runs — all from namespace B with the dispy CLI.
