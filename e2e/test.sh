@@ -706,6 +706,12 @@ t_helm_chart_lint_template() {
   jq -e '.spec.strategy.type == "Recreate" and (.spec.template.spec.containers[0].env[] | select(.name == "RUST_LOG") | .value == "dispy_operator=debug")' \
     <<<"$dep" >/dev/null || fail "no leader election: Recreate strategy and RUST_LOG" || return 1
 
+  # names: `helm install dispy` gives dispy-operator, another release x gives x-dispy-operator
+  [[ "$("$HELM" template dispy "$CHART" --show-only templates/deployment.yaml | grep -m1 '^  name:')" == "  name: dispy-operator" ]] ||
+    fail "release dispy does not give dispy-operator" || return 1
+  [[ "$("$HELM" template x "$CHART" --show-only templates/deployment.yaml | grep -m1 '^  name:')" == "  name: x-dispy-operator" ]] ||
+    fail "release x does not give x-dispy-operator" || return 1
+
   # toggles: ServiceMonitor on, metrics Service off, images
   out=$("$HELM" template dispy-operator "$CHART" --set serviceMonitor.enabled=true) || return 1
   grep -q '^kind: ServiceMonitor$' <<<"$out" || fail "serviceMonitor.enabled=true renders no ServiceMonitor" || return 1
@@ -750,7 +756,7 @@ process_gone() { [[ -n $1 && ! -d /proc/$1 ]]; }
 
 t_helm_install_operator() {
   local pod rc=0
-  HELM_OPERATOR_PID=
+  HELM_OPERATOR_PIDS=()
   wait_for 90 "namespace $HELM_NS from an earlier run gone" ns_gone $HELM_NS || return 1
   # the chart installs the CRDs itself: start without them (nothing before this test leaves a
   # dispy resource behind)
@@ -773,7 +779,10 @@ t_helm_install_operator() {
     "$HELM" uninstall dispy-operator -n $HELM_NS --wait --timeout 60s || fail "helm uninstall" || rc=1
   fi
   if [[ $rc == 0 ]]; then
-    wait_for 60 "operator process $HELM_OPERATOR_PID gone" process_gone "$HELM_OPERATOR_PID" || rc=1
+    local p
+    for p in "${HELM_OPERATOR_PIDS[@]}"; do
+      wait_for 60 "operator process $p gone" process_gone "$p" || rc=1
+    done
     ! k get clusterrole dispy-operator >/dev/null 2>&1 || fail "ClusterRole left after uninstall" || rc=1
     ! k -n $HELM_NS get role dispy-operator-leader-election >/dev/null 2>&1 || fail "Role left after uninstall" || rc=1
     ! k -n $NS get role dispy-operator >/dev/null 2>&1 || fail "Role in $NS left after uninstall" || rc=1
@@ -792,7 +801,7 @@ helm_operator_checks() {
   pod=$(operator_pod)
   [[ -n $pod ]] || fail "no operator pod" || return 1
   pid=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
-  HELM_OPERATOR_PID=$pid
+  HELM_OPERATOR_PIDS+=("$pid")
   [[ -d /proc/$pid ]] || fail "operator process $pid not running" || return 1
   tr '\0' ' ' </proc/$pid/cmdline | grep -q "dispy-operator run .*--leader-elect" || fail "process is not the operator: $(tr '\0' ' ' </proc/$pid/cmdline)" || return 1
   [[ "$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.spec.serviceAccountName}')" == dispy-operator ]] || fail "pod's service account" || return 1
@@ -856,7 +865,7 @@ helm_watch_namespaces_checks() {
   can_i no list jobclusters.dispy.io --all-namespaces || return 1
   pod=$(operator_pod)
   pid=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
-  HELM_OPERATOR_PID=$pid
+  HELM_OPERATOR_PIDS+=("$pid")
   tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "--namespaces=$NS" || fail "the operator does not run with --namespaces=$NS" || return 1
   wait_for 60 "Lease held by the new pod $pod" lease_held_by "$pod" || return 1
   k -n default apply -f - <<'EOF' || return 1
