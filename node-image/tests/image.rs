@@ -530,7 +530,7 @@ spec: {{cluster: whoami}}
     let t = Instant::now();
     let out = Command::new("ip")
         .args(["netns", "exec", &net.b])
-        .arg(&dispy)
+        .arg(dispy)
         .args([
             "run",
             "-q",
