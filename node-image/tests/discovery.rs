@@ -68,7 +68,10 @@ fn a_node_is_announced_and_found_by_broadcast_in_a_private_namespace() {
     listener
         .set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();
-    if let Ok((n, _)) = listener.recv_from(&mut buf) {
+    while let Ok((n, from)) = listener.recv_from(&mut buf) {
+        if buf[..n].starts_with(b"PING:") && from.ip().to_string() == "10.231.0.1" {
+            continue; // node-a's announcement to Python dispy clients
+        }
         let extra = decode_datagram(&buf[..n]);
         panic!(
             "a second announcement arrived (the loopback-only node must stay silent): {extra:?}"
