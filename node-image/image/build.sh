@@ -76,6 +76,8 @@ mirrors=(
   "deb http://deb.debian.org/debian $suite-updates main"
   "deb http://deb.debian.org/debian-security $suite-security main"
 )
+# The hooks are single-quoted on purpose: mmdebstrap runs them with "$1" = the new root.
+# shellcheck disable=SC2016
 mm_args=(
   --mode=root --variant=apt --include=python3
   --aptopt='APT::Install-Recommends "false"'
