@@ -404,6 +404,10 @@ pub struct JobClusterStatus {
     /// Pending, Ready, Degraded, Suspended or Closing.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub phase: String,
+    /// The port the node pods listen on (TCP and UDP): `spec.nodes.port`, or one the operator
+    /// assigned so that no two JobClusters' host-network pods want the same port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
     #[serde(default)]
     pub ready_nodes: u32,
     #[serde(default)]

@@ -57,11 +57,24 @@ pub fn labels(jc: &JobClusterResource) -> BTreeMap<String, String> {
     ])
 }
 
-/// The port node pods listen on. With host networking two pods on one Kubernetes node cannot
-/// share it: the pod declares it as a host port, so the scheduler never puts two such pods on
-/// the same node, and `spec.nodes.port` gives a cluster a port of its own.
+/// The port node pods listen on: `spec.nodes.port`, else the one the operator assigned
+/// (recorded in `status.nodePort`), else dispy's 9701. With host networking two pods on one
+/// Kubernetes node cannot share a port, so each JobCluster gets its own (see
+/// [`assign_port`]) and the pods declare it as a host port: the scheduler never puts two pods
+/// wanting one port on the same node.
 pub fn node_port(jc: &JobClusterResource) -> u16 {
-    jc.spec.nodes.port.unwrap_or(DEFAULT_NODE_PORT)
+    jc.spec
+        .nodes
+        .port
+        .or(jc.status.as_ref().and_then(|s| s.node_port))
+        .unwrap_or(DEFAULT_NODE_PORT)
+}
+
+/// The lowest port from 9701 up that none of `taken` uses (ports of the other JobClusters).
+pub fn assign_port(taken: &std::collections::BTreeSet<u16>) -> u16 {
+    (DEFAULT_NODE_PORT..=u16::MAX)
+        .find(|p| !taken.contains(p))
+        .unwrap_or(DEFAULT_NODE_PORT)
 }
 
 pub fn host_network(jc: &JobClusterResource) -> bool {
@@ -345,5 +358,21 @@ mod tests {
             node_pod(&no_uid, 0, "img").unwrap_err(),
             BuildError::NoUid("team/wordcount".into())
         );
+    }
+
+    #[test]
+    fn assigned_ports_start_at_9701_and_skip_taken_ones() {
+        use std::collections::BTreeSet;
+        assert_eq!(assign_port(&BTreeSet::new()), 9701);
+        assert_eq!(assign_port(&BTreeSet::from([9701, 9702, 9704])), 9703);
+        let mut jc = cluster(WORDCOUNT);
+        assert_eq!(node_port(&jc), 9701);
+        jc.status = Some(dispy_core::manifest::JobClusterStatus {
+            node_port: Some(9705),
+            ..Default::default()
+        });
+        assert_eq!(node_port(&jc), 9705, "the recorded port");
+        jc.spec.nodes.port = Some(9800);
+        assert_eq!(node_port(&jc), 9800, "the user's port wins");
     }
 }

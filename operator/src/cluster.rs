@@ -147,6 +147,22 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
             message,
         })?;
 
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let existing = pods
+        .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")))
+        .await
+        .map_err(kube_err("list the node pods"))?
+        .items;
+    let port = node_port(&jc, &existing, &ctx);
+    // The JobCluster with its port recorded, for the pods and the Service.
+    let jc = {
+        let mut with_port = (*jc).clone();
+        with_port
+            .status
+            .get_or_insert_with(Default::default)
+            .node_port = Some(port);
+        Arc::new(with_port)
+    };
     let service = build::headless_service(&jc)?;
     Api::<Service>::namespaced(client.clone(), &ns)
         .patch(
@@ -157,13 +173,7 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
         .await
         .map_err(kube_err("apply the Service"))?;
 
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let desired = jc.spec.nodes.replicas.unwrap_or(1);
-    let existing = pods
-        .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")))
-        .await
-        .map_err(kube_err("list the node pods"))?
-        .items;
     let index_of = |p: &Pod| {
         p.labels()
             .get(INDEX_LABEL)
@@ -188,7 +198,6 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
         }
     }
 
-    let port = build::node_port(&jc);
     let live: Vec<&Pod> = existing
         .iter()
         .filter(|p| index_of(p).is_some_and(|i| i < desired))
@@ -279,6 +288,50 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
     // Pods change through the watch; nodes and jobs through the engine's notices; external
     // and discovered nodes need a look now and then.
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// The cluster's node port: `spec.nodes.port`; else the port its pods already use, the one
+/// recorded in its status or assigned earlier by this instance; else a new one no other
+/// JobCluster uses.
+fn node_port(jc: &JobClusterResource, pods: &[Pod], ctx: &Ctx) -> u16 {
+    if let Some(p) = jc.spec.nodes.port {
+        return p;
+    }
+    let uid = jc.metadata.uid.clone().unwrap_or_default();
+    let mut book = ctx.ports.lock().unwrap();
+    let from_pods = pods.iter().find_map(|p| {
+        p.spec
+            .as_ref()?
+            .containers
+            .first()?
+            .ports
+            .as_ref()?
+            .first()
+            .map(|p| p.container_port as u16)
+    });
+    let known = from_pods
+        .or_else(|| book.get(&uid).copied())
+        .or_else(|| jc.status.as_ref().and_then(|s| s.node_port));
+    let port = known.unwrap_or_else(|| {
+        let mut taken: std::collections::BTreeSet<u16> = book
+            .iter()
+            .filter(|(u, _)| **u != uid)
+            .map(|(_, p)| *p)
+            .collect();
+        for c in ctx.clusters.state() {
+            if c.metadata.uid.as_deref() != Some(uid.as_str()) {
+                taken.extend(
+                    c.spec
+                        .nodes
+                        .port
+                        .or(c.status.as_ref().and_then(|s| s.node_port)),
+                );
+            }
+        }
+        build::assign_port(&taken)
+    });
+    book.insert(uid, port);
+    port
 }
 
 /// A node pool's nodes are its pods (and external nodes), listed for Python dispy clients.
@@ -453,6 +506,7 @@ pub fn cluster_status(
         busy_cpus: stats.busy,
         node_summary: stats.nodes.clone(),
         jobs: stats.counts.clone(),
+        node_port: Some(build::node_port(jc)),
         conditions,
         observed_generation: jc.metadata.generation,
     }

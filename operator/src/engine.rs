@@ -648,12 +648,20 @@ impl Engine {
     fn admit(&mut self, info: JobInfo) {
         let key = info.key.clone();
         let stored = info.stored.clone();
+        let pin = info.node.as_ref().map(|n| (n.clone(), self.resolve_node(&key.cluster, n)));
+        let waiting = match &pin {
+            Some((want, None)) => Some((
+                "NodeNotFound".to_string(),
+                format!(
+                    "spec.node {want:?} is none of the cluster's nodes ({}); the job waits for it",
+                    self.node_list(&key.cluster)
+                ),
+            )),
+            _ => None,
+        };
         let spec = JobSpec {
             key: key.clone(),
-            node: info
-                .node
-                .as_ref()
-                .map(|n| self.resolve_node(&key.cluster, n)),
+            node: pin.map(|(want, found)| found.unwrap_or_else(|| crate::with_port(&want))),
             active_deadline: info.deadline,
         };
         let event = match self.found.remove(&key) {
@@ -684,31 +692,56 @@ impl Engine {
                 status: stored,
                 output: None,
                 ack: None,
-                waiting: None,
+                waiting,
             },
         );
         self.dispatched_at.insert(key.clone(), Instant::now());
+        if let Some(v) = self.jobs.get_mut(&key) {
+            if let Some((_, why)) = &v.waiting {
+                v.status.message = Some(why.clone());
+                self.write(&key);
+            }
+        }
         self.handle(event);
         if let Some((node, result)) = self.early.remove(&key) {
             self.done(node, key, result);
         }
     }
 
-    /// A pinned job's `node` (pod name, node name or address) as a node address.
-    fn resolve_node(&self, cluster: &str, want: &str) -> NodeId {
-        if let Some(c) = self.clusters.get(cluster) {
-            for (addr, pod) in &c.info.nodes {
-                if addr == want || pod.as_deref() == Some(want) {
-                    return addr.clone();
-                }
-            }
+    /// A pinned job's `node` (pod name, node name or address) as a node address, if it is one
+    /// of the cluster's nodes.
+    fn resolve_node(&self, cluster: &str, want: &str) -> Option<NodeId> {
+        let c = self.clusters.get(cluster)?;
+        c.info
+            .nodes
+            .iter()
+            .find(|(addr, pod)| {
+                *addr == want
+                    || **addr == crate::with_port(want)
+                    || pod.as_deref() == Some(want)
+                    || self.nodes.get(*addr).is_some_and(|n| n.name == want)
+            })
+            .map(|(addr, _)| addr.clone())
+    }
+
+    fn node_list(&self, cluster: &str) -> String {
+        let Some(c) = self.clusters.get(cluster) else {
+            return "none".into();
+        };
+        let names: Vec<String> = c
+            .info
+            .nodes
+            .iter()
+            .map(|(addr, pod)| match pod {
+                Some(pod) => format!("{pod} at {addr}"),
+                None => addr.clone(),
+            })
+            .collect();
+        if names.is_empty() {
+            "none yet".into()
+        } else {
+            names.join(", ")
         }
-        for (addr, conn) in &self.nodes {
-            if conn.name == want {
-                return addr.clone();
-            }
-        }
-        crate::with_port(want)
     }
 
     fn job_gone(&mut self, key: JobKey, reply: oneshot::Sender<()>) {
@@ -816,7 +849,8 @@ impl Engine {
             let known = self
                 .known
                 .get(&key.cluster)
-                .is_some_and(|m| m.contains_key(&key));
+                .and_then(|m| m.get(&key))
+                .is_some_and(|s| s.is_terminal());
             if known {
                 // Finished before (a stale resend): the stored status stands.
                 self.ack(&node, &key);
@@ -887,6 +921,7 @@ impl Engine {
                         continue;
                     };
                     v.status.attempts = attempt;
+                    v.waiting = None;
                     if let Some(at) = self.dispatched_at.remove(&key) {
                         self.metrics
                             .scheduling_latency

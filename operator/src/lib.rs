@@ -43,6 +43,8 @@ pub struct Ctx {
     pub writer: writer::Writer,
     /// JobClusters as the JobCluster controller last saw them.
     pub clusters: Store<JobClusterResource>,
+    /// Node ports assigned to JobClusters (by uid), shared by every watched namespace.
+    pub ports: Arc<std::sync::Mutex<std::collections::HashMap<String, u16>>>,
 }
 
 pub struct Options {
@@ -100,6 +102,7 @@ pub async fn run(
         });
     }
     let mut tasks = Vec::new();
+    let ports = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     for (scope, notices) in scopes.into_iter().zip(notice_rxs) {
         let ns = scope.as_deref();
         let managed =
@@ -119,6 +122,7 @@ pub async fn run(
             metrics: metrics.clone(),
             writer: writer.clone(),
             clusters: clusters.store(),
+            ports: ports.clone(),
         });
         let jobs = Controller::new(
             api::<DispyJobResource>(&client, ns),

@@ -1,0 +1,301 @@
+# End-to-end tests of the operator running DispyJobs, sourced by e2e/test.sh (which provides
+# k, fail, wait_for, field_is, $HELM, $NS, $E2E_STATE_DIR, $REPO_DIR). The operator is the one
+# the Helm chart installs; under the process kubelet its pod is a local process, so "killing
+# the operator" is a SIGKILL to that process (the kubelet restarts it, as a container runtime
+# would), and node pods are local dispynode processes.
+
+OP_NS=dispy-system
+JOBS_NS=dispy-jobs
+
+op_pod() { k -n $OP_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{.items[0].metadata.name}'; }
+# the PID behind a pod's first container (the process kubelet's container ID)
+pod_pid() { local id; id=$(k -n "$1" get pod "$2" -o jsonpath='{.status.containerStatuses[0].containerID}') || return 1; echo "${id#process://}"; }
+op_pid() { pod_pid $OP_NS "$(op_pod)"; }
+jk() { k -n $JOBS_NS "$@"; }
+job_field() { jk get dj "$1" -o jsonpath="$2"; }
+job_is() { [[ "$(job_field "$1" '{.status.status}')" == "$2" ]]; }
+all_jobs_terminal() {
+  local s
+  s=$(jk get dj -l "$1" -o jsonpath='{range .items[*]}{.status.status}{"\n"}{end}') || return 1
+  [[ -n $s ]] && ! grep -Evq '^(Finished|Terminated|Cancelled|Abandoned)$' <<<"$s"
+}
+count_status() { jk get dj -l "$1" -o jsonpath='{range .items[*]}{.status.status}{"\n"}{end}' | grep -c "^$2\$"; }
+pid_gone() { [[ ! -d /proc/$1 ]]; }
+
+# --- the operator, from the chart ----------------------------------------------------------
+
+t_op_install() {
+  k create namespace $JOBS_NS >/dev/null 2>&1
+  "$HELM" install dispy "$REPO_DIR/charts/dispy-operator" -n $OP_NS --create-namespace \
+    --set-string 'metrics.bindAddress=$(POD_IP)' --set logFormat=text \
+    --wait --timeout 120s || return 1
+  wait_for 60 "operator Ready" op_ready || return 1
+}
+op_ready() { [[ "$(k -n $OP_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{.items[0].status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
+
+t_op_uninstall() {
+  k delete namespace $JOBS_NS --wait=true --timeout=120s >/dev/null || fail "namespace $JOBS_NS not deleted" || return 1
+  "$HELM" uninstall dispy -n $OP_NS --wait --timeout 60s || return 1
+  k delete namespace $OP_NS --wait=false >/dev/null 2>&1
+}
+
+op_log_tail() { local p; p=$(op_pod) && k -n $OP_NS logs "$p" --tail="${1:-30}"; }
+
+# --- the examples ----------------------------------------------------------------------------
+
+t_op_examples() {
+  local f out
+  for f in checksums program raises pinned; do
+    jk apply -f "$REPO_DIR/docs/examples/$f.yaml" >/dev/null || fail "apply $f.yaml" || return 1
+  done
+  for j in checksums-md5 checksums-sha1 checksums-sha256 checksums-sha512 divide-ok sha1sum-a sha1sum-both where-free; do
+    wait_for 90 "$j Finished" job_is $j Finished || { op_log_tail; return 1; }
+  done
+  wait_for 30 "divide-by-zero Terminated" job_is divide-by-zero Terminated || return 1
+  [[ $(job_field checksums-md5 '{.status.result}') == 4d1951894d6260f544437f811c7384a4 ]] || fail "md5 result" || return 1
+  [[ $(job_field checksums-md5 '{.status.stdout}') == "md5 103 bytes"* ]] || fail "md5 stdout" || return 1
+  [[ $(job_field divide-ok '{.status.result}') == 0.25 ]] || fail "divide-ok result" || return 1
+  [[ $(job_field divide-by-zero '{.status.exception}') == *ZeroDivisionError* ]] || fail "no traceback in status.exception" || return 1
+  [[ $(job_field sha1sum-a '{.status.result}') == 0 ]] || fail "program exit code" || return 1
+  [[ $(job_field sha1sum-a '{.status.stdout}') == *"a.txt"* ]] || fail "program stdout" || return 1
+  [[ $(job_field where-free '{.status.result}') == *where-node-0* ]] || fail "node name in result" || return 1
+  # a job pinned to a node the cluster does not have waits and says why
+  wait_for 30 "where-pinned waits for its node" field_is_ns $JOBS_NS dj/where-pinned \
+    '{.status.conditions[?(@.type=="Waiting")].reason}' NodeNotFound || return 1
+  # kubectl wait on the conditions
+  jk wait --for=condition=Complete dj/checksums-md5 dj/sha1sum-both --timeout=10s >/dev/null || fail "kubectl wait Complete" || return 1
+  jk wait --for=condition=Failed dj/divide-by-zero --timeout=10s >/dev/null || fail "kubectl wait Failed" || return 1
+  out=$(jk get dispyjobs) && echo "$out"
+  grep -Eq '^checksums-md5 +checksums +Finished +checksums-node-[01] +4d1951894d6260f544437f811c7384a4 ' <<<"$out" ||
+    fail "dispyjob columns" || return 1
+  out=$(jk get jc checksums) && echo "$out"
+  grep -Eq '^checksums +2/2 +4 +0 +4 +0 +Ready ' <<<"$out" || fail "jobcluster columns" || return 1
+  out=$(jk get dispy -o name)
+  grep -q '^jobcluster.dispy.io/divide$' <<<"$out" && grep -q '^dispyjob.dispy.io/divide-ok$' <<<"$out" ||
+    fail "kubectl get dispy lists both kinds" || return 1
+  # Events on the jobs
+  jk get events --field-selector involvedObject.name=checksums-md5,reason=Finished -o name | grep -q . ||
+    fail "no Finished Event on the job" || return 1
+  # each JobCluster got its own node port (host network: no two clusters on one port)
+  out=$(jk get jc -o jsonpath='{range .items[*]}{.status.nodePort}{"\n"}{end}' | sort | uniq -d)
+  [[ -z $out ]] || fail "two JobClusters share node port $out" || return 1
+  jk delete -f "$REPO_DIR/docs/examples/raises.yaml" --wait=true --timeout=60s >/dev/null || fail "delete raises.yaml" || return 1
+  for f in checksums program pinned; do jk delete -f "$REPO_DIR/docs/examples/$f.yaml" --wait=true --timeout=60s >/dev/null; done
+  wait_for 60 "example pods gone" none_left_ns $JOBS_NS pods app.kubernetes.io/managed-by=dispy-operator || return 1
+}
+field_is_ns() { local v; v=$(k -n "$1" get "$2" -o jsonpath="$3") || return 1; [[ $v == "$4" ]]; }
+none_left_ns() { local v; v=$(k -n "$1" get "$2" -l "$3" -o name) || return 1; [[ -z $v ]]; }
+
+# --- a job whose cluster appears later -------------------------------------------------------
+
+t_op_cluster_appears_later() {
+  jk apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: early, labels: {test: later}}
+spec: {cluster: later, args: [6, 7]}
+EOF
+  wait_for 30 "Waiting: ClusterNotFound" field_is_ns $JOBS_NS dj/early \
+    '{.status.conditions[?(@.type=="Waiting")].reason}' ClusterNotFound || return 1
+  [[ $(job_field early '{.status.message}') == *"JobCluster $JOBS_NS/later does not exist"* ]] || fail "message" || return 1
+  jk get events --field-selector involvedObject.name=early,reason=ClusterNotFound -o name | grep -q . ||
+    fail "no ClusterNotFound Event" || return 1
+  jk apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: later}
+spec:
+  computation:
+    python: {source: "def mul(a, b):\n    return a * b\n", function: mul}
+  nodes: {replicas: 1, cpus: 1}
+EOF
+  wait_for 90 "early Finished once the cluster exists" job_is early Finished || { op_log_tail; return 1; }
+  [[ $(job_field early '{.status.result}') == 42 ]] || fail "result" || return 1
+  [[ -z $(job_field early '{.status.conditions[?(@.type=="Waiting")].status}') ]] || fail "Waiting condition left" || return 1
+  jk delete jc later --wait=true --timeout=60s >/dev/null
+}
+
+# --- deleting a running job terminates it on its node ---------------------------------------
+
+t_op_delete_running_job() {
+  local dir="$E2E_STATE_DIR/op-delete" pid
+  mkdir -p "$dir" && rm -f "$dir"/*
+  jk apply -f - <<EOF || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: sleeper}
+spec:
+  computation:
+    program: {command: ["sh", "-c", "echo \$\$ > \"\$0\"; exec sleep 300"]}
+  nodes: {replicas: 1, cpus: 1}
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: long-sleep}
+spec: {cluster: sleeper, args: ["$dir/pid"]}
+EOF
+  wait_for 90 "long-sleep Running" job_is long-sleep Running || { op_log_tail; return 1; }
+  wait_for 10 "the job wrote its pid" test -s "$dir/pid" || return 1
+  pid=$(cat "$dir/pid")
+  [[ -d /proc/$pid ]] || fail "job process $pid not running" || return 1
+  jk delete dj long-sleep --wait=true --timeout=60s >/dev/null || fail "delete did not finish" || return 1
+  wait_for 10 "job process $pid terminated" pid_gone "$pid" || return 1
+  jk delete jc sleeper --wait=true --timeout=60s >/dev/null
+}
+
+# --- a node lost mid-run ---------------------------------------------------------------------
+
+# kill_node_of JOB: SIGKILL the dispynode process of the pod the job runs on
+kill_node_of() {
+  local pod pid
+  pod=$(job_field "$1" '{.status.pod}') && [[ -n $pod ]] || fail "job $1 has no pod" || return 1
+  pid=$(pod_pid $JOBS_NS "$pod") && [[ -n $pid ]] || fail "no pid for pod $pod" || return 1
+  echo "killing node pod $pod (pid $pid), which runs $1"
+  kill -9 "$pid"
+}
+
+node_loss_cluster() {  # NAME REENTRANT
+  jk apply -f - <<EOF
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: $1}
+spec:
+  computation:
+    python: {source: "import time\ndef nap(i):\n    time.sleep(4)\n    return i\n", function: nap}
+  nodes: {replicas: 2, cpus: 1}
+  reentrant: $2
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: $1-a, labels: {test: $1}}
+spec: {cluster: $1, args: [1]}
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: $1-b, labels: {test: $1}}
+spec: {cluster: $1, args: [2]}
+EOF
+}
+
+t_op_reentrant_node_killed() {
+  node_loss_cluster re true || return 1
+  wait_for 90 "re-a Running" job_is re-a Running || { op_log_tail; return 1; }
+  kill_node_of re-a || return 1
+  wait_for 90 "both jobs end" all_jobs_terminal test=re || return 1
+  [[ $(count_status test=re Finished) == 2 ]] || fail "not every job Finished: $(jk get dj -l test=re)" || return 1
+  [[ $(job_field re-a '{.status.attempts}') == 2 ]] || fail "re-a should have run twice (attempts 2)" || return 1
+  jk get events --field-selector involvedObject.name=re-a,reason=Requeued -o name | grep -q . ||
+    fail "no Requeued Event" || return 1
+  jk delete jc re --wait=true --timeout=60s >/dev/null
+}
+
+t_op_not_reentrant_node_killed() {
+  node_loss_cluster nre false || return 1
+  wait_for 90 "nre-a Running" job_is nre-a Running || { op_log_tail; return 1; }
+  kill_node_of nre-a || return 1
+  wait_for 60 "nre-a Abandoned" job_is nre-a Abandoned || return 1
+  [[ $(job_field nre-a '{.status.message}') == *"not reentrant"* ]] || fail "message: $(job_field nre-a '{.status.message}')" || return 1
+  jk wait --for=condition=Failed dj/nre-a --timeout=5s >/dev/null || fail "Failed condition" || return 1
+  jk delete jc nre --wait=true --timeout=60s >/dev/null
+}
+
+# --- the operator killed mid-run -------------------------------------------------------------
+
+t_op_killed_mid_run() {
+  local dir="$E2E_STATE_DIR/op-count" n=40 i pid runs bad
+  mkdir -p "$dir" && rm -f "$dir"/*
+  jk delete dj -l test=counted --wait=true --timeout=60s >/dev/null
+  {
+    cat <<EOF
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: counted}
+spec:
+  computation:
+    python:
+      source: |
+        import time
+        def run(i, where):
+            with open('%s/%d' % (where, i), 'a') as f:
+                f.write('ran\n')
+            time.sleep(0.5)
+            return i * i
+      function: run
+  nodes: {replicas: 2, cpus: 2}
+EOF
+    for ((i = 0; i < n; i++)); do
+      printf -- '---\napiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: counted-%d, labels: {test: counted}}\nspec: {cluster: counted, args: [%d, "%s"]}\n' $i $i "$dir"
+    done
+  } | jk apply -f - >/dev/null || return 1
+  wait_for 90 "some jobs Finished" at_least_finished test=counted 4 || { op_log_tail; return 1; }
+  pid=$(op_pid) && [[ -n $pid ]] || fail "no operator pid" || return 1
+  echo "killing the operator (pid $pid) with $(count_status test=counted Finished) of $n jobs Finished"
+  kill -9 "$pid"
+  wait_for 60 "operator restarted" op_restarted "$pid" || return 1
+  wait_for 120 "every job ends" all_jobs_terminal test=counted || { op_log_tail 40; return 1; }
+  [[ $(count_status test=counted Finished) == "$n" ]] || fail "not all Finished: $(jk get dj -l test=counted | grep -v Finished)" || return 1
+  runs=$(cat "$dir"/* | wc -l)
+  bad=$(for ((i = 0; i < n; i++)); do c=$(grep -c ran "$dir/$i" 2>/dev/null || echo 0); [[ $c == 1 ]] || echo "job $i ran $c times"; done)
+  echo "$runs executions for $n jobs"
+  [[ -z $bad ]] || fail "$bad" || return 1
+  for ((i = 0; i < n; i += 13)); do
+    [[ $(job_field counted-$i '{.status.result}') == $((i * i)) ]] || fail "counted-$i result" || return 1
+  done
+  jk delete dj -l test=counted --wait=true --timeout=60s >/dev/null
+  jk delete jc counted --wait=true --timeout=60s >/dev/null
+}
+at_least_finished() { (( $(count_status "$1" Finished) >= $2 )); }
+op_restarted() { local p; p=$(op_pid) && [[ -n $p && $p != "$1" ]] && op_ready; }
+
+# --- a node pool for Python dispy clients ----------------------------------------------------
+
+t_op_node_pool() {
+  local out
+  jk apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: pool}
+spec:
+  nodes: {replicas: 2, cpus: 1, port: 9811}
+EOF
+  wait_for 90 "pool 2/2 Ready" field_is_ns $JOBS_NS jc/pool '{.status.nodes} {.status.phase}' "2/2 Ready" || return 1
+  out=$(jk get jc pool -o jsonpath='{range .status.nodeSummary[*]}{.address}{" "}{.ready}{"\n"}{end}')
+  echo "$out"
+  [[ $(grep -Ec '^127\.0\.0\.[0-9]+:9811 true$' <<<"$out") == 2 ]] || fail "pool addresses in status" || return 1
+  # the addresses answer: a node is there
+  for a in $(awk '{print $1}' <<<"$out"); do
+    timeout 2 bash -c "exec 3<>/dev/tcp/${a%:*}/${a#*:}" || fail "nothing listens on $a" || return 1
+  done
+  jk delete jc pool --wait=true --timeout=60s >/dev/null
+}
+
+# --- metrics -----------------------------------------------------------------------------------
+
+t_op_metrics() {
+  local ip out
+  jk apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: metered}
+spec:
+  computation:
+    python: {source: "def one():\n    return 1\n", function: one}
+  nodes: {replicas: 1, cpus: 1}
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: metered-1}
+spec: {cluster: metered}
+EOF
+  wait_for 90 "metered-1 Finished" job_is metered-1 Finished || return 1
+  ip=$(k -n $OP_NS get pod "$(op_pod)" -o jsonpath='{.status.podIP}') || return 1
+  out=$(curl -sf "http://$ip:8080/metrics") || fail "GET /metrics" || return 1
+  grep -Eq '^dispy_operator_jobs\{status="Finished"\} [1-9]' <<<"$out" || fail "jobs gauge: $(grep jobs <<<"$out")" || return 1
+  grep -q '^dispy_operator_scheduling_latency_seconds_count ' <<<"$out" || fail "latency histogram" || return 1
+  grep -q '^dispy_operator_reconciles_total{controller="dispyjob"}' <<<"$out" || fail "reconciles" || return 1
+  grep -q '^dispy_operator_leader 1' <<<"$out" || fail "leader gauge" || return 1
+  [[ $(curl -sf "http://$ip:8080/readyz") == ok ]] || fail "/readyz" || return 1
+  grep -Eq '^dispy_operator_status_writes_total [1-9]' <<<"$out" || fail "status writes counter" || return 1
+  k -n $OP_NS get lease dispy-dispy-operator -o jsonpath='{.spec.holderIdentity}' | grep -q . || fail "no Lease holder" || return 1
+  jk delete jc metered --wait=true --timeout=60s >/dev/null
+}
