@@ -97,6 +97,9 @@ lease_renewed() { local v; v=$(k -n kube-node-lease get lease "$1" -o jsonpath='
 
 # --- tests -------------------------------------------------------------------
 
+# the operator's DispyJob tests (t_op_*)
+source "$E2E_DIR/operator-tests.sh"
+
 t_control_plane_up() {
   [[ "$(k get --raw /readyz)" == ok ]] || fail "/readyz is not ok"
   [[ "$(k get --raw /livez)" == ok ]] || fail "/livez is not ok"
@@ -520,7 +523,7 @@ node_pods_ready() { [[ "$(k -n $NS get pods -l dispy.io/cluster=pool -o jsonpath
 t_operator_node_pods() {
   local op_log="$E2E_STATE_DIR/operator.log" op_pid out rc=0
   k apply -f "$REPO_DIR/crds/dispy.io.yaml" >/dev/null || return 1
-  "$REPO_DIR/target/debug/dispy-operator" run --node-image dispy/node >"$op_log" 2>&1 &
+  "$REPO_DIR/target/debug/dispy-operator" run --node-image dispy/node --metrics-addr 127.0.0.1:0 --log-format text >"$op_log" 2>&1 &
   op_pid=$!
   operator_checks || rc=1
   kill "$op_pid" 2>/dev/null
@@ -982,6 +985,17 @@ if [[ $LOCAL == 1 ]]; then
 fi
 if [[ $LOCAL == 1 ]]; then
   run_test "operator: node pods, Service, Secret, status, scale, garbage collection" t_operator_node_pods
+  # DispyJobs end to end, with the operator the chart installs
+  run_test "operator from the chart: installed and Ready" t_op_install
+  run_test "operator: the examples reach their statuses; kubectl get/wait; Events; one port per cluster" t_op_examples
+  run_test "operator: a job naming a missing cluster waits (condition, Event) and runs once it exists" t_op_cluster_appears_later
+  run_test "operator: deleting a running DispyJob terminates its process on the node" t_op_delete_running_job
+  run_test "operator: node killed, reentrant: its job finishes on the other node" t_op_reentrant_node_killed
+  run_test "operator: node killed, not reentrant: its job is Abandoned" t_op_not_reentrant_node_killed
+  run_test "operator killed mid-run: every job ends Finished and none ran twice" t_op_killed_mid_run
+  run_test "operator: a JobCluster without computation is a node pool with its addresses in status" t_op_node_pool
+  run_test "operator: /metrics, /readyz, Lease held" t_op_metrics
+  run_test "operator from the chart: uninstalled" t_op_uninstall
 fi
 if [[ $LOCAL == 1 ]]; then
   # these two restart and then remove the cluster: keep them last
