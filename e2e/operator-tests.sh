@@ -296,6 +296,6 @@ EOF
   grep -q '^dispy_operator_leader 1' <<<"$out" || fail "leader gauge" || return 1
   [[ $(curl -sf "http://$ip:8080/readyz") == ok ]] || fail "/readyz" || return 1
   grep -Eq '^dispy_operator_status_writes_total [1-9]' <<<"$out" || fail "status writes counter" || return 1
-  k -n $OP_NS get lease dispy-dispy-operator -o jsonpath='{.spec.holderIdentity}' | grep -q . || fail "no Lease holder" || return 1
+  k -n $OP_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}' | grep -q . || fail "no Lease holder" || return 1
   jk delete jc metered --wait=true --timeout=60s >/dev/null
 }
