@@ -792,7 +792,8 @@ t_helm_install_operator() {
     # Helm keeps CRDs (and so every JobCluster and DispyJob) on uninstall
     k get crd jobclusters.dispy.io dispyjobs.dispy.io >/dev/null || fail "CRDs removed by uninstall" || rc=1
   fi
-  k delete namespace $HELM_NS --wait=false >/dev/null 2>&1
+  # later tests install the chart into the same namespace: leave it fully gone
+  k delete namespace $HELM_NS --ignore-not-found --wait=true --timeout=90s >/dev/null || fail "namespace $HELM_NS not deleted" || rc=1
   return $rc
 }
 
