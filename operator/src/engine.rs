@@ -28,6 +28,9 @@ use crate::writer::{Write, Writer};
 
 /// A file as (name, contents).
 pub type File = (String, Vec<u8>);
+/// How long a status that is not terminal waits before it is written (a job that ends
+/// meanwhile has only its end written).
+const NOT_TERMINAL_DELAY: Duration = Duration::from_secs(1);
 /// Jobs going to one node in one submit.
 type Batch = Vec<(JobKey, Arc<JobInfo>)>;
 
@@ -648,7 +651,10 @@ impl Engine {
     fn admit(&mut self, info: JobInfo) {
         let key = info.key.clone();
         let stored = info.stored.clone();
-        let pin = info.node.as_ref().map(|n| (n.clone(), self.resolve_node(&key.cluster, n)));
+        let pin = info
+            .node
+            .as_ref()
+            .map(|n| (n.clone(), self.resolve_node(&key.cluster, n)));
         let waiting = match &pin {
             Some((want, None)) => Some((
                 "NodeNotFound".to_string(),
@@ -779,7 +785,7 @@ impl Engine {
         self.set_known_remove(key);
         self.found.remove(key);
         self.dispatched_at.remove(key);
-        self.publish_stats();
+        self.pending.remove(key);
     }
 
     fn node_event(&mut self, node: NodeId, event: ClientEvent) {
@@ -987,20 +993,34 @@ impl Engine {
         }
     }
 
-    /// Stores the job's status (one write per job at a time; the newest status wins).
+    /// Stores the job's status: one write per job at a time, the newest status wins. A status
+    /// that is not terminal waits [`NOT_TERMINAL_DELAY`] first, so a short job costs one write
+    /// (its end), not two.
     fn write(&mut self, key: &JobKey) {
         let Some(status) = self.jobs.get(key).map(|v| v.status.status) else {
             return;
         };
         self.set_known(key, status);
-        if self.in_flight.contains(key) {
-            self.pending.insert(key.clone(), Instant::now());
-            return;
-        }
         if status.is_terminal() {
             self.finish_waiters(key);
+            if self.in_flight.contains(key) {
+                self.pending.insert(key.clone(), Instant::now());
+            } else {
+                self.pending.remove(key);
+                self.flush(key);
+            }
+        } else {
+            self.pending
+                .entry(key.clone())
+                .or_insert_with(|| Instant::now() + NOT_TERMINAL_DELAY);
         }
-        let v = self.jobs.get_mut(key).unwrap();
+    }
+
+    /// Sends the job's current status to the API server now.
+    fn flush(&mut self, key: &JobKey) {
+        let Some(v) = self.jobs.get_mut(key) else {
+            return;
+        };
         let now = rfc3339(dispy_core::job::now_secs());
         let waiting = v.waiting.as_ref().map(|(r, m)| (r.as_str(), m.as_str()));
         v.status.conditions =
@@ -1034,7 +1054,6 @@ impl Engine {
                 result,
             });
         });
-        self.publish_stats();
     }
 
     fn finish_waiters(&mut self, key: &JobKey) {
@@ -1079,8 +1098,13 @@ impl Engine {
                 return;
             }
         }
-        if self.pending.remove(&key).is_some() {
-            self.write(&key);
+        if self
+            .pending
+            .get(&key)
+            .is_some_and(|due| *due <= Instant::now())
+        {
+            self.pending.remove(&key);
+            self.flush(&key);
         }
     }
 
@@ -1095,7 +1119,7 @@ impl Engine {
             .collect();
         for key in due {
             self.pending.remove(&key);
-            self.write(&key);
+            self.flush(&key);
         }
         let retry: Vec<NodeId> = self
             .nodes
@@ -1111,6 +1135,7 @@ impl Engine {
             }
         }
         self.metrics.set_jobs(&self.known);
+        self.publish_stats();
     }
 
     /// Recomputes every cluster's stats; tells the JobCluster controller about changes.

@@ -101,14 +101,14 @@ fn main() {
                 write_concurrency,
             };
             let code = runtime.block_on(async move {
-                let client = match client(kube_qps).await {
+                let metrics = Arc::new(Metrics::new());
+                let client = match client(kube_qps, metrics.clone()).await {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("dispy-operator: cannot reach the Kubernetes API: {e}");
                         return 2;
                     }
                 };
-                let metrics = Arc::new(Metrics::new());
                 let listener = match tokio::net::TcpListener::bind(metrics_addr).await {
                     Ok(l) => l,
                     Err(e) => {
@@ -140,17 +140,22 @@ fn main() {
     }
 }
 
-/// A client whose requests pass a client-side rate limit.
-async fn client(qps: u64) -> Result<kube::Client, kube::Error> {
+/// A client whose requests pass a client-side rate limit, and are counted.
+async fn client(qps: u64, metrics: Arc<Metrics>) -> Result<kube::Client, kube::Error> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
     let builder = kube::client::ClientBuilder::try_from(config)?;
+    let count = tower::util::MapRequestLayer::new(move |req| {
+        metrics.api_requests.inc();
+        req
+    });
     Ok(builder
         .with_layer(&tower::limit::RateLimitLayer::new(
             qps.max(1),
             Duration::from_secs(1),
         ))
+        .with_layer(&count)
         .build())
 }
 

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub status_writes: Counter,
     pub events_dropped: Counter,
     pub leader: Gauge,
+    pub api_requests: Counter,
     /// Set once the controllers run (as leader) or wait for the lease (as a standby).
     pub ready: AtomicBool,
 }
@@ -76,7 +77,14 @@ impl Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this instance leads", leader.clone());
+        let api_requests = Counter::default();
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API server (watches count once)",
+            api_requests.clone(),
+        );
         Metrics {
+            api_requests,
             registry,
             jobs,
             scheduling_latency,

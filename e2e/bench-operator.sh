@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Benchmark (prints, asserts nothing): N DispyJobs of a trivial computation created at once on
+# the local control plane, 2 node pods -> time until every job is Finished, jobs/s, the
+# operator's peak RSS and the API requests it made.
+#
+#   e2e/bench-operator.sh [N]      (default 1000)
+#
+# Uses the cluster in $KUBECONFIG when set (e.g. after `eval "$(e2e/cluster env)"`); otherwise
+# brings up e2e/cluster on its own ports and takes it down at the end. The operator runs as a
+# local process here, so its memory and request count can be read.
+set -euo pipefail
+N=${1:-1000}
+E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$E2E_DIR/.." && pwd)"
+BIN="${E2E_BUILD_DIR:-$E2E_DIR/.build}/bin"
+NS=dispy-bench
+METRICS=127.0.0.1:18089
+
+(cd "$REPO_DIR" && cargo build -q -p dispy-operator -p dispynode -p process-kubelet)
+own_cluster=0
+if [[ -z ${KUBECONFIG:-} ]]; then
+  export E2E_STATE_DIR="$E2E_DIR/.state/bench" E2E_APISERVER_PORT=17443 E2E_ETCD_PORT=24890
+  export E2E_CONTROLLER_MANAGER_PORT=21257 E2E_SCHEDULER_PORT=21259 E2E_NODE_IP_BASE=60
+  "$E2E_DIR/cluster" up >/dev/null
+  export KUBECONFIG="$E2E_STATE_DIR/admin.kubeconfig"
+  own_cluster=1
+fi
+KUBECTL="$BIN/kubectl"
+k() { "$KUBECTL" "$@"; }
+
+op_pid=
+cleanup() {
+  k delete namespace $NS --wait=true --timeout=120s >/dev/null 2>&1 || true
+  [[ -n $op_pid ]] && kill "$op_pid" 2>/dev/null && wait "$op_pid" 2>/dev/null
+  if [[ $own_cluster == 1 ]]; then "$E2E_DIR/cluster" down >/dev/null; fi
+}
+trap cleanup EXIT
+
+k apply -f "$REPO_DIR/crds/dispy.io.yaml" >/dev/null 2>&1
+k create namespace $NS >/dev/null
+RUST_LOG=warn "$REPO_DIR/target/debug/dispy-operator" run --metrics-addr $METRICS --log-format text \
+  --namespaces $NS >"${TMPDIR:-/tmp}/dispy-bench-operator.log" 2>&1 &
+op_pid=$!
+
+k -n $NS apply -f - >/dev/null <<'EOF'
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: trivial}
+spec:
+  computation:
+    python: {source: "def f(i):\n    return i\n", function: f}
+  nodes: {replicas: 2, cpus: 2}
+EOF
+for _ in $(seq 120); do
+  [[ $(k -n $NS get jc trivial -o jsonpath='{.status.nodes}') == 2/2 ]] && break
+  sleep 0.5
+done
+[[ $(k -n $NS get jc trivial -o jsonpath='{.status.nodes}') == 2/2 ]] || { echo "cluster not ready"; exit 1; }
+
+requests() { curl -s "http://$METRICS/metrics" | awk '/^dispy_operator_api_requests_total /{print $2}'; }
+# four manifests created by four kubectl processes at once: one kubectl sends its objects one
+# after the other, which alone caps creation near 30/s here
+PARTS=4
+manifest="${TMPDIR:-/tmp}/dispy-bench-jobs"
+for ((p = 0; p < PARTS; p++)); do
+  for ((i = p; i < N; i += PARTS)); do
+    printf -- '---\napiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: j%d}\nspec: {cluster: trivial, args: [%d]}\n' $i $i
+  done >"$manifest-$p.yaml"
+done
+
+before=$(requests)
+start=$(date +%s.%N)
+creators=()
+for ((p = 0; p < PARTS; p++)); do k -n $NS create -f "$manifest-$p.yaml" >/dev/null & creators+=($!); done
+wait "${creators[@]}"
+created=$(date +%s.%N)
+finished=0
+while ((finished < N)); do
+  sleep 0.5
+  finished=$(k -n $NS get dj -o jsonpath='{range .items[*]}{.status.status}{"\n"}{end}' | grep -c '^Finished$' || true)
+done
+end=$(date +%s.%N)
+after=$(requests)
+hwm=$(awk '/VmHWM/{print $2}' "/proc/$op_pid/status")
+wrong=$(k -n $NS get dj -o json | python3 -c '
+import json, sys
+items = json.load(sys.stdin)["items"]
+print(sum(1 for j in items if j["status"].get("result") != int(j["metadata"]["name"][1:])))')
+
+awk -v n="$N" -v s="$start" -v c="$created" -v e="$end" -v hwm="$hwm" -v b="$before" -v a="$after" -v w="$wrong" 'BEGIN {
+  printf "DispyJobs:                 %d (2 node pods x 2 cpus, trivial Python function)\n", n
+  printf "creating them took:        %.1f s (4 kubectl create at once)\n", c - s
+  printf "all Finished after:        %.1f s from the first create\n", e - s
+  printf "throughput:                %.0f DispyJobs/s end to end\n", n / (e - s)
+  printf "wrong results:             %d\n", w
+  printf "operator peak RSS:         %.1f MiB\n", hwm / 1024
+  printf "operator API requests:     %d (%.2f per job)\n", a - b, (a - b) / n
+}'
