@@ -16,6 +16,8 @@ export E2E_ETCD_PORT="${E2E_TEST_ETCD_PORT:-23890}"
 export E2E_CONTROLLER_MANAGER_PORT="${E2E_TEST_CONTROLLER_MANAGER_PORT:-20257}"
 export E2E_SCHEDULER_PORT="${E2E_TEST_SCHEDULER_PORT:-20259}"
 export E2E_NODES=2
+# node i is 127.0.0.(10+i), as the tests expect, whatever the caller's environment says
+export E2E_NODE_IP_BASE="${E2E_TEST_NODE_IP_BASE:-10}"
 BIN="${E2E_BUILD_DIR:-$E2E_DIR/.build}/bin"
 NS=e2e-harness
 

@@ -37,7 +37,7 @@ timeout 1800 unshare -n bash -c "
   $VENV/bin/python -m pytest -p no:cacheprovider -q -rfE $* ." 2>&1 | tee /tmp/dispy-compat.log || status=$?
 line=$(grep -Eo '[0-9]+ passed' /tmp/dispy-compat.log | tail -1 || true)
 passed=${line%% *}
-failed=$(grep -Eo '[0-9]+ (failed|error)' /tmp/dispy-compat.log | awk '{s+=$1} END {print s+0}')
+failed=$( { grep -Eo '[0-9]+ (failed|error)' /tmp/dispy-compat.log || true; } | awk '{s+=$1} END {print s+0}')
 if [ "$status" -ne 0 ] && [ "${failed:-0}" -eq 0 ]; then failed=1; fi
 echo "${passed:-0} passed, ${failed:-0} failed"
 exit $status
