@@ -299,3 +299,74 @@ EOF
   k -n $OP_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}' | grep -q . || fail "no Lease holder" || return 1
   jk delete jc metered --wait=true --timeout=60s >/dev/null
 }
+
+# --- suspend, bounded output, deadlines, cleanup on delete -----------------------------------
+
+t_op_suspend_output_deadline_cleanup() {
+  local dir="$E2E_STATE_DIR/op-cleanup" cm shown whole
+  mkdir -p "$dir" && rm -f "$dir"/cleanup
+  jk apply -f - <<EOF || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: chatty}
+spec:
+  suspend: true
+  computation:
+    python:
+      source: |
+        def setup(marker):
+            return 0
+        def talk(n):
+            print('x' * n + 'END')
+            return n
+        def cleanup(marker):
+            open(marker, 'w').write('cleaned up')
+      function: talk
+      setup: {function: setup, args: ["$dir/cleanup"]}
+      cleanup: cleanup
+  nodes: {replicas: 1, cpus: 1}
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: chatty-1}
+spec: {cluster: chatty, args: [50000]}
+EOF
+  wait_for 90 "chatty 1/1 Suspended" field_is_ns $JOBS_NS jc/chatty '{.status.nodes} {.status.phase}' "1/1 Suspended" || return 1
+  sleep 3
+  [[ -z $(job_field chatty-1 '{.status.status}') || $(job_field chatty-1 '{.status.status}') == Created ]] ||
+    fail "a job of a suspended cluster ran: $(job_field chatty-1 '{.status.status}')" || return 1
+  jk patch jc chatty --type=merge -p '{"spec":{"suspend":false}}' >/dev/null || return 1
+  wait_for 60 "chatty-1 Finished once resumed" job_is chatty-1 Finished || { op_log_tail; return 1; }
+  shown=$(job_field chatty-1 '{.status.stdout}')
+  (( ${#shown} < 9000 )) || fail "status.stdout holds ${#shown} bytes" || return 1
+  [[ $shown == *"bytes cut"* && $shown == *END* ]] || fail "status.stdout is not the marked tail" || return 1
+  cm=$(job_field chatty-1 '{.status.outputConfigMap}')
+  [[ $cm == chatty-1-output ]] || fail "outputConfigMap: '$cm'" || return 1
+  whole=$(jk get configmap "$cm" -o jsonpath='{.data.stdout}')
+  (( ${#whole} >= 50003 )) || fail "the ConfigMap holds ${#whole} bytes of stdout, not all 50003" || return 1
+  [[ $(jk get configmap "$cm" -o jsonpath='{.metadata.ownerReferences[0].name}') == chatty-1 ]] ||
+    fail "the output ConfigMap is not owned by its job" || return 1
+  # activeDeadlineSeconds: a job running too long is Terminated
+  jk apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: slow}
+spec:
+  computation:
+    python: {source: "import time\ndef nap(s):\n    time.sleep(s)\n", function: nap}
+  nodes: {replicas: 1, cpus: 1}
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: too-slow}
+spec: {cluster: slow, args: [60], activeDeadlineSeconds: 2}
+EOF
+  wait_for 60 "too-slow Terminated by its deadline" job_is too-slow Terminated || return 1
+  [[ $(job_field too-slow '{.status.message}') == *activeDeadlineSeconds* ]] ||
+    fail "message: $(job_field too-slow '{.status.message}')" || return 1
+  jk delete jc slow --wait=true --timeout=60s >/dev/null
+  # deleting the JobCluster runs cleanup on its node before the pods go
+  jk delete jc chatty --wait=true --timeout=60s >/dev/null || fail "delete chatty" || return 1
+  [[ $(cat "$dir/cleanup" 2>/dev/null) == "cleaned up" ]] || fail "cleanup did not run on the node" || return 1
+  jk delete dj chatty-1 too-slow --wait=true --timeout=60s >/dev/null
+}
