@@ -998,6 +998,7 @@ if [[ $LOCAL == 1 ]]; then
   run_test "operator killed mid-run: every job ends Finished and none ran twice" t_op_killed_mid_run
   run_test "operator: a JobCluster without computation is a node pool with its addresses in status" t_op_node_pool
   run_test "operator: /metrics, /readyz, Lease held" t_op_metrics
+  run_test "operator: suspend holds jobs; big output bounded with its ConfigMap; activeDeadlineSeconds; cleanup on delete" t_op_suspend_output_deadline_cleanup
   run_test "operator from the chart: uninstalled" t_op_uninstall
 fi
 if [[ $LOCAL == 1 ]]; then
