@@ -5,8 +5,9 @@
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/netns.rs"]
+mod netns;
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -177,16 +178,7 @@ impl Subnets {
 
     /// Runs `f` on a thread inside namespace `ns`.
     fn run_in<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread only; network namespaces may be entered per thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
+        netns::run_in(ns, f)
     }
 }
 
