@@ -370,3 +370,49 @@ EOF
   [[ $(cat "$dir/cleanup" 2>/dev/null) == "cleaned up" ]] || fail "cleanup did not run on the node" || return 1
   jk delete dj chatty-1 too-slow --wait=true --timeout=60s >/dev/null
 }
+
+# --- leader election: a standby takes over -----------------------------------------------
+
+lease_holder() { k -n $OP_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}'; }
+ready_operators() { k -n $OP_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}'; }
+holder_is_not() { local h; h=$(lease_holder) && [[ -n $h && $h != "$1" ]] && k -n $OP_NS get pod "$h" >/dev/null 2>&1; }
+one_job() {  # NAME
+  jk apply -f - <<EOF >/dev/null
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: $1}
+spec: {cluster: elected, args: [3]}
+EOF
+}
+
+t_op_leader_failover() {
+  local old start
+  "$HELM" upgrade dispy "$REPO_DIR/charts/dispy-operator" -n $OP_NS --reuse-values --set replicaCount=2 \
+    --wait --timeout 120s >/dev/null || return 1
+  wait_for 60 "two operator pods Ready" test_ready_twice || return 1
+  jk apply -f - <<'EOF' >/dev/null || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: elected}
+spec:
+  computation:
+    python: {source: "def sq(x):\n    return x * x\n", function: sq}
+  nodes: {replicas: 1, cpus: 1}
+EOF
+  one_job elected-1 || return 1
+  wait_for 60 "elected-1 Finished" job_is elected-1 Finished || return 1
+  old=$(lease_holder)
+  echo "leader: $old; deleting its pod (SIGTERM: it releases the Lease)"
+  start=$(date +%s)
+  k -n $OP_NS delete pod "$old" --wait=false >/dev/null || return 1
+  wait_for 40 "another pod holds the Lease" holder_is_not "$old" || return 1
+  echo "new leader $(lease_holder) after $(( $(date +%s) - start ))s"
+  one_job elected-2 || return 1
+  wait_for 60 "elected-2 Finished under the new leader" job_is elected-2 Finished || return 1
+  [[ $(job_field elected-2 '{.status.result}') == 9 ]] || fail "result" || return 1
+  jk delete dj elected-1 elected-2 --wait=true --timeout=60s >/dev/null
+  jk delete jc elected --wait=true --timeout=60s >/dev/null
+  "$HELM" upgrade dispy "$REPO_DIR/charts/dispy-operator" -n $OP_NS --reuse-values --set replicaCount=1 \
+    --wait --timeout 120s >/dev/null || return 1
+}
+test_ready_twice() { [[ $(ready_operators) == "True True " ]]; }
