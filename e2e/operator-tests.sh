@@ -416,3 +416,36 @@ EOF
     --wait --timeout 120s >/dev/null || return 1
 }
 test_ready_twice() { [[ $(ready_operators) == "True True " ]]; }
+
+# --- TLS between the operator and the nodes ---------------------------------------------
+
+t_op_tls() {
+  local dir="$E2E_STATE_DIR/op-tls" args
+  mkdir -p "$dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=dispy-nodes \
+    -keyout "$dir/tls.key" -out "$dir/tls.crt" >/dev/null 2>&1 || fail "openssl" || return 1
+  jk create secret tls node-tls --cert="$dir/tls.crt" --key="$dir/tls.key" >/dev/null || return 1
+  jk apply -f - <<'EOF' >/dev/null || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: private}
+spec:
+  tls: {secretRef: {name: node-tls}}
+  computation:
+    python: {source: "def greet(who):\n    return 'hello ' + who\n", function: greet}
+  nodes: {replicas: 1, cpus: 1}
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: private-1}
+spec: {cluster: private, args: ["tls"]}
+EOF
+  wait_for 90 "private-1 Finished over TLS" job_is private-1 Finished || { op_log_tail; return 1; }
+  [[ $(job_field private-1 '{.status.result}') == "hello tls" ]] || fail "result" || return 1
+  # the node serves TLS only (it refuses plain-text clients), so the job went over TLS
+  args=$(jk get pod private-node-0 -o jsonpath='{.spec.containers[0].args}')
+  [[ $args == *--certfile* && $args == *--keyfile* ]] || fail "node pod args: $args" || return 1
+  jk delete dj private-1 --wait=true --timeout=60s >/dev/null
+  jk delete jc private --wait=true --timeout=60s >/dev/null
+  jk delete secret node-tls >/dev/null
+}

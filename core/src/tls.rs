@@ -73,6 +73,9 @@ pub enum Trust {
     CaFile(PathBuf),
     /// Exactly this certificate (the first in the file) is accepted.
     PinnedCert(PathBuf),
+    /// Exactly this certificate (the first in this PEM text) is accepted; `source` names where
+    /// the text came from, for errors.
+    PinnedPem { pem: Vec<u8>, source: String },
 }
 
 pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsError> {
@@ -89,18 +92,41 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsErro
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        Trust::PinnedCert(path) => {
-            let pinned = load_certs(path)?.remove(0);
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                    pinned,
-                    provider: provider(),
-                }))
-                .with_no_client_auth()
+        Trust::PinnedCert(path) => pinned(builder, load_certs(path)?.remove(0)),
+        Trust::PinnedPem { pem, source } => {
+            let first = CertificateDer::pem_slice_iter(pem).next();
+            let cert = match first {
+                Some(Ok(cert)) => cert,
+                Some(Err(e)) => {
+                    return Err(TlsError::Certs {
+                        path: source.into(),
+                        detail: e.to_string(),
+                    })
+                }
+                None => {
+                    return Err(TlsError::Certs {
+                        path: source.into(),
+                        detail: "no PEM CERTIFICATE block found".into(),
+                    })
+                }
+            };
+            pinned(builder, cert)
         }
     };
     Ok(Arc::new(config))
+}
+
+fn pinned(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>,
+    pinned: CertificateDer<'static>,
+) -> rustls::ClientConfig {
+    builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert {
+            pinned,
+            provider: provider(),
+        }))
+        .with_no_client_auth()
 }
 
 /// The name a client presents for `host` (an IP address or a DNS name).

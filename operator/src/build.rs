@@ -19,6 +19,8 @@ pub const INDEX_LABEL: &str = "dispy.io/node-index";
 pub const SECRET_KEY: &str = "secret";
 /// Where node pods keep computations' files.
 pub const DEST_PATH: &str = "/var/lib/dispy";
+/// Where node pods find `spec.tls`'s certificate and key.
+pub const TLS_PATH: &str = "/etc/dispy/tls";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BuildError {
@@ -205,6 +207,27 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
             "volumes": [{"name": "work", "emptyDir": {}}],
         },
     });
+    if let Some(tls) = &jc.spec.tls {
+        // The node serves TLS with the Secret's certificate and key (kubernetes.io/tls keys).
+        let container = &mut pod["spec"]["containers"][0];
+        let args = container["args"].as_array_mut().expect("args");
+        for a in [
+            "--certfile",
+            &format!("{TLS_PATH}/tls.crt"),
+            "--keyfile",
+            &format!("{TLS_PATH}/tls.key"),
+        ] {
+            args.push(json!(a));
+        }
+        container["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(json!({"name": "tls", "mountPath": TLS_PATH, "readOnly": true}));
+        pod["spec"]["volumes"]
+            .as_array_mut()
+            .expect("volumes")
+            .push(json!({"name": "tls", "secret": {"secretName": tls.secret_ref.name}}));
+    }
     if let Some(template) = &jc.spec.nodes.template {
         merge(&mut pod, template);
     }
@@ -374,5 +397,41 @@ mod tests {
         assert_eq!(node_port(&jc), 9705, "the recorded port");
         jc.spec.nodes.port = Some(9800);
         assert_eq!(node_port(&jc), 9800, "the user's port wins");
+    }
+
+    #[test]
+    fn tls_mounts_the_secret_and_serves_with_it() {
+        let jc = cluster(&format!(
+            "{WORDCOUNT}  tls: {{secretRef: {{name: node-tls}}}}\n"
+        ));
+        let pod = node_pod(&jc, 0, "img").unwrap();
+        let spec = pod.spec.unwrap();
+        let c = &spec.containers[0];
+        let args = c.args.as_ref().unwrap().join(" ");
+        assert!(
+            args.ends_with("--certfile /etc/dispy/tls/tls.crt --keyfile /etc/dispy/tls/tls.key"),
+            "{args}"
+        );
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "tls")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (TLS_PATH, Some(true))
+        );
+        let volume = spec
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "tls")
+            .unwrap();
+        assert_eq!(
+            volume.secret.unwrap().secret_name.as_deref(),
+            Some("node-tls")
+        );
     }
 }

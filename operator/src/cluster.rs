@@ -241,6 +241,14 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
             )
         }
     };
+    let tls_cert = match &jc.spec.tls {
+        None => None,
+        Some(tls) => Some(
+            tls_certificate(&secrets, &tls.secret_ref.name)
+                .await
+                .map_err(&invalid)?,
+        ),
+    };
     let files = depends_files(client, &ns, &jc.spec.depends)
         .await
         .map_err(&invalid)?;
@@ -260,6 +268,7 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
         },
         suspended: jc.spec.suspend,
         secret,
+        tls_cert,
         pulse_interval: Duration::from_secs(jc.spec.pulse_interval.unwrap_or(10).max(1) as u64),
         nodes,
     };
@@ -386,6 +395,19 @@ async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<String, String
         .as_ref()
         .and_then(|d| d.get(SECRET_KEY).cloned())
         .ok_or_else(|| format!("Secret {name} has no key {SECRET_KEY:?}"))
+}
+
+/// `tls.crt` of the nodes' TLS Secret (`spec.tls.secretRef`).
+async fn tls_certificate(secrets: &Api<Secret>, name: &str) -> Result<Vec<u8>, String> {
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("cannot read Secret {name}: {e}"))?
+        .ok_or_else(|| format!("Secret {name} (spec.tls.secretRef) does not exist"))?;
+    secret
+        .data
+        .and_then(|d| d.get("tls.crt").map(|v| v.0.clone()))
+        .ok_or_else(|| format!("Secret {name} (spec.tls.secretRef) has no key \"tls.crt\""))
 }
 
 async fn config_map_key(

@@ -48,6 +48,8 @@ pub struct ClusterInfo {
     pub policy: ClusterPolicy,
     pub suspended: bool,
     pub secret: String,
+    /// `spec.tls`: the nodes' certificate (PEM), which the engine pins.
+    pub tls_cert: Option<Vec<u8>>,
     pub pulse_interval: Duration,
     /// Node addresses (`host:port`) with the pod behind each, if any.
     pub nodes: BTreeMap<NodeId, Option<String>>,
@@ -399,9 +401,27 @@ impl Engine {
         else {
             return;
         };
+        let tls = match &cluster.info.tls_cert {
+            None => None,
+            Some(pem) => {
+                let trust = dispy_core::tls::Trust::PinnedPem {
+                    pem: pem.clone(),
+                    source: format!("the TLS Secret of {}", cluster.info.name),
+                };
+                match dispy_core::tls::client_config(&trust) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(%node, "cannot use the cluster's TLS certificate: {e}");
+                        conn.retry_at = Some(Instant::now() + Duration::from_secs(10));
+                        return;
+                    }
+                }
+            }
+        };
         conn.connecting = true;
         conn.retry_at = None;
         let config = ClientConfig {
+            tls,
             secret: cluster.info.secret.clone(),
             name: format!("dispy-operator ({})", std::process::id()),
             pulse_interval: cluster.info.pulse_interval,
