@@ -192,7 +192,7 @@ pub async fn heartbeat(ctx: Arc<Context>, node: Arc<NodeInfo>) {
             tracing::warn!(node = %node.name, "renewing Lease: {e}");
         }
         n += 1;
-        if n % (60 / ctx.args.lease_interval.clamp(1, 60)) == 0 {
+        if n.is_multiple_of(60 / ctx.args.lease_interval.clamp(1, 60)) {
             if let Err(e) = post_status(&ctx, &node).await {
                 tracing::warn!(node = %node.name, "{e}");
             }
