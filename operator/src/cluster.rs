@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispy_core::manifest::{Condition, JobClusterResource, JobClusterStatus, NodeSummary};
+use dispy_core::manifest::{JobClusterResource, JobClusterStatus, NodeSummary};
 use dispy_core::scheduler::ClusterPolicy;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -493,21 +493,16 @@ pub fn cluster_status(
     };
     let now = dispy_core::manifest::rfc3339(dispy_core::job::now_secs());
     let condition = |type_: &str, on: bool, reason: &str, message: String| {
-        let status = if on { "True" } else { "False" };
-        let transition = previous
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .and_then(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| now.clone());
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
+        let generation = jc.metadata.generation;
+        crate::status::condition(
+            &previous.conditions,
+            &now,
+            generation,
+            type_,
+            on,
+            reason,
             message,
-            last_transition_time: Some(transition),
-            observed_generation: jc.metadata.generation,
-        }
+        )
     };
     let degraded = phase == "Degraded" || phase == "Pending" && desired > 0;
     let conditions = vec![

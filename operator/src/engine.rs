@@ -125,11 +125,19 @@ pub enum Input {
 pub struct Handle {
     tx: mpsc::UnboundedSender<Input>,
     stats: Arc<Mutex<HashMap<String, ClusterStats>>>,
+    /// Jobs the engine has been given (and not told gone): sending them again changes nothing.
+    known: Arc<Mutex<HashSet<JobKey>>>,
 }
 
 impl Handle {
     pub fn send(&self, input: Input) {
         let _ = self.tx.send(input);
+    }
+
+    /// Whether the engine already has this job: the controller then need not read its
+    /// ConfigMaps and send it again.
+    pub fn knows(&self, key: &JobKey) -> bool {
+        self.known.lock().unwrap().contains(key)
     }
 
     /// Stats of the JobCluster `namespace/name`.
@@ -201,6 +209,8 @@ pub struct Engine {
     /// Jobs by cluster with their last known status, terminal ones included (for counts and so
     /// a stale read of a finished job never schedules it again).
     known: HashMap<String, BTreeMap<JobKey, JobStatus>>,
+    /// The keys of `known`, shared with the controllers ([`Handle::knows`]).
+    known_keys: Arc<Mutex<HashSet<JobKey>>>,
     /// Jobs nodes reported holding when asked (`attach`), not yet claimed by a DispyJob.
     found: HashMap<JobKey, (NodeId, JobStatus)>,
     /// Results of jobs not yet known (resent by a node before the DispyJob was read).
@@ -222,6 +232,7 @@ pub fn start(
 ) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(Mutex::new(HashMap::new()));
+    let known = Arc::new(Mutex::new(HashSet::new()));
     let engine = Engine {
         rx,
         tx: tx.clone(),
@@ -235,6 +246,7 @@ pub fn start(
         nodes: HashMap::new(),
         jobs: HashMap::new(),
         known: HashMap::new(),
+        known_keys: known.clone(),
         found: HashMap::new(),
         early: HashMap::new(),
         in_flight: HashSet::new(),
@@ -245,7 +257,7 @@ pub fn start(
         drain_waiters: Vec::new(),
     };
     tokio::spawn(engine.run());
-    Handle { tx, stats }
+    Handle { tx, stats, known }
 }
 
 impl Engine {
@@ -655,16 +667,21 @@ impl Engine {
     }
 
     fn set_known(&mut self, key: &JobKey, status: JobStatus) {
-        self.known
+        let old = self
+            .known
             .entry(key.cluster.clone())
             .or_default()
             .insert(key.clone(), status);
+        if old.is_none() {
+            self.known_keys.lock().unwrap().insert(key.clone());
+        }
+        self.metrics.job_status(old, Some(status));
     }
 
     fn set_known_remove(&mut self, key: &JobKey) {
-        if let Some(m) = self.known.get_mut(&key.cluster) {
-            m.remove(key);
-        }
+        let old = self.known.get_mut(&key.cluster).and_then(|m| m.remove(key));
+        self.metrics.job_status(old, None);
+        self.known_keys.lock().unwrap().remove(key);
     }
 
     /// A job of a synced cluster enters the scheduler: adopted where a node holds it, or new.
@@ -902,7 +919,7 @@ impl Engine {
             if v.status.message.as_deref() == Some("the DispyJob was deleted") {
                 v.status.message = Some(format!(
                     "the DispyJob was deleted; {}",
-                    dispy_word(result.status)
+                    result.status.as_str()
                 ));
             }
             v.ack = Some(node.clone());
@@ -1054,7 +1071,7 @@ impl Engine {
         };
         let terminal = v.status.status.is_terminal();
         if terminal {
-            let (word, note) = (dispy_word(v.status.status), v.status.message.clone());
+            let (word, note) = (v.status.status.as_str(), v.status.message.clone());
             let note = note
                 .unwrap_or_else(|| format!("on {}", v.status.node.as_deref().unwrap_or("no node")));
             self.writer
@@ -1154,7 +1171,6 @@ impl Engine {
                 self.nodes.remove(&node);
             }
         }
-        self.metrics.set_jobs(&self.known);
         self.publish_stats();
     }
 
@@ -1211,17 +1227,6 @@ impl Engine {
 
 fn cluster_has_computation(c: &Cluster) -> bool {
     c.info.computation.is_some()
-}
-
-fn dispy_word(status: JobStatus) -> &'static str {
-    match status {
-        JobStatus::Finished => "Finished",
-        JobStatus::Terminated => "Terminated",
-        JobStatus::Cancelled => "Cancelled",
-        JobStatus::Abandoned => "Abandoned",
-        JobStatus::Running => "Running",
-        _ => "Created",
-    }
 }
 
 /// Computation, files and setup on one node. A node that already has the computation (an

@@ -10,7 +10,7 @@ use dispy_core::job::JobStatus;
 use dispy_core::manifest::{DispyJobResource, DispyJobStatus, JobClusterResource};
 use dispy_core::protocol::JobRequest;
 use dispy_core::scheduler::JobKey;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::ResourceExt;
@@ -18,7 +18,7 @@ use kube::ResourceExt;
 use crate::cluster::{computation_id, depends_files};
 use crate::engine::{Input, JobInfo};
 use crate::status::{conditions, job_id};
-use crate::{Ctx, MANAGER};
+use crate::Ctx;
 
 /// Held until the job is no longer on a node.
 pub const FINALIZER: &str = "dispy.io/terminate";
@@ -132,6 +132,14 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
             "spec.kwargs: a program computation takes no kwargs".into(),
         ));
     }
+    let key = JobKey::new(
+        computation_id(&cluster),
+        job_id(job.metadata.uid.as_deref().unwrap_or("")),
+    );
+    if ctx.engine.knows(&key) {
+        // Our own status writes bring the job back here: nothing new for the engine.
+        return Ok(Action::await_change());
+    }
     let files = if stored.status.is_terminal() {
         Vec::new()
     } else {
@@ -139,10 +147,6 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
             .await
             .map_err(invalid)?
     };
-    let key = JobKey::new(
-        computation_id(&cluster),
-        job_id(job.metadata.uid.as_deref().unwrap_or("")),
-    );
     let info = JobInfo {
         request: JobRequest {
             id: key.job,
@@ -189,31 +193,15 @@ async fn wait_for_cluster(
             &now,
             Some(("ClusterNotFound", &message)),
         );
-        let patch = serde_json::json!({
-            "apiVersion": "dispy.io/v1alpha1",
-            "kind": "DispyJob",
-            "status": status,
-        });
-        Api::<DispyJobResource>::namespaced(ctx.client.clone(), ns)
-            .patch_status(
-                name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
+        crate::writer::apply_job_status(&ctx.client, ns, name, &status)
             .await
             .map_err(|source| Error::Kube {
                 job: format!("{ns}/{name}"),
                 action: "update its status",
                 source,
             })?;
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("dispy.io/v1alpha1".into()),
-            kind: Some("DispyJob".into()),
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            uid: job.metadata.uid.clone(),
-            ..Default::default()
-        };
+        let uid = job.metadata.uid.as_deref().unwrap_or("");
+        let reference = crate::writer::reference("DispyJob", ns, name, uid);
         ctx.writer
             .publish(reference, "ClusterNotFound", message, true);
     }

@@ -1,11 +1,9 @@
 //! The operator's Prometheus metrics and its `/metrics`, `/healthz` and `/readyz` endpoints.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dispy_core::job::JobStatus;
-use dispy_core::scheduler::JobKey;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -43,6 +41,16 @@ impl Metrics {
         let mut registry = Registry::with_prefix("dispy_operator");
         let jobs = Family::<StatusLabel, Gauge>::default();
         registry.register("jobs", "DispyJobs known, by dispy status", jobs.clone());
+        for s in [
+            JobStatus::Created,
+            JobStatus::Running,
+            JobStatus::Finished,
+            JobStatus::Terminated,
+            JobStatus::Cancelled,
+            JobStatus::Abandoned,
+        ] {
+            jobs.get_or_create(&label(s)).set(0);
+        }
         let scheduling_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "scheduling_latency_seconds",
@@ -98,26 +106,16 @@ impl Metrics {
         }
     }
 
-    pub fn set_jobs(&self, known: &HashMap<String, BTreeMap<JobKey, JobStatus>>) {
-        let mut counts: BTreeMap<JobStatus, i64> = BTreeMap::new();
-        for jobs in known.values() {
-            for s in jobs.values() {
-                *counts.entry(*s).or_default() += 1;
-            }
+    /// A known job's status moved from `old` to `new` (`None`: not known).
+    pub fn job_status(&self, old: Option<JobStatus>, new: Option<JobStatus>) {
+        if old == new {
+            return;
         }
-        for s in [
-            JobStatus::Created,
-            JobStatus::Running,
-            JobStatus::Finished,
-            JobStatus::Terminated,
-            JobStatus::Cancelled,
-            JobStatus::Abandoned,
-        ] {
-            self.jobs
-                .get_or_create(&StatusLabel {
-                    status: s.as_str().to_string(),
-                })
-                .set(counts.get(&s).copied().unwrap_or(0));
+        if let Some(old) = old {
+            self.jobs.get_or_create(&label(old)).dec();
+        }
+        if let Some(new) = new {
+            self.jobs.get_or_create(&label(new)).inc();
         }
     }
 
@@ -136,6 +134,12 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+}
+
+fn label(status: JobStatus) -> StatusLabel {
+    StatusLabel {
+        status: status.as_str().to_string(),
     }
 }
 

@@ -128,29 +128,40 @@ pub fn conditions(
     wanted
         .into_iter()
         .map(|(type_, on, reason, message)| {
-            let status = if on { "True" } else { "False" };
-            let transition = previous
-                .iter()
-                .find(|c| c.type_ == type_ && c.status == status)
-                .and_then(|c| c.last_transition_time.clone())
-                .unwrap_or_else(|| now.to_string());
-            Condition {
-                type_: type_.into(),
-                status: status.into(),
-                reason: reason.into(),
-                message,
-                last_transition_time: Some(transition),
-                observed_generation: None,
-            }
+            condition(previous, now, None, type_, on, reason, message)
         })
         .collect()
 }
 
+/// A condition whose `lastTransitionTime` moves only when its status changes from `previous`.
+pub fn condition(
+    previous: &[Condition],
+    now: &str,
+    observed_generation: Option<i64>,
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: String,
+) -> Condition {
+    let status = if on { "True" } else { "False" };
+    let transition = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_string());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: Some(transition),
+        observed_generation,
+    }
+}
+
 fn dispy_name(status: JobStatus) -> &'static str {
     match status {
-        JobStatus::Terminated => "Terminated",
-        JobStatus::Cancelled => "Cancelled",
-        JobStatus::Abandoned => "Abandoned",
+        JobStatus::Terminated | JobStatus::Cancelled | JobStatus::Abandoned => status.as_str(),
         _ => "NotFailed",
     }
 }

@@ -86,41 +86,25 @@ impl Writer {
                 .await
                 .map_err(|e| describe(&e, "output ConfigMap"))?;
         }
-        let patch = serde_json::json!({
-            "apiVersion": "dispy.io/v1alpha1",
-            "kind": "DispyJob",
-            "status": w.status,
-        });
-        let result = Api::<DispyJobResource>::namespaced(self.client.clone(), &w.namespace)
-            .patch_status(&w.name, &apply, &Patch::Apply(&patch))
-            .await;
+        let result = apply_job_status(&self.client, &w.namespace, &w.name, &w.status).await;
         self.metrics.status_writes.inc();
-        result.map(|_| ()).map_err(|e| describe(&e, "status"))
+        result.map_err(|e| describe(&e, "status"))
     }
 
     /// An Event on a DispyJob (best effort).
     pub fn event(&self, job: &JobInfo, reason: &str, note: String, warning: bool) {
-        let reference = ObjectReference {
-            api_version: Some("dispy.io/v1alpha1".into()),
-            kind: Some("DispyJob".into()),
-            name: Some(job.name.clone()),
-            namespace: Some(job.namespace.clone()),
-            uid: Some(job.uid.clone()),
-            ..Default::default()
-        };
+        let reference = reference("DispyJob", &job.namespace, &job.name, &job.uid);
         self.publish(reference, reason, note, warning);
     }
 
     /// An Event on a JobCluster (best effort).
     pub fn cluster_event(&self, cluster: &ClusterInfo, reason: &str, note: String, warning: bool) {
-        let reference = ObjectReference {
-            api_version: Some("dispy.io/v1alpha1".into()),
-            kind: Some("JobCluster".into()),
-            name: Some(cluster.name.clone()),
-            namespace: Some(cluster.namespace.clone()),
-            uid: Some(cluster.uid.clone()),
-            ..Default::default()
-        };
+        let reference = reference(
+            "JobCluster",
+            &cluster.namespace,
+            &cluster.name,
+            &cluster.uid,
+        );
         self.publish(reference, reason, note, warning);
     }
 
@@ -148,6 +132,40 @@ impl Writer {
             self.metrics.events_dropped.inc();
         }
     }
+}
+
+/// A dispy.io object, for Events.
+pub fn reference(kind: &str, namespace: &str, name: &str, uid: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("dispy.io/v1alpha1".into()),
+        kind: Some(kind.into()),
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        uid: Some(uid.into()),
+        ..Default::default()
+    }
+}
+
+/// Writes a DispyJob's whole status by server-side apply (field manager `dispy-operator`).
+pub async fn apply_job_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &DispyJobStatus,
+) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "dispy.io/v1alpha1",
+        "kind": "DispyJob",
+        "status": status,
+    });
+    Api::<DispyJobResource>::namespaced(client.clone(), namespace)
+        .patch_status(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
 }
 
 fn owner(name: &str, uid: &str) -> OwnerReference {
