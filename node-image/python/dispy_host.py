@@ -28,17 +28,20 @@ With reuse_workers, `workers` processes are forked once after setup and run jobs
 another: much faster, and a job's changes to globals are seen by later jobs of its worker.
 """
 
+import _json
 import io
-import json
 import os
 import select
-import signal
 import struct
 import sys
 import time
 import types
 
 PIPE_BUF = 4096
+# Linux's number: the signal module would import enum, as the json package imports re. Every
+# import grows the heap each fork copies and each job process tears down; these two cost a
+# megabyte and about a tenth of the fork-per-job rate.
+SIGKILL = 9
 
 
 def format_exc():
@@ -46,6 +49,50 @@ def format_exc():
     import traceback
 
     return traceback.format_exc()
+
+class json:
+    """JSON through the interpreter's C codec (_json), which is all the json package uses for
+    the work; the package's Python layer would bring re with it (see SIGKILL)."""
+
+    class Context:  # the parser settings _json's scanner reads, json.loads's defaults
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+        memo = {}
+
+        @staticmethod
+        def parse_constant(name):  # NaN, Infinity, -Infinity
+            return float(name.replace("inity", ""))
+
+    @staticmethod
+    def unsupported(value):
+        raise TypeError("Object of type %s is not JSON serializable" % type(value).__name__)
+
+    scan = _json.make_scanner(Context)
+    encode = _json.make_encoder({}, unsupported.__func__, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+    @classmethod
+    def loads(cls, text):
+        text = (text if isinstance(text, str) else bytes(text).decode()).strip()
+        try:
+            value, end = cls.scan(text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, SystemError):
+            # _json reports errors inside a value only when json.decoder is loaded.
+            pass
+        finally:
+            cls.Context.memo.clear()
+        import json as package  # bad input is rare: the package says what is wrong with it
+
+        return package.loads(text)
+
+    @classmethod
+    def dumps(cls, value):
+        return "".join(cls.encode(value, 0))
+
 
 HEADER = struct.Struct(">IB")
 RUN = struct.Struct(">Q")
@@ -347,6 +394,10 @@ class Host:
         if pid == 0:
             code = 0
             try:
+                # The spares' pipes must have their only write ends in the host, so that every
+                # spare sees EOF and exits when the host dies, however it dies.
+                for fd in self.job_fds:
+                    os.close(fd)
                 self.inbuf = bytearray()
                 self.job_loop(job_r, single_use)
             except BaseException:
@@ -385,9 +436,9 @@ class Host:
     def add_spare(self):
         """Fork per job: a process waiting on a new pipe for its one job."""
         job_r, job_w = os.pipe()
+        self.job_fds.add(job_w)
         pid = self.fork_runner(job_r, True)
         os.close(job_r)
-        self.job_fds.add(job_w)
         self.spares.append((pid, job_w))
 
     def forget_fd(self, fd):
@@ -471,7 +522,7 @@ class Host:
         for fd in list(self.job_fds):
             self.forget_fd(fd)
         for pid in pids:
-            self.signal_group(pid, signal.SIGKILL)
+            self.signal_group(pid, SIGKILL)
         for pid in pids:
             try:
                 os.waitpid(pid, 0)

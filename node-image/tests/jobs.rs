@@ -186,6 +186,46 @@ async fn an_exception_gives_terminated_with_the_traceback() {
 }
 
 #[tokio::test]
+async fn arguments_and_results_cross_as_json_and_a_result_json_cannot_carry_is_named() {
+    let node = NodeProc::start(&[]).await;
+    let (client, mut events) = connect(&node).await;
+    let src = r#"
+def f(x, scale=1, **kw):
+    if x == 'set':
+        return {1, 2}
+    if x == 7:
+        return {'scale': scale, 'kw': kw, 'inf': float('inf'), 'big': 10**30}
+    return {'x': x, 'scale': scale}
+"#;
+    open(&client, "json", Computation::Python(python(src, "f")), &[]).await;
+    let text = json!(["é ☃ \"quoted\"\n", [1.5, null, true, {"nested": {}}]]);
+    client.submit("json", job(1, json!([text]))).await.unwrap();
+    let mut kw = job(2, json!([7]));
+    kw.kwargs = json!({"scale": 3, "extra": "y"}).to_string();
+    client.submit("json", kw).await.unwrap();
+    client.submit("json", job(3, json!(["set"]))).await.unwrap();
+    let done = collect(&mut events, 3, T).await;
+    let one: serde_json::Value = serde_json::from_str(finished(&done[&1])).unwrap();
+    assert_eq!(one["x"], text);
+    assert_eq!(one["scale"], 1);
+    // Python's JSON writes infinity as Infinity, which serde_json does not read: the text says it.
+    assert!(
+        finished(&done[&2]).contains("\"inf\": Infinity"),
+        "{:?}",
+        done[&2]
+    );
+    assert!(finished(&done[&2]).contains("\"big\": 1000000000000000000000000000000"));
+    assert!(finished(&done[&2]).contains("\"kw\": {\"extra\": \"y\"}"));
+    assert!(finished(&done[&2]).contains("\"scale\": 3"));
+    assert_eq!(done[&3].status, JobStatus::Terminated);
+    let exc = done[&3].exception.as_deref().unwrap();
+    assert!(
+        exc.contains("the result of type set cannot be sent as JSON"),
+        "{exc}"
+    );
+}
+
+#[tokio::test]
 async fn a_job_killed_by_a_signal_is_terminated_and_the_node_survives() {
     let node = NodeProc::start(&[]).await;
     let (client, mut events) = connect(&node).await;
@@ -369,6 +409,57 @@ async fn large_files_travel_in_chunks_with_checksums() {
         finished(&done[&1]),
         format!("\"{}\"", dispy_core::auth::sha256_hex(&data))
     );
+}
+
+/// Processes whose process group is `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After "(comm)": state, ppid, pgrp.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            rest.split_whitespace().nth(2) == Some(pgid.to_string().as_str())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn nothing_the_python_host_forked_outlives_it_when_it_is_killed() {
+    let node = NodeProc::start(&["--cpus", "2"]).await;
+    let (client, mut events) = connect(&node).await;
+    let src = "def f(x):\n    return os.getppid()\n";
+    open(
+        &client,
+        "orphans",
+        Computation::Python(python(src, "f")),
+        &[],
+    )
+    .await;
+    for id in 1..=4 {
+        client
+            .submit("orphans", job(id, json!([id])))
+            .await
+            .unwrap();
+    }
+    let done = collect(&mut events, 4, T).await;
+    let host: i32 = finished(&done[&1]).parse().unwrap();
+    // The host leads its process group; its idle job processes (spares) are in it.
+    assert!(group_members(host).len() > 1, "spares are forked ahead");
+    unsafe { libc::kill(host, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = group_members(host);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes of the killed host's group still alive: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
