@@ -30,6 +30,13 @@ t_op_install() {
     --set-string 'metrics.bindAddress=$(POD_IP)' --set logFormat=text \
     --wait --timeout 120s || return 1
   wait_for 60 "operator Ready" op_ready || return 1
+  # the chart's admission policy puts the operator's finalizer on a DispyJob as it is created
+  k get mutatingadmissionpolicy dispy-operator-job-finalizer >/dev/null || fail "no MutatingAdmissionPolicy installed" || return 1
+  local f
+  f=$(printf 'apiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: finalized}\nspec: {cluster: none}\n' |
+    jk create -f - -o jsonpath='{.metadata.finalizers}') || return 1
+  [[ $f == '["dispy.io/terminate"]' ]] || fail "finalizers in the create response: '$f'" || return 1
+  jk delete dj finalized --wait=true --timeout=30s >/dev/null || fail "a job that never ran is not deleted" || return 1
 }
 op_ready() { [[ "$(k -n $OP_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{.items[0].status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
 
@@ -65,6 +72,11 @@ t_op_examples() {
   # kubectl wait on the conditions
   jk wait --for=condition=Complete dj/checksums-md5 dj/sha1sum-both --timeout=10s >/dev/null || fail "kubectl wait Complete" || return 1
   jk wait --for=condition=Failed dj/divide-by-zero --timeout=10s >/dev/null || fail "kubectl wait Failed" || return 1
+  # selectable fields: the API server filters by status and cluster
+  [[ "$(jk get dj --field-selector status.status=Terminated -o name)" == dispyjob.dispy.io/divide-by-zero ]] ||
+    fail "field selector status.status=Terminated: $(jk get dj --field-selector status.status=Terminated -o name)" || return 1
+  [[ "$(jk get dj --field-selector spec.cluster=checksums -o name | wc -l)" == 4 ]] ||
+    fail "field selector spec.cluster=checksums: $(jk get dj --field-selector spec.cluster=checksums -o name)" || return 1
   out=$(jk get dispyjobs) && echo "$out"
   grep -Eq '^checksums-md5 +checksums +Finished +checksums-node-[01] +4d1951894d6260f544437f811c7384a4 ' <<<"$out" ||
     fail "dispyjob columns" || return 1

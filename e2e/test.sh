@@ -717,6 +717,24 @@ t_helm_chart_lint_template() {
   [[ "$("$HELM" template x "$CHART" --show-only templates/deployment.yaml | grep -m1 '^  name:')" == "  name: x-dispy-operator" ]] ||
     fail "release x does not give x-dispy-operator" || return 1
 
+  # the finalizer policy: rendered where the cluster serves MutatingAdmissionPolicy v1, bound to
+  # the watched namespaces only; off with jobFinalizerPolicy=false
+  local map=(--api-versions admissionregistration.k8s.io/v1/MutatingAdmissionPolicy)
+  out=$(render "${map[@]}" --set 'watchNamespaces={team-a,team-b}') || return 1
+  jq -e '[.items[] | select(.kind == "MutatingAdmissionPolicy")] | length == 1 and (.[0]
+    | .spec.matchConstraints.resourceRules[0].resources == ["dispyjobs"] and .spec.failurePolicy == "Ignore"
+    and (.spec.mutations[0].applyConfiguration.expression | contains("dispy.io/terminate")))' <<<"$out" >/dev/null ||
+    fail "MutatingAdmissionPolicy" || return 1
+  jq -e '.items[] | select(.kind == "MutatingAdmissionPolicyBinding") | .spec.policyName == "dispy-operator-job-finalizer"
+    and .spec.matchResources.namespaceSelector.matchExpressions == [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]' \
+    <<<"$out" >/dev/null || fail "MutatingAdmissionPolicyBinding does not select the watched namespaces" || return 1
+  out=$(render "${map[@]}") || return 1
+  jq -e '.items[] | select(.kind == "MutatingAdmissionPolicyBinding") | .spec.matchResources == null' <<<"$out" >/dev/null ||
+    fail "MutatingAdmissionPolicyBinding for all namespaces" || return 1
+  out=$(render "${map[@]}" --set jobFinalizerPolicy=false) || return 1
+  ! jq -e '.items[] | select(.kind == "MutatingAdmissionPolicy")' <<<"$out" >/dev/null ||
+    fail "jobFinalizerPolicy=false still renders the policy" || return 1
+
   # toggles: ServiceMonitor on, metrics Service off, images
   out=$("$HELM" template dispy-operator "$CHART" --set serviceMonitor.enabled=true) || return 1
   grep -q '^kind: ServiceMonitor$' <<<"$out" || fail "serviceMonitor.enabled=true renders no ServiceMonitor" || return 1

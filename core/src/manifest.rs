@@ -45,6 +45,7 @@ pub struct Meta {
         status = "JobClusterStatus",
         derive = "PartialEq",
         doc = "A dispy computation and the node pods that run its jobs (DispyJobs)",
+        selectable = ".status.phase",
         scale(
             spec_replicas_path = ".spec.nodes.replicas",
             status_replicas_path = ".status.readyNodes"
@@ -279,6 +280,10 @@ pub struct NodesSpec {
         status = "DispyJobStatus",
         derive = "PartialEq",
         doc = "One dispy job: a call of its JobCluster's computation, and its outcome",
+        // `kubectl get dj --field-selector spec.cluster=sq,status.status=Terminated`
+        selectable = ".spec.cluster",
+        selectable = ".status.status",
+        selectable = ".status.node",
         printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster"),
         printcolumn(name = "Status", type_ = "string", json_path = ".status.status"),
         printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),

@@ -55,6 +55,9 @@ pub struct Options {
     pub concurrency: u16,
     /// Status writes in flight at once.
     pub write_concurrency: usize,
+    /// Routine Events a second (and how many may be saved up); warnings are not limited.
+    pub event_qps: f64,
+    pub event_burst: u32,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -75,7 +78,13 @@ pub async fn run(
     metrics: Arc<metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
 ) {
-    let writer = writer::Writer::new(client.clone(), options.write_concurrency, metrics.clone());
+    let writer = writer::Writer::new(
+        client.clone(),
+        options.write_concurrency,
+        options.event_qps,
+        options.event_burst,
+        metrics.clone(),
+    );
     let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let engine = engine::start(writer.clone(), metrics.clone(), changed_tx);
     let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {

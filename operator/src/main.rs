@@ -66,6 +66,13 @@ enum Cmd {
         /// DispyJob status writes in flight at once.
         #[arg(long, default_value_t = 16)]
         write_concurrency: usize,
+        /// Routine Events (a job Started or Finished) a second at most; each is a write to the
+        /// API server. Warnings (Terminated, Abandoned, Requeued, NodeLost...) always go.
+        #[arg(long, default_value_t = 5.0)]
+        event_qps: f64,
+        /// Routine Events that may go at once after a quiet time.
+        #[arg(long, default_value_t = 25)]
+        event_burst: u32,
     },
 }
 
@@ -83,6 +90,8 @@ fn main() {
             kube_qps,
             concurrency,
             write_concurrency,
+            event_qps,
+            event_burst,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info".into());
@@ -99,6 +108,8 @@ fn main() {
                 namespaces: namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
                 concurrency,
                 write_concurrency,
+                event_qps,
+                event_burst,
             };
             let code = runtime.block_on(async move {
                 let metrics = Arc::new(Metrics::new());

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub nodes_up: Gauge,
     pub status_writes: Counter,
     pub events_dropped: Counter,
+    pub events_skipped: Counter,
     pub leader: Gauge,
     pub api_requests: Counter,
     /// Set once the controllers run (as leader) or wait for the lease (as a standby).
@@ -83,6 +84,12 @@ impl Metrics {
             "Kubernetes Events dropped because their queue was full",
             events_dropped.clone(),
         );
+        let events_skipped = Counter::default();
+        registry.register(
+            "events_skipped",
+            "routine (Normal) Kubernetes Events not sent because they were over --event-qps",
+            events_skipped.clone(),
+        );
         let leader = Gauge::default();
         registry.register("leader", "1 while this instance leads", leader.clone());
         let api_requests = Counter::default();
@@ -101,6 +108,7 @@ impl Metrics {
             nodes_up,
             status_writes,
             events_dropped,
+            events_skipped,
             leader,
             ready: AtomicBool::new(false),
         }

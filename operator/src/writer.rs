@@ -1,10 +1,13 @@
 //! What the engine writes to the API server: DispyJob statuses (server-side apply on the
 //! status subresource), output ConfigMaps owned by their job, and Events. Writes run at most
 //! `concurrency` at a time; Events are best effort: when their queue is full they are dropped
-//! (and counted) rather than slowing jobs down.
+//! (and counted) rather than slowing jobs down. Routine (Normal) Events also have a budget,
+//! `--event-qps`: each is a write, and at a hundred jobs a second one per job would take as
+//! much of the API server as the jobs' statuses do. Warnings are never held to the budget.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use dispy_core::manifest::{DispyJobResource, DispyJobStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
@@ -38,11 +41,52 @@ pub struct Writer {
     client: Client,
     permits: Arc<Semaphore>,
     events: mpsc::Sender<(ObjectReference, Event)>,
+    budget: Arc<Mutex<Budget>>,
     metrics: Arc<Metrics>,
 }
 
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+pub struct Budget {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    pub fn new(rate: f64, burst: u32) -> Budget {
+        let burst = f64::from(burst.max(1));
+        Budget {
+            rate: rate.max(0.0),
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one at `now`.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.at = now.max(self.at);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 impl Writer {
-    pub fn new(client: Client, concurrency: usize, metrics: Arc<Metrics>) -> Writer {
+    /// `event_qps`/`event_burst`: the budget of routine Events.
+    pub fn new(
+        client: Client,
+        concurrency: usize,
+        event_qps: f64,
+        event_burst: u32,
+        metrics: Arc<Metrics>,
+    ) -> Writer {
         let (events, mut queue) = mpsc::channel::<(ObjectReference, Event)>(1024);
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -60,6 +104,7 @@ impl Writer {
             client,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             events,
+            budget: Arc::new(Mutex::new(Budget::new(event_qps, event_burst))),
             metrics,
         }
     }
@@ -109,6 +154,10 @@ impl Writer {
     }
 
     pub fn publish(&self, reference: ObjectReference, reason: &str, note: String, warning: bool) {
+        if !warning && !self.budget.lock().unwrap().take(Instant::now()) {
+            self.metrics.events_skipped.inc();
+            return;
+        }
         let mut note = note;
         if note.len() > 1000 {
             let mut cut = 1000;
@@ -183,5 +232,29 @@ fn describe(e: &kube::Error, what: &str) -> String {
     match e {
         kube::Error::Api(s) if s.code == 404 => format!("NotFound: {what}: {e}"),
         _ => format!("{what}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_event_budget_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(5.0, 3);
+        let burst = (0..10).filter(|_| b.take(t0)).count();
+        assert_eq!(burst, 3, "the burst, then nothing at the same instant");
+        // 5 a second: one more token every 200 ms.
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+        assert!(b.take(t0 + Duration::from_millis(210)));
+        assert!(!b.take(t0 + Duration::from_millis(220)));
+        // A long pause saves up no more than the burst.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.take(later)).count(), 3);
+        // Rate 0: the burst only.
+        let mut none = Budget::new(0.0, 2);
+        assert_eq!((0..5).filter(|_| none.take(later)).count(), 2);
     }
 }
