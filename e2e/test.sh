@@ -1020,6 +1020,8 @@ if [[ $LOCAL == 1 ]]; then
   run_test "operator: spec.tls — node pods serve TLS with the Secret, the operator pins it, a job runs" t_op_tls
   run_test "operator: two replicas, the leader's pod deleted: the standby takes the Lease and runs jobs" t_op_leader_failover
   run_test "operator from the chart: uninstalled" t_op_uninstall
+  run_test "operator in a private network namespace: spec.nodes.discover finds a bare-metal node by UDP broadcast and runs a job there" t_op_discover
+  t_op_discover_cleanup
 fi
 if [[ $LOCAL == 1 ]]; then
   # these two restart and then remove the cluster: keep them last

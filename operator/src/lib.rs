@@ -28,9 +28,32 @@ pub const MANAGER: &str = "dispy-operator";
 pub fn crds_yaml() -> String {
     let docs = [JobClusterResource::crd(), DispyJobResource::crd()];
     docs.iter()
-        .map(|crd| serde_yaml::to_string(crd).expect("a CRD serializes"))
+        .map(|crd| {
+            let mut value = serde_json::to_value(crd).expect("a CRD serializes");
+            kubernetes_formats(&mut value);
+            serde_yaml::to_string(&value).expect("a CRD serializes")
+        })
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+/// schemars names Rust's unsigned integers `uint16`, `uint32`...; the API server knows only
+/// `int32` and `int64` and warns about the rest on every apply. The minimum of 0 stays.
+fn kubernetes_formats(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(format)) = map.get_mut("format") {
+                match format.as_str() {
+                    "uint8" | "uint16" => *format = "int32".into(),
+                    "uint32" | "uint64" | "uint" => *format = "int64".into(),
+                    _ => {}
+                }
+            }
+            map.values_mut().for_each(kubernetes_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(kubernetes_formats),
+        _ => {}
+    }
 }
 
 /// What both controllers share.
