@@ -467,6 +467,16 @@ EOF
     fail "a DispyJob's cluster was changed"
   fi
   grep -q "cluster is immutable" <<<"$out" || fail "the immutability message is missing: $out"
+  # a JobCluster's computation and depends are fixed, as a Job's pod template is
+  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"computation":{"python":{"function":"other"}}}}' 2>&1); then
+    fail "a JobCluster's computation was changed"
+  fi
+  grep -q "computation and depends cannot change on an existing JobCluster" <<<"$out" || fail "the computation message is missing: $out"
+  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"depends":[{"configMapRef":{"name":"x"}}]}}' 2>&1); then
+    fail "a JobCluster's depends were changed"
+  fi
+  grep -q "computation and depends cannot change" <<<"$out" || fail "the depends message is missing: $out"
+  k -n $NS patch jc checksums --type=merge -p '{"spec":{"reentrant":true}}' >/dev/null || fail "a JobCluster's other fields cannot change"
   # the scale subresource drives spec.nodes.replicas
   k -n $NS scale jc/checksums --replicas=5 || return 1
   field_is jc/checksums '{.spec.nodes.replicas}' 5 || fail "scale did not set spec.nodes.replicas"

@@ -76,9 +76,15 @@ pub struct Meta {
         )
     )
 )]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.computation) == has(oldSelf.computation) && (!has(self.computation) || self.computation == oldSelf.computation) && has(self.depends) == has(oldSelf.depends) && (!has(self.depends) || self.depends == oldSelf.depends)",
+        "message": "computation and depends cannot change on an existing JobCluster (its nodes run what they were sent at the start): delete the JobCluster and apply it again"
+    }
+]))]
 pub struct JobClusterSpec {
     /// What jobs run: a Python function or a program. Omitted: a plain pool of nodes for
-    /// external dispy clients.
+    /// external dispy clients. Fixed once the JobCluster exists (as a Job's pod template is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub computation: Option<ComputationSpec>,
     /// Files every node gets in the computation's working directory before setup runs.
