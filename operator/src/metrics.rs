@@ -87,7 +87,7 @@ impl Metrics {
         let events_skipped = Counter::default();
         registry.register(
             "events_skipped",
-            "routine (Normal) Kubernetes Events not sent because they were over --event-qps",
+            "routine (Normal) DispyJob Events not sent because they were over --event-qps",
             events_skipped.clone(),
         );
         let leader = Gauge::default();

@@ -1,9 +1,10 @@
 //! What the engine writes to the API server: DispyJob statuses (server-side apply on the
 //! status subresource), output ConfigMaps owned by their job, and Events. Writes run at most
 //! `concurrency` at a time; Events are best effort: when their queue is full they are dropped
-//! (and counted) rather than slowing jobs down. Routine (Normal) Events also have a budget,
-//! `--event-qps`: each is a write, and at a hundred jobs a second one per job would take as
-//! much of the API server as the jobs' statuses do. Warnings are never held to the budget.
+//! (and counted) rather than slowing jobs down. A job's routine (Normal) Events also have a
+//! budget, `--event-qps`: each is a write, and at a hundred jobs a second one per job would
+//! take as much of the API server as the jobs' statuses do. Warnings and the JobClusters'
+//! Events are never held to it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -136,8 +137,12 @@ impl Writer {
         result.map_err(|e| describe(&e, "status"))
     }
 
-    /// An Event on a DispyJob (best effort).
+    /// An Event on a DispyJob (best effort; a Normal one only within the budget).
     pub fn event(&self, job: &JobInfo, reason: &str, note: String, warning: bool) {
+        if !warning && !self.budget.lock().unwrap().take(Instant::now()) {
+            self.metrics.events_skipped.inc();
+            return;
+        }
         let reference = reference("DispyJob", &job.namespace, &job.name, &job.uid);
         self.publish(reference, reason, note, warning);
     }
@@ -154,10 +159,6 @@ impl Writer {
     }
 
     pub fn publish(&self, reference: ObjectReference, reason: &str, note: String, warning: bool) {
-        if !warning && !self.budget.lock().unwrap().take(Instant::now()) {
-            self.metrics.events_skipped.inc();
-            return;
-        }
         let mut note = note;
         if note.len() > 1000 {
             let mut cut = 1000;
