@@ -34,7 +34,7 @@ k() { "$KUBECTL" "$@"; }
 
 op_pid=
 cleanup() {
-  k delete namespace $NS $NS-ref --wait=true --timeout=120s >/dev/null 2>&1 || true
+  k delete namespace $NS $NS-ref --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || true
   [[ -n $op_pid ]] && kill "$op_pid" 2>/dev/null && wait "$op_pid" 2>/dev/null
   k delete mutatingadmissionpolicybinding,mutatingadmissionpolicy dispy-operator-job-finalizer --ignore-not-found >/dev/null 2>&1 || true
   if [[ $own_cluster == 1 ]]; then "$E2E_DIR/cluster" down >/dev/null; fi
@@ -55,7 +55,8 @@ else
 fi
 k create namespace $NS >/dev/null
 # shellcheck disable=SC2086 # BENCH_OPERATOR_ARGS: more flags, e.g. "--event-qps 1000"
-RUST_LOG=warn "$REPO_DIR/target/$PROFILE/dispy-operator" run --metrics-addr $METRICS --log-format text \
+OPERATOR_BIN=${BENCH_OPERATOR_BIN:-$REPO_DIR/target/$PROFILE/dispy-operator}  # another build, to compare
+RUST_LOG=warn "$OPERATOR_BIN" run --metrics-addr $METRICS --log-format text \
   --namespaces $NS ${BENCH_OPERATOR_ARGS:-} >"${TMPDIR:-/tmp}/dispy-bench-operator.log" 2>&1 &
 op_pid=$!
 
