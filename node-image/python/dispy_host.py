@@ -40,7 +40,7 @@ import types
 PIPE_BUF = 4096
 # Linux's number: the signal module would import enum, as the json package imports re. Every
 # import grows the heap each fork copies and each job process tears down; these two cost a
-# megabyte and about a tenth of the fork-per-job rate.
+# megabyte and about 15% of the fork-per-job rate.
 SIGKILL = 9
 
 
@@ -49,6 +49,7 @@ def format_exc():
     import traceback
 
     return traceback.format_exc()
+
 
 class json:
     """JSON through the interpreter's C codec (_json), which is all the json package uses for
