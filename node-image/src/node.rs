@@ -60,7 +60,7 @@ pub struct Node {
     pub metrics: Metrics,
     state: Mutex<State>,
     outcomes: mpsc::UnboundedSender<Outcome>,
-    host_script: PathBuf,
+    host_dir: PathBuf,
     next_run: AtomicU64,
     /// Becomes true when the node starts shutting down.
     pub shutdown: watch::Sender<bool>,
@@ -180,8 +180,12 @@ fn dir_name(computation: &str) -> String {
 impl Node {
     pub fn new(cfg: NodeConfig) -> std::io::Result<(Arc<Node>, mpsc::UnboundedReceiver<Outcome>)> {
         std::fs::create_dir_all(&cfg.dest_path_prefix)?;
-        let host_script = cfg.dest_path_prefix.join(".dispy_host.py");
-        std::fs::write(&host_script, crate::pyhost::HOST_SCRIPT)?;
+        let host_dir = cfg.dest_path_prefix.join(".dispy-host");
+        std::fs::create_dir_all(&host_dir)?;
+        std::fs::write(
+            host_dir.join(crate::pyhost::HOST_MODULE),
+            crate::pyhost::HOST_SCRIPT,
+        )?;
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = Metrics::new(cfg.cpus);
         let node = Arc::new(Node {
@@ -189,7 +193,7 @@ impl Node {
             metrics,
             state: Mutex::new(State::default()),
             outcomes: tx,
-            host_script,
+            host_dir,
             next_run: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
             python_path: tokio::sync::OnceCell::new(),
@@ -468,7 +472,7 @@ impl Node {
     ) -> Result<Arc<PyHost>, String> {
         let sys_path = self
             .python_path
-            .get_or_try_init(|| crate::pyhost::interpreter_path(&self.cfg.python))
+            .get_or_try_init(|| crate::pyhost::interpreter_path(&self.cfg.python, &self.host_dir))
             .await?;
         let mut env = serde_json::json!({
             "dispy_node_name": self.cfg.name,
@@ -481,7 +485,7 @@ impl Node {
         let settings = HostSettings {
             python: &self.cfg.python,
             sys_path,
-            script: &self.host_script,
+            host_dir: &self.host_dir,
             dir,
             workers: self.cfg.cpus,
             max_output: self.cfg.max_output,

@@ -496,3 +496,44 @@ async fn a_reused_worker_killed_mid_job_is_replaced_by_a_fresh_fork() {
     assert_ne!(v1[1], v3[1]);
     assert_eq!(v3[0], 1);
 }
+
+/// The host runs its module compiled by the interpreter probe (a host compiling its own
+/// source would keep the compiler's memory, which every fork copies), and still works,
+/// compiling it itself, where that cache cannot be written.
+#[tokio::test]
+async fn the_python_host_runs_compiled_and_without_the_cache_too() {
+    let square = || Computation::Python(python("def sq(n):\n    return n * n\n", "sq"));
+    let cache_of = |node: &NodeProc| node.prefix().join(".dispy-host").join("__pycache__");
+
+    let node = NodeProc::start(&["--cpus", "2"]).await;
+    let (client, mut events) = connect(&node).await;
+    open(&client, "sq", square(), &[]).await;
+    client.submit("sq", job(1, json!([7]))).await.unwrap();
+    assert_eq!(finished(&collect(&mut events, 1, T).await[&1]), "49");
+    let cached: Vec<String> = std::fs::read_dir(cache_of(&node))
+        .expect("the probe made the cache")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        cached
+            .iter()
+            .any(|name| name.starts_with("dispy_host.") && name.ends_with(".pyc")),
+        "compiled host module in {cached:?}"
+    );
+
+    // A file where the cache directory would go: py_compile cannot write there.
+    let node = NodeProc::start(&["--cpus", "2"]).await;
+    std::fs::write(cache_of(&node), b"not a directory").unwrap();
+    let (client, mut events) = connect(&node).await;
+    open(&client, "sq", square(), &[]).await;
+    client.submit("sq", job(1, json!([8]))).await.unwrap();
+    client.submit("sq", job(2, json!([9]))).await.unwrap();
+    let done = collect(&mut events, 2, T).await;
+    assert_eq!(finished(&done[&1]), "64");
+    assert_eq!(finished(&done[&2]), "81");
+    assert!(
+        node.log().contains("cannot cache the compiled Python host"),
+        "the node says why: {}",
+        node.log()
+    );
+}
