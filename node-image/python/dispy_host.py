@@ -261,6 +261,7 @@ class Host:
         self.workers = []  # reuse: index -> pid
         self.job_fds = set()  # write ends of the spares' pipes
         self.spares_low = self.spares_high = 0  # fork per job: the batch refill's bounds
+        self.spare_output = (None, None)  # fork per job: every spare's stdout and stderr
         self.worker_fds = []  # reuse: index -> read end of the worker's pipe from the node
         self.func = None
         self.cfg = None
@@ -366,8 +367,10 @@ class Host:
             return "cleanup %s() raised:\n%s" % (name, format_exc())
         return None
 
-    def run_job(self, run, body):
-        out, err = io.StringIO(), io.StringIO()
+    def run_job(self, run, body, out=None, err=None):
+        """Runs one job with its stdout and stderr captured (a spare brings empty buffers of
+        its own, made before the fork: cheaper than making them after) and replies."""
+        out, err = out or io.StringIO(), err or io.StringIO()
         t0 = time.time()
         status, result, exc = "Finished", None, None
         sys.stdout, sys.stderr = out, err
@@ -451,7 +454,7 @@ class Host:
             data += more
             end = 4 + HEADER.unpack_from(data)[0] if len(data) >= HEADER.size else end
         run, _ = RUN_WORKER.unpack_from(data, HEADER.size)
-        self.run_job(run, data[HEADER.size + RUN_WORKER.size : end])
+        self.run_job(run, data[HEADER.size + RUN_WORKER.size : end], *self.spare_output)
 
     def add_spare(self):
         """Fork per job: a process waiting on a new pipe for its one job."""
@@ -569,6 +572,7 @@ class Host:
             self.workers = [self.start_worker(i) for i in range(len(self.worker_fds))]
         else:
             self.spares_low, self.spares_high = count, count + SPARE_BATCH
+            self.spare_output = io.StringIO(), io.StringIO()
             for _ in range(self.spares_high):
                 self.add_spare()
         while True:
