@@ -32,8 +32,9 @@ fi
 KUBECTL="$BIN/kubectl"
 k() { "$KUBECTL" "$@"; }
 
-op_pid=
+op_pid= proxy_pid=
 cleanup() {
+  [[ -n $proxy_pid ]] && kill "$proxy_pid" 2>/dev/null
   k delete namespace $NS $NS-ref --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || true
   [[ -n $op_pid ]] && kill "$op_pid" 2>/dev/null && wait "$op_pid" 2>/dev/null
   k delete mutatingadmissionpolicybinding,mutatingadmissionpolicy dispy-operator-job-finalizer --ignore-not-found >/dev/null 2>&1 || true
@@ -100,19 +101,45 @@ create_all $NS-ref
 ref_end=$(date +%s.%N)
 k delete namespace $NS-ref --wait=true --timeout=120s >/dev/null
 
+# CPU time of every process on the machine by command, children included (the kubectl
+# creators count under this script's bash, the job processes under their Python host)
+cpu_snapshot() {
+  python3 -c '
+import os, sys
+hz = os.sysconf("SC_CLK_TCK")
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open("/proc/%s/stat" % pid).read()
+    except OSError:
+        continue
+    comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+    print(pid, comm.replace(" ", "_"), sum(int(v) for v in rest[11:15]) / hz)' >"$1"
+}
+cpu_snapshot "$manifest-cpu-before"
+proxy_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+k proxy --port "$proxy_port" >/dev/null 2>&1 &
+proxy_pid=$!
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$proxy_port/version" >/dev/null && break; sleep 0.1; done
 before=$(requests)
 start=$(date +%s.%N)
 create_all $NS
 created=$(date +%s.%N)
 # Done when no DispyJob is other than Finished: a field selector with limit=1 makes each poll
-# cheap for the API server (listing all 1,000 every time would load it as much as the jobs).
+# cheap for the API server (listing all 1,000 every time would load it as much as the jobs),
+# and curl through one `kubectl proxy` makes it cheap here (a kubectl per poll took ~0.2 s of
+# cpu, a tenth of the machine at 5 polls a second).
 unfinished() {
-  k get --raw "/apis/dispy.io/v1alpha1/namespaces/$NS/dispyjobs?fieldSelector=status.status%21%3DFinished&limit=1" |
-    jq '.items | length'
+  local page
+  page=$(curl -sf "http://127.0.0.1:$proxy_port/apis/dispy.io/v1alpha1/namespaces/$NS/dispyjobs?fieldSelector=status.status%21%3DFinished&limit=1") || return 0
+  [[ ${page//[[:space:]]/} != *'"items":[]'* ]]  # (pretty-printed for curl)
 }
-while [[ $(unfinished) != 0 ]]; do sleep 0.2; done
+while unfinished; do
+  (($(date +%s) - ${start%.*} < 600)) || { echo "not all Finished after 600 s"; exit 1; }
+  sleep 0.2
+done
 end=$(date +%s.%N)
 after=$(requests)
+cpu_snapshot "$manifest-cpu-after"
 hwm=$(awk '/VmHWM/{print $2}' "/proc/$op_pid/status")
 wrong=$(k -n $NS get dj -o json | python3 -c '
 import json, sys
@@ -131,4 +158,20 @@ awk -v n="$N" -v parts="$PARTS" -v rs="$ref_start" -v re="$ref_end" -v s="$start
 }'
 echo "binaries:                  $PROFILE (operator), ${E2E_PROFILE:-what the kubelet maps} (node pods)"
 echo "finalizer policy:          $policy; operator flags: ${BENCH_OPERATOR_ARGS:-defaults}"
+# where the machine's time went between the first create and the last Finished
+python3 - "$manifest-cpu-before" "$manifest-cpu-after" "$start" "$end" "$$" <<'PY'
+import collections, sys
+def load(path):
+    return {pid: (comm, float(t)) for pid, comm, t in (l.split() for l in open(path))}
+before, after, me = load(sys.argv[1]), load(sys.argv[2]), sys.argv[5]
+secs = float(sys.argv[4]) - float(sys.argv[3])
+use = collections.Counter()
+for pid, (comm, t) in after.items():
+    used = t - before.get(pid, (comm, 0.0))[1]
+    use["kubectl creators + polls (this script)" if pid == me else comm] += used
+total = sum(use.values())
+print("CPU used during the run:   %.1f s of %.1f s (2 cpus), by command:" % (total, 2 * secs))
+for comm, used in use.most_common(8):
+    print("  %-40s %5.1f s  %3.0f%%" % (comm, used, 100 * used / total))
+PY
 echo "routine Events skipped:    $(curl -s "http://$METRICS/metrics" | awk '/^dispy_operator_events_skipped_total /{s=$2} END {print s+0}') (over --event-qps)"
