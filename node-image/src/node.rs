@@ -472,7 +472,7 @@ impl Node {
     ) -> Result<Arc<PyHost>, String> {
         let sys_path = self
             .python_path
-            .get_or_try_init(|| crate::pyhost::interpreter_path(&self.cfg.python, &self.host_dir))
+            .get_or_try_init(|| crate::pyhost::probe_interpreter(&self.cfg.python, &self.host_dir))
             .await?;
         let mut env = serde_json::json!({
             "dispy_node_name": self.cfg.name,

@@ -124,7 +124,7 @@ fn worker_pipe() -> Result<(OwnedFd, OwnedFd), String> {
 /// The host's module name: `HOST_SCRIPT` is written as `<host dir>/dispy_host.py`.
 pub const HOST_MODULE: &str = "dispy_host.py";
 
-/// What a host runs: its module, compiled (see `interpreter_path`), then `Host().serve()`.
+/// What a host runs: its module, compiled (see `probe_interpreter`), then `Host().serve()`.
 const HOST_LOADER: &str =
     "import sys; sys.path.insert(0, sys.argv[1]); import dispy_host; dispy_host.Host().serve()";
 
@@ -133,11 +133,12 @@ const HOST_LOADER: &str =
 /// host that compiled its own source would keep the compiler's memory (1.5 MB on Python 3.11),
 /// which every fork per job copies and every job process tears down. A module that cannot be
 /// cached there is compiled by each host instead, which works, only slower.
-pub async fn interpreter_path(python: &Path, host_dir: &Path) -> Result<String, String> {
+pub async fn probe_interpreter(python: &Path, host_dir: &Path) -> Result<String, String> {
     const PROBE: &str = "import json, sys\n\
+        error = None\n\
         try:\n    import py_compile; py_compile.compile(sys.argv[1], doraise=True)\n\
-        except Exception as e:\n    print(e, file=sys.stderr)\n\
-        print(json.dumps(sys.path[1:]))";
+        except Exception as e:\n    error = str(e)\n\
+        print(json.dumps({'path': sys.path[1:], 'cache_error': error}))";
     let out = Command::new(python)
         .args(["-c", PROBE])
         .arg(host_dir.join(HOST_MODULE))
@@ -149,21 +150,23 @@ pub async fn interpreter_path(python: &Path, host_dir: &Path) -> Result<String, 
                 python.display()
             )
         })?;
-    if !out.status.success() {
-        return Err(format!(
-            "the Python interpreter {} failed: {}",
-            python.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let complaint = String::from_utf8_lossy(&out.stderr);
-    if !complaint.trim().is_empty() {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let answer: serde_json::Value = match serde_json::from_str(stdout.trim()) {
+        Ok(answer) if out.status.success() => answer,
+        _ => {
+            return Err(format!(
+                "the Python interpreter {} failed: {}",
+                python.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    if let Some(error) = answer["cache_error"].as_str() {
         tracing::warn!(
-            "cannot cache the compiled Python host (each computation compiles it): {}",
-            complaint.trim()
+            "cannot cache the compiled Python host (each computation compiles it): {error}"
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(answer["path"].to_string())
 }
 
 impl PyHost {
