@@ -111,6 +111,8 @@ SPARE_BATCH = 6
 class JsonCodec:
     """Arguments and results as JSON: the native protocol's codec."""
 
+    rehearsal_call = b'{"a": [0]}'  # a call without arguments (see Host.rehearse)
+
     def __init__(self, host):
         pass
 
@@ -141,6 +143,7 @@ class PickleCodec:
         self.pickle = pickle
         self.globals = host.globals
         self.job = None
+        self.rehearsal_call = pickle.dumps({"a": pickle.dumps(()), "k": pickle.dumps({})})
         self.globals.update(dispy_provisional_result=self.provisional_result, dispy_send_file=self.send_file)
 
     def decode_setup_args(self, value):
@@ -386,6 +389,25 @@ class Host:
         e, ed = self.bounded(err.getvalue())
         self.send_reply(run, {"s": status, "r": result, "o": o, "e": e, "x": exc, "t0": t0, "t1": t1, "od": od, "ed": ed})
 
+    def rehearse(self, times):
+        """Fork per job: runs the job path here, without the user's function and with replies
+        to /dev/null, before the spares are forked. A fresh process that runs code for the
+        first time writes to it (the interpreter's warm-up counters and specializations, its
+        method cache, the dynamic linker's lazy bindings), and in a fork every page written
+        is a page copied: rehearsed here, the job processes inherit it done (~18 fewer page
+        faults per job)."""
+        func, reply_fd = self.func, self.reply_fd
+        self.func = lambda *args, **kwargs: None
+        self.reply_fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for _ in range(times):
+                self.run_job(0, self.codec.rehearsal_call, *self.spare_output)
+        finally:
+            os.close(self.reply_fd)
+            self.func, self.reply_fd = func, reply_fd
+            if hasattr(self.codec, "job"):  # dispy's codec remembers the call it decoded
+                self.codec.job = None
+
     def bounded(self, text):
         if len(text) <= self.max_output:
             return text, 0
@@ -566,6 +588,10 @@ class Host:
         self.send_json(ord("I"), {"ok": error is None, "error": error})
         if error:
             sys.exit(0)
+        if cfg.get("bind_now_set"):
+            # The node set LD_BIND_NOW so that every library loaded so far (setup's imports
+            # too) was bound before the forks; jobs and what they start should not inherit it.
+            os.environ.pop("LD_BIND_NOW", None)
         count = max(1, int(cfg.get("workers", 1)))
         if cfg.get("reuse_workers"):
             self.worker_fds = list(cfg["worker_fds"])
@@ -573,6 +599,7 @@ class Host:
         else:
             self.spares_low, self.spares_high = count, count + SPARE_BATCH
             self.spare_output = io.StringIO(), io.StringIO()
+            self.rehearse(50)
             for _ in range(self.spares_high):
                 self.add_spare()
         while True:

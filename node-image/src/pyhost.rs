@@ -204,6 +204,12 @@ impl PyHost {
                 Ok(())
             });
         }
+        // Libraries bound when loaded, not at their first call: a first call in a job process
+        // would write the binding into a page the fork shares, which costs a copy per job.
+        let bind_now_set = std::env::var_os("LD_BIND_NOW").is_none();
+        if bind_now_set {
+            command.env("LD_BIND_NOW", "1");
+        }
         let mut child = command
             .arg("-S")
             .args(["-c", HOST_LOADER])
@@ -247,6 +253,7 @@ impl PyHost {
             "sys_path": sys_path,
             "worker_fds": worker_fds,
             "env": settings.env,
+            "bind_now_set": bind_now_set,
         });
         let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         input_tx
