@@ -537,3 +537,36 @@ async fn the_python_host_runs_compiled_and_without_the_cache_too() {
         node.log()
     );
 }
+
+/// The host rehearses the job path before forking (see `Host.rehearse`) and starts with
+/// LD_BIND_NOW: neither may show in a job. The user's function never runs in the rehearsal,
+/// its output buffers are the job's own, and the environment is the node's.
+#[tokio::test]
+async fn the_host_rehearsal_and_bind_now_leave_no_trace_in_jobs() {
+    let node = NodeProc::start(&["--cpus", "2"]).await;
+    let (client, mut events) = connect(&node).await;
+    let source = "calls = 0\n\
+        def f(n):\n    global calls\n    calls += 1\n    print('job', n)\n    \
+        return [calls, os.environ.get('LD_BIND_NOW')]\n";
+    open(
+        &client,
+        "quiet",
+        Computation::Python(python(source, "f")),
+        &[],
+    )
+    .await;
+    for id in 1..=3 {
+        client.submit("quiet", job(id, json!([id]))).await.unwrap();
+    }
+    let done = collect(&mut events, 3, T).await;
+    for id in 1..=3 {
+        assert_eq!(
+            finished(&done[&id]),
+            "[1, null]",
+            "job {id}: {:?}",
+            done[&id]
+        );
+        assert_eq!(done[&id].stdout, format!("job {id}\n"));
+        assert_eq!(done[&id].stderr, "");
+    }
+}
