@@ -120,7 +120,7 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 }
 cpu_snapshot "$manifest-cpu-before"
 proxy_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-k proxy --port "$proxy_port" >/dev/null 2>&1 &
+"$KUBECTL" proxy --port "$proxy_port" >/dev/null 2>&1 &  # not through k(): $! must be kubectl
 proxy_pid=$!
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$proxy_port/version" >/dev/null && break; sleep 0.1; done
 before=$(requests)

@@ -104,7 +104,7 @@ NO_WORKER = 0xFFFFFFFF
 RUN_STATUS = struct.Struct(">Qi")
 # Fork per job: when fewer spares than cpus are left, SPARE_BATCH + 1 are forked in a row. On a
 # 2-cpu machine that takes ~25 page copies per job off the host (of ~70), for a longer tail of
-# latency when jobs come one at a time (p99 ~5 ms instead of ~2.5 ms, trivial jobs).
+# latency when jobs come one at a time (p99 ~4-5 ms instead of ~2.5 ms, trivial jobs).
 SPARE_BATCH = 6
 
 
