@@ -183,7 +183,7 @@ impl Node {
         let host_dir = cfg.dest_path_prefix.join(".dispy-host");
         std::fs::create_dir_all(&host_dir)?;
         std::fs::write(
-            host_dir.join(crate::pyhost::HOST_MODULE),
+            host_dir.join(crate::pyhost::HOST_MODULE_FILE),
             crate::pyhost::HOST_SCRIPT,
         )?;
         let (tx, rx) = mpsc::unbounded_channel();

@@ -84,7 +84,7 @@ pub struct HostSettings<'a> {
     pub python: &'a Path,
     /// The interpreter's usual `sys.path` as a JSON list (the host runs without `site`).
     pub sys_path: &'a str,
-    /// Where `HOST_MODULE` is.
+    /// Where `HOST_MODULE_FILE` is.
     pub host_dir: &'a Path,
     pub dir: &'a Path,
     pub workers: u32,
@@ -121,8 +121,8 @@ fn worker_pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok((read, write))
 }
 
-/// The host's module name: `HOST_SCRIPT` is written as `<host dir>/dispy_host.py`.
-pub const HOST_MODULE: &str = "dispy_host.py";
+/// The file `HOST_SCRIPT` is written to in the host dir: the module `dispy_host`.
+pub const HOST_MODULE_FILE: &str = "dispy_host.py";
 
 /// What a host runs: its module, compiled (see `probe_interpreter`), then `Host().serve()`.
 const HOST_LOADER: &str =
@@ -141,7 +141,7 @@ pub async fn probe_interpreter(python: &Path, host_dir: &Path) -> Result<String,
         print(json.dumps({'path': sys.path[1:], 'cache_error': error}))";
     let out = Command::new(python)
         .args(["-c", PROBE])
-        .arg(host_dir.join(HOST_MODULE))
+        .arg(host_dir.join(HOST_MODULE_FILE))
         .output()
         .await
         .map_err(|e| {

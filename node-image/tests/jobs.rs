@@ -545,16 +545,10 @@ async fn the_python_host_runs_compiled_and_without_the_cache_too() {
 async fn the_host_rehearsal_and_bind_now_leave_no_trace_in_jobs() {
     let node = NodeProc::start(&["--cpus", "2"]).await;
     let (client, mut events) = connect(&node).await;
-    let source = "calls = 0\n\
+    let src = "calls = 0\n\
         def f(n):\n    global calls\n    calls += 1\n    print('job', n)\n    \
         return [calls, os.environ.get('LD_BIND_NOW')]\n";
-    open(
-        &client,
-        "quiet",
-        Computation::Python(python(source, "f")),
-        &[],
-    )
-    .await;
+    open(&client, "quiet", Computation::Python(python(src, "f")), &[]).await;
     for id in 1..=3 {
         client.submit("quiet", job(id, json!([id]))).await.unwrap();
     }
