@@ -102,6 +102,9 @@ RUN_SIGNAL_WORKER = struct.Struct(">QiI")
 WORKER_STATUS = struct.Struct(">Ii")
 NO_WORKER = 0xFFFFFFFF
 RUN_STATUS = struct.Struct(">Qi")
+# A job's reply, JSON written by hand (see Host.job_runner): status, result, stdout, stderr,
+# exception, start and end times, and how much of stdout and stderr was cut.
+REPLY = '{"s": "%s", "r": %s, "o": %s, "e": %s, "x": %s, "t0": %r, "t1": %r, "od": %d, "ed": %d}'
 # Fork per job: when fewer spares than cpus are left, SPARE_BATCH + 1 are forked in a row. On a
 # 2-cpu machine that takes ~25 page copies per job off the host (of ~70), for a longer tail of
 # latency when jobs come one at a time (p99 ~4-5 ms instead of ~2.5 ms, trivial jobs).
@@ -119,15 +122,29 @@ class JsonCodec:
     def decode_setup_args(self, value):
         return value or []
 
-    def decode_call(self, body):
-        call = json.loads(body)
-        return call.get("a") or [], call.get("k") or {}
+    @staticmethod
+    def caller(func):
+        """Returns call(body): func run on the call's arguments, its result as JSON text. One
+        function, with what it uses bound beforehand (see Host.job_runner)."""
+        scan, encode, loads, memo = json.scan, json.encode, json.loads, json.Context.memo
 
-    def encode_result(self, value):
-        try:
-            return json.dumps(value)
-        except (TypeError, ValueError) as e:
-            raise TypeError("the result of type %s cannot be sent as JSON: %s" % (type(value).__name__, e))
+        def call(body):
+            text = body.decode()
+            try:
+                args, end = scan(text, 0)
+            except (StopIteration, SystemError):
+                end = -1
+            finally:
+                memo.clear()
+            if end != len(text):
+                args = loads(text)  # says what is wrong with it
+            value = func(*(args.get("a") or ()), **(args.get("k") or {}))
+            try:
+                return "".join(encode(value, 0))
+            except (TypeError, ValueError) as e:
+                raise TypeError("the result of type %s cannot be sent as JSON: %s" % (type(value).__name__, e))
+
+        return call
 
 
 class PickleCodec:
@@ -158,6 +175,15 @@ class PickleCodec:
 
     def encode_result(self, value):
         return self.pickle.dumps(value, 4).hex()
+
+    def caller(self, func):
+        decode, encode = self.decode_call, self.encode_result
+
+        def call(body):
+            args, kwargs = decode(body)
+            return encode(func(*args, **kwargs))
+
+        return call
 
     # dispy's own records (dispy._JobReply, dispy._XferFile) written by hand: the node has no
     # dispy package, and the client only needs the class path and the attributes.
@@ -266,7 +292,7 @@ class Host:
         self.spares_low = self.spares_high = 0  # fork per job: the batch refill's bounds
         self.spare_output = (None, None)  # fork per job: every spare's stdout and stderr
         self.worker_fds = []  # reuse: index -> read end of the worker's pipe from the node
-        self.func = None
+        self.run_job = None  # see job_runner
         self.cfg = None
 
     # --- output -------------------------------------------------------------------------
@@ -280,11 +306,8 @@ class Host:
     def send_json(self, kind, obj):
         self.send(kind, json.dumps(obj).encode())
 
-    def send_reply(self, run, reply):
-        body = json.dumps(reply).encode()
-        if len(body) + HEADER.size + RUN.size <= PIPE_BUF:
-            self.send(ord("R"), RUN.pack(run) + body)
-            return
+    def send_reply(self, run, body):
+        """A job's reply (JSON) too large for one write goes through a file."""
         os.makedirs(self.spill_dir, exist_ok=True)
         path = os.path.join(self.spill_dir, "%d.json" % run)
         with open(path, "wb") as f:
@@ -342,8 +365,8 @@ class Host:
         func = self.globals.get(cfg["function"])
         if not callable(func):
             return "the source defines no function %r" % cfg["function"]
-        self.func = func
         setup = cfg.get("setup")
+        self.run_job = self.job_runner(func, self.reply_fd)
         if setup:
             fn = self.globals.get(setup)
             if not callable(fn):
@@ -370,24 +393,34 @@ class Host:
             return "cleanup %s() raised:\n%s" % (name, format_exc())
         return None
 
-    def run_job(self, run, body, out=None, err=None):
-        """Runs one job with its stdout and stderr captured (a spare brings empty buffers of
-        its own, made before the fork: cheaper than making them after) and replies."""
-        out, err = out or io.StringIO(), err or io.StringIO()
-        t0 = time.time()
-        status, result, exc = "Finished", None, None
-        sys.stdout, sys.stderr = out, err
-        try:
-            args, kwargs = self.codec.decode_call(body)
-            result = self.codec.encode_result(self.func(*args, **kwargs))
-        except BaseException:
-            status, exc = "Terminated", format_exc()
-        finally:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        t1 = time.time()
-        o, od = self.bounded(out.getvalue())
-        e, ed = self.bounded(err.getvalue())
-        self.send_reply(run, {"s": status, "r": result, "o": o, "e": e, "x": exc, "t0": t0, "t1": t1, "od": od, "ed": ed})
+    def job_runner(self, func, reply_fd):
+        """Returns run(run, body, out, err), which runs one job of `func` with its stdout and
+        stderr captured (a spare brings empty buffers of its own, made before the fork:
+        cheaper than making them after) and replies on `reply_fd`. It is one function, with
+        what it uses bound beforehand: in a fresh fork every object the job's path touches is
+        a page copied, and methods, a reply dict and its encoder touched ~30 more per job."""
+        call, clock, quote = self.codec.caller(func), time.time, _json.encode_basestring_ascii
+        limit, spill, write = self.max_output, self.send_reply, os.write
+        reply_max = PIPE_BUF - HEADER.size - RUN.size
+
+        def run(run, body, out, err):
+            t0 = clock()
+            sys.stdout, sys.stderr = out, err
+            try:
+                status, result, exc = "Finished", quote(call(body)), "null"
+            except BaseException:
+                status, result, exc = "Terminated", "null", quote(format_exc())
+            finally:
+                sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            t1 = clock()
+            o, e = out.getvalue(), err.getvalue()
+            reply = (REPLY % (status, result, quote(o[:limit]), quote(e[:limit]), exc, t0, t1, max(0, len(o) - limit), max(0, len(e) - limit))).encode()
+            if len(reply) <= reply_max:
+                write(reply_fd, HEADER.pack(len(reply) + 1 + RUN.size, 82) + RUN.pack(run) + reply)
+            else:
+                spill(run, reply)
+
+        return run
 
     def rehearse(self, times):
         """Fork per job: runs the job path here, without the user's function and with replies
@@ -396,22 +429,15 @@ class Host:
         method cache, the dynamic linker's lazy bindings), and in a fork every page written
         is a page copied: rehearsed here, the job processes inherit it done (~18 fewer page
         faults per job)."""
-        func, reply_fd = self.func, self.reply_fd
-        self.func = lambda *args, **kwargs: None
-        self.reply_fd = os.open(os.devnull, os.O_WRONLY)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        run = self.job_runner(lambda *args, **kwargs: None, devnull)
         try:
             for _ in range(times):
-                self.run_job(0, self.codec.rehearsal_call, *self.spare_output)
+                run(0, self.codec.rehearsal_call, *self.spare_output)
         finally:
-            os.close(self.reply_fd)
-            self.func, self.reply_fd = func, reply_fd
+            os.close(devnull)
             if hasattr(self.codec, "job"):  # dispy's codec remembers the call it decoded
                 self.codec.job = None
-
-    def bounded(self, text):
-        if len(text) <= self.max_output:
-            return text, 0
-        return text[: self.max_output], len(text) - self.max_output
 
     # --- processes ----------------------------------------------------------------------
     # Every job runs in a process forked from this post-setup state, fed through its own pipe.
@@ -419,25 +445,29 @@ class Host:
     # one job and exits, and a new spare is forked as soon as one is used, so the fork is not
     # on the job's path. Reuse: `workers` processes run job after job.
 
+    def runner_life(self, job_r, single_use):
+        """A forked process's life: runs jobs read from `job_r`, then exits."""
+        code = 0
+        try:
+            # The spares' pipes must have their only write ends in the host, so that every
+            # spare sees EOF and exits when the host dies, however it dies.
+            for fd in self.job_fds:
+                os.close(fd)
+            if single_use:
+                self.spare(job_r)
+            else:
+                self.inbuf = bytearray()
+                self.job_loop(job_r)
+        except BaseException:
+            sys.stderr.write(format_exc())
+            code = 70
+        os._exit(code)
+
     def fork_runner(self, job_r, single_use):
         """Forks a process that runs jobs read from `job_r`; returns its pid."""
         pid = os.fork()
         if pid == 0:
-            code = 0
-            try:
-                # The spares' pipes must have their only write ends in the host, so that every
-                # spare sees EOF and exits when the host dies, however it dies.
-                for fd in self.job_fds:
-                    os.close(fd)
-                if single_use:
-                    self.spare(job_r)
-                else:
-                    self.inbuf = bytearray()
-                    self.job_loop(job_r)
-            except BaseException:
-                sys.stderr.write(format_exc())
-                code = 70
-            os._exit(code)
+            self.runner_life(job_r, single_use)
         self.pidfds[os.pidfd_open(pid)] = pid
         return pid
 
@@ -462,7 +492,7 @@ class Host:
                 kind, body = frame
                 if kind == ord("J"):
                     run, _ = RUN_WORKER.unpack_from(body)
-                    self.run_job(run, body[RUN_WORKER.size :])
+                    self.run_job(run, body[RUN_WORKER.size :], io.StringIO(), io.StringIO())
 
     def spare(self, fd):
         """Fork per job: a spare's life, one job from its own pipe (the host writes it whole).
@@ -478,13 +508,27 @@ class Host:
         run, _ = RUN_WORKER.unpack_from(data, HEADER.size)
         self.run_job(run, data[HEADER.size + RUN_WORKER.size : end], *self.spare_output)
 
-    def add_spare(self):
-        """Fork per job: a process waiting on a new pipe for its one job."""
-        job_r, job_w = os.pipe()
-        self.job_fds.add(job_w)
-        pid = self.fork_runner(job_r, True)
-        os.close(job_r)
-        self.spares.append((pid, job_w))
+    def add_spares(self, count):
+        """Fork per job: `count` processes, each waiting on a new pipe for its one job. They
+        are forked in a row, the pipes made before and the bookkeeping done after: every page
+        the host writes between two forks is a page copied (~25 fewer per fork)."""
+        pipes = [os.pipe() for _ in range(count)]
+        self.job_fds.update(job_w for _, job_w in pipes)
+        pids = []
+        try:
+            for job_r, _ in pipes:
+                pid = os.fork()
+                if pid == 0:
+                    self.runner_life(job_r, True)
+                pids.append(pid)
+        finally:
+            for (job_r, job_w), pid in zip(pipes, pids + [None] * count):
+                os.close(job_r)
+                if pid is None:
+                    self.forget_fd(job_w)
+                else:
+                    self.pidfds[os.pidfd_open(pid)] = pid
+                    self.spares.append((pid, job_w))
 
     def forget_fd(self, fd):
         self.job_fds.discard(fd)
@@ -512,7 +556,7 @@ class Host:
                 self.spares.remove(spare)
                 self.forget_fd(spare[1])
                 if not self.closing:
-                    self.add_spare()
+                    self.add_spares(1)
                 return
         for index, wpid in enumerate(self.workers):
             if wpid == pid:
@@ -548,7 +592,7 @@ class Host:
             # Fork per job: hand the job to a spare, fork the next spare.
             run, _ = RUN_WORKER.unpack_from(body)
             if not self.spares:
-                self.add_spare()
+                self.add_spares(1)
             pid, job_w = self.spares.pop(0)
             self.own_group(pid)
             self.running[pid] = run
@@ -558,8 +602,7 @@ class Host:
             if len(self.spares) < self.spares_low:
                 # Spares are forked in batches: every page the host writes after a fork is a
                 # page copied, so the fewer forks between its other work, the fewer copies.
-                while len(self.spares) < self.spares_high:
-                    self.add_spare()
+                self.add_spares(self.spares_high - len(self.spares))
         elif kind == ord("K"):
             self.kill(*RUN_SIGNAL_WORKER.unpack_from(body))
         elif kind == ord("C"):
@@ -600,8 +643,7 @@ class Host:
             self.spares_low, self.spares_high = count, count + SPARE_BATCH
             self.spare_output = io.StringIO(), io.StringIO()
             self.rehearse(50)
-            for _ in range(self.spares_high):
-                self.add_spare()
+            self.add_spares(self.spares_high)
         while True:
             ready, _, _ = select.select([self.ctl_fd] + list(self.pidfds), [], [])
             for fd in ready:

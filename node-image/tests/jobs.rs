@@ -72,6 +72,43 @@ async fn program_output_is_bounded_and_the_cut_counted() {
     assert_eq!(done[&1].stdout_dropped, 5000 - 1024);
 }
 
+#[tokio::test]
+async fn python_output_is_bounded_and_a_result_larger_than_a_pipe_write_arrives_whole() {
+    let node = NodeProc::start(&["--max-output", "1k"]).await;
+    let (client, mut events) = connect(&node).await;
+    let src = r#"
+def f(n):
+    print('é' * n, end='')
+    sys.stderr.write('x' * 10)
+    return '☃' * n
+"#;
+    for reuse in [false, true] {
+        let name = format!("out-{reuse}");
+        let spec = PythonComputation {
+            reuse_workers: reuse,
+            ..python(src, "f")
+        };
+        open(&client, &name, Computation::Python(spec), &[]).await;
+        client.submit(&name, job(1, json!([5000]))).await.unwrap();
+        client.submit(&name, job(2, json!([3]))).await.unwrap();
+        let done = collect(&mut events, 2, T).await;
+        // Cut at 1 KiB of text, the rest counted; stderr untouched.
+        assert_eq!(done[&1].stdout, "é".repeat(1024), "reuse {reuse}");
+        assert_eq!(done[&1].stdout_dropped, 5000 - 1024);
+        assert_eq!(done[&1].stderr, "x".repeat(10));
+        assert_eq!(done[&1].stderr_dropped, 0);
+        // 5,000 snowmen are 30 KB of JSON escapes, far more than one atomic pipe write.
+        let big: String = serde_json::from_str(finished(&done[&1])).unwrap();
+        assert_eq!(big, "☃".repeat(5000));
+        assert_eq!(finished(&done[&2]), "\"\\u2603\\u2603\\u2603\"");
+        assert_eq!(
+            (done[&2].stdout.as_str(), done[&2].stdout_dropped),
+            ("ééé", 0)
+        );
+        client.close(&name, false).await.unwrap();
+    }
+}
+
 const SETUP_SOURCE: &str = r#"
 def setup(path, scale):
     global text, factor, counter
