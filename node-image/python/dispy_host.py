@@ -114,7 +114,7 @@ SPARE_BATCH = 6
 class JsonCodec:
     """Arguments and results as JSON: the native protocol's codec."""
 
-    rehearsal_call = b'{"a": [0]}'  # a call without arguments (see Host.rehearse)
+    rehearsal_call = b"[[0], {}]"  # a call with one argument (see Host.rehearse)
 
     def __init__(self, host):
         pass
@@ -131,14 +131,14 @@ class JsonCodec:
         def call(body):
             text = body.decode()
             try:
-                args, end = scan(text, 0)
-            except (StopIteration, SystemError):
+                (args, kwargs), end = scan(text, 0)
+            except (StopIteration, SystemError, ValueError):
                 end = -1
-            finally:
+            if memo:  # the keys of the objects read (an empty memo is left untouched)
                 memo.clear()
             if end != len(text):
-                args = loads(text)  # says what is wrong with it
-            value = func(*(args.get("a") or ()), **(args.get("k") or {}))
+                args, kwargs = loads(text)  # says what is wrong with it
+            value = func(*args, **kwargs)
             try:
                 return "".join(encode(value, 0))
             except (TypeError, ValueError) as e:
@@ -445,35 +445,24 @@ class Host:
     # one job and exits, and a new spare is forked as soon as one is used, so the fork is not
     # on the job's path. Reuse: `workers` processes run job after job.
 
-    def runner_life(self, job_r, single_use):
-        """A forked process's life: runs jobs read from `job_r`, then exits."""
-        code = 0
-        try:
-            # The spares' pipes must have their only write ends in the host, so that every
-            # spare sees EOF and exits when the host dies, however it dies.
-            for fd in self.job_fds:
-                os.close(fd)
-            if single_use:
-                self.spare(job_r)
-            else:
-                self.inbuf = bytearray()
-                self.job_loop(job_r)
-        except BaseException:
-            sys.stderr.write(format_exc())
-            code = 70
-        os._exit(code)
-
-    def fork_runner(self, job_r, single_use):
-        """Forks a process that runs jobs read from `job_r`; returns its pid."""
+    def fork_worker(self, job_r):
+        """Reuse: forks a worker that runs job after job from `job_r`; returns its pid."""
         pid = os.fork()
         if pid == 0:
-            self.runner_life(job_r, single_use)
+            code = 0
+            try:
+                self.inbuf = bytearray()
+                self.job_loop(job_r)
+            except BaseException:
+                sys.__stderr__.write(format_exc())
+                code = 70
+            os._exit(code)
         self.pidfds[os.pidfd_open(pid)] = pid
         return pid
 
     def start_worker(self, index):
         """Reuse: a worker reading the pipe the node opened for it."""
-        pid = self.fork_runner(self.worker_fds[index], False)
+        pid = self.fork_worker(self.worker_fds[index])
         self.own_group(pid)
         return pid
 
@@ -494,19 +483,38 @@ class Host:
                     run, _ = RUN_WORKER.unpack_from(body)
                     self.run_job(run, body[RUN_WORKER.size :], io.StringIO(), io.StringIO())
 
-    def spare(self, fd):
-        """Fork per job: a spare's life, one job from its own pipe (the host writes it whole).
-        It stays in the host's process group until then, so the node can kill the group. It
-        touches as little as it can: in a fresh fork every page written is a page copied."""
-        data, end = b"", HEADER.size
-        while len(data) < end:
-            more = os.read(fd, 1 << 16)
-            if not more:
-                return
-            data += more
-            end = 4 + HEADER.unpack_from(data)[0] if len(data) >= HEADER.size else end
-        run, _ = RUN_WORKER.unpack_from(data, HEADER.size)
-        self.run_job(run, data[HEADER.size + RUN_WORKER.size : end], *self.spare_output)
+    def spare_life(self):
+        """Fork per job: returns life(job_r), a spare's life: one job from its own pipe (the host
+        writes it whole), then exit. It stays in the host's process group until then, so the
+        node can kill the group. Like the job runner it is one function with what it uses
+        bound: in a fresh fork every object touched is a page copied."""
+        run_job, (out, err), job_fds = self.run_job, self.spare_output, self.job_fds
+        read, close, header, run_worker = os.read, os.close, HEADER.unpack_from, RUN_WORKER.unpack_from
+        head, start = HEADER.size, HEADER.size + RUN_WORKER.size
+
+        def life(job_r):
+            code = 0
+            try:
+                # The spares' pipes must have their only write ends in the host, so that every
+                # spare sees EOF and exits when the host dies, however it dies.
+                for fd in job_fds:
+                    close(fd)
+                data, end = b"", head
+                while len(data) < end:
+                    more = read(job_r, 1 << 16 if data else PIPE_BUF)
+                    if not more:
+                        break  # the host is gone
+                    data += more
+                    if len(data) >= head:
+                        end = 4 + header(data)[0]
+                else:
+                    run_job(run_worker(data, head)[0], data[start:end], out, err)
+            except BaseException:
+                sys.__stderr__.write(format_exc())
+                code = 70
+            os._exit(code)
+
+        return life
 
     def add_spares(self, count):
         """Fork per job: `count` processes, each waiting on a new pipe for its one job. They
@@ -514,12 +522,12 @@ class Host:
         the host writes between two forks is a page copied (~25 fewer per fork)."""
         pipes = [os.pipe() for _ in range(count)]
         self.job_fds.update(job_w for _, job_w in pipes)
-        pids = []
+        pids, life, fork = [], self.life, os.fork
         try:
             for job_r, _ in pipes:
-                pid = os.fork()
+                pid = fork()
                 if pid == 0:
-                    self.runner_life(job_r, True)
+                    life(job_r)
                 pids.append(pid)
         finally:
             for (job_r, job_w), pid in zip(pipes, pids + [None] * count):
@@ -642,6 +650,7 @@ class Host:
         else:
             self.spares_low, self.spares_high = count, count + SPARE_BATCH
             self.spare_output = io.StringIO(), io.StringIO()
+            self.life = self.spare_life()
             self.rehearse(50)
             self.add_spares(self.spares_high)
         while True:

@@ -909,7 +909,7 @@ impl Node {
                 (None, Some(Runner::Python(host))) => match j.call.take() {
                     Some(call) => host.start_job(run, &call).map(|_| None),
                     None => {
-                        let call = format!("{{\"a\":{},\"k\":{}}}", j.req.args, j.req.kwargs);
+                        let call = format!("[{},{}]", j.req.args, j.req.kwargs);
                         host.start_job(run, call.as_bytes()).map(|_| None)
                     }
                 },

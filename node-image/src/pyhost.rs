@@ -328,7 +328,7 @@ impl PyHost {
         }))
     }
 
-    /// Starts a job; `call` is the codec-encoded call (JSON `{"a": [...], "k": {...}}`).
+    /// Starts a job; `call` is the codec-encoded call (JSON `[args, kwargs]`).
     pub fn start_job(&self, run: u64, call: &[u8]) -> Result<(), String> {
         let worker = match &self.idle_workers {
             None => None,
