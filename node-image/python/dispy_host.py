@@ -405,13 +405,12 @@ class Host:
 
         def run(run, body, out, err):
             t0 = clock()
+            # Left in place after the job: a spare exits, a worker's next job brings its own.
             sys.stdout, sys.stderr = out, err
             try:
                 status, result, exc = "Finished", quote(call(body)), "null"
             except BaseException:
                 status, result, exc = "Terminated", "null", quote(format_exc())
-            finally:
-                sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             t1 = clock()
             o, e = out.getvalue(), err.getvalue()
             reply = (REPLY % (status, result, quote(o[:limit]), quote(e[:limit]), exc, t0, t1, max(0, len(o) - limit), max(0, len(e) - limit))).encode()
@@ -435,6 +434,7 @@ class Host:
             for _ in range(times):
                 run(0, self.codec.rehearsal_call, *self.spare_output)
         finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             os.close(devnull)
             if hasattr(self.codec, "job"):  # dispy's codec remembers the call it decoded
                 self.codec.job = None
