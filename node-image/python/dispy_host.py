@@ -105,14 +105,15 @@ RUN_STATUS = struct.Struct(">Qi")
 # A job's reply, JSON written by hand (see Host.job_runner): status, result, stdout, stderr,
 # exception, start and end times, and how much of stdout and stderr was cut.
 REPLY = '{"s": "%s", "r": %s, "o": %s, "e": %s, "x": %s, "t0": %r, "t1": %r, "od": %d, "ed": %d}'
-# Fork per job: when fewer spares than cpus are left, SPARE_BATCH + 1 are forked in a row. On a
-# 2-cpu machine that takes ~25 page copies per job off the host (of ~70), for a longer tail of
-# latency when jobs come one at a time (p99 ~4-5 ms instead of ~2.5 ms, trivial jobs).
+# Fork per job: when fewer spares than cpus are left, SPARE_BATCH + 1 are forked in a row. Every
+# page the host writes between forks is a page copied: its work between batches (~60 pages) is
+# then copied once per 7 jobs instead of once per job, for a longer tail of latency when jobs
+# come one at a time (p99 ~3-4 ms instead of ~2.5 ms, trivial jobs).
 SPARE_BATCH = 6
 
 
 class JsonCodec:
-    """Arguments and results as JSON: the native protocol's codec."""
+    """Arguments and results as JSON: the native protocol's codec. A call is [args, kwargs]."""
 
     rehearsal_call = b"[[0], {}]"  # a call with one argument (see Host.rehearse)
 
@@ -293,6 +294,7 @@ class Host:
         self.spare_output = (None, None)  # fork per job: every spare's stdout and stderr
         self.worker_fds = []  # reuse: index -> read end of the worker's pipe from the node
         self.run_job = None  # see job_runner
+        self.life = None  # fork per job: see spare_life
         self.cfg = None
 
     # --- output -------------------------------------------------------------------------
