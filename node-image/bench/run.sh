@@ -13,7 +13,9 @@ DISPY=target/release/dispy
 CLIENT=target/release/examples/bench_client
 
 echo "== machine: $(nproc) cpus, $(python3 --version), load $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 -S $BENCH/baseline.py 2000
+BASELINE=$(python3 -S $BENCH/baseline.py 2000)
+echo "$BASELINE"
+BARE_FORK=$(echo "$BASELINE" | awk '/fork-per-job/{print $(NF-1)}')
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 PREFIX=$(mktemp -d)
@@ -23,7 +25,11 @@ trap 'kill $NODE_PID 2>/dev/null || true; rm -rf "$PREFIX"' EXIT
 sleep 0.5
 echo "dispynode idle RSS: $(awk '/VmRSS/{print $2, $3}' /proc/$NODE_PID/status)"
 for mode in fork reuse program; do
-  $CLIENT "127.0.0.1:$PORT" $mode "$JOBS" 1000
+  line=$($CLIENT "127.0.0.1:$PORT" $mode "$JOBS" 1000)
+  echo "$line"
+  if [ $mode = fork ]; then
+    echo "$line" | awk -v bare="$BARE_FORK" '{printf "fork per job / bare fork loop of this run: %.2f\n", $4 / bare}'
+  fi
 done
 echo "dispynode RSS after the runs: $(awk '/VmRSS/{print $2, $3}' /proc/$NODE_PID/status)"
 
