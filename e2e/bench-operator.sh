@@ -62,7 +62,7 @@ RUST_LOG=warn "$OPERATOR_BIN" run --metrics-addr $METRICS --log-format text \
 op_pid=$!
 
 # BENCH_REUSE_WORKERS=true: the jobs run in long-lived workers instead of a fork each (the
-# node's cost per job drops from ~2 ms of cpu to ~0.1 ms; the operator's work is the same)
+# node's cost per job drops from ~1 ms of cpu to ~0.1 ms; the operator's work is the same)
 REUSE=${BENCH_REUSE_WORKERS:-false}
 k -n $NS apply -f - >/dev/null <<EOF
 apiVersion: dispy.io/v1alpha1

@@ -308,8 +308,8 @@ class Host:
     def send_json(self, kind, obj):
         self.send(kind, json.dumps(obj).encode())
 
-    def send_reply(self, run, body):
-        """A job's reply (JSON) too large for one write goes through a file."""
+    def spill_reply(self, run, body):
+        """Sends a job's reply (JSON) too large for one atomic write through a file."""
         os.makedirs(self.spill_dir, exist_ok=True)
         path = os.path.join(self.spill_dir, "%d.json" % run)
         with open(path, "wb") as f:
@@ -402,8 +402,8 @@ class Host:
         what it uses bound beforehand: in a fresh fork every object the job's path touches is
         a page copied, and methods, a reply dict and its encoder touched ~30 more per job."""
         call, clock, quote = self.codec.caller(func), time.time, _json.encode_basestring_ascii
-        limit, spill, write = self.max_output, self.send_reply, os.write
-        reply_max = PIPE_BUF - HEADER.size - RUN.size
+        limit, spill, write = self.max_output, self.spill_reply, os.write
+        reply_max, kind = PIPE_BUF - HEADER.size - RUN.size, ord("R")
 
         def run(run, body, out, err):
             t0 = clock()
@@ -416,8 +416,8 @@ class Host:
             t1 = clock()
             o, e = out.getvalue(), err.getvalue()
             reply = (REPLY % (status, result, quote(o[:limit]), quote(e[:limit]), exc, t0, t1, max(0, len(o) - limit), max(0, len(e) - limit))).encode()
-            if len(reply) <= reply_max:
-                write(reply_fd, HEADER.pack(len(reply) + 1 + RUN.size, 82) + RUN.pack(run) + reply)
+            if len(reply) <= reply_max:  # send()'s frame, in the one write the pipe keeps whole
+                write(reply_fd, HEADER.pack(len(reply) + 1 + RUN.size, kind) + RUN.pack(run) + reply)
             else:
                 spill(run, reply)
 
@@ -532,13 +532,13 @@ class Host:
                     life(job_r)
                 pids.append(pid)
         finally:
-            for (job_r, job_w), pid in zip(pipes, pids + [None] * count):
+            for i, (job_r, job_w) in enumerate(pipes):
                 os.close(job_r)
-                if pid is None:
+                if i < len(pids):
+                    self.pidfds[os.pidfd_open(pids[i])] = pids[i]
+                    self.spares.append((pids[i], job_w))
+                else:  # its fork failed
                     self.forget_fd(job_w)
-                else:
-                    self.pidfds[os.pidfd_open(pid)] = pid
-                    self.spares.append((pid, job_w))
 
     def forget_fd(self, fd):
         self.job_fds.discard(fd)
