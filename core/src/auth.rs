@@ -56,6 +56,27 @@ pub fn verify(
     hmac::verify(&key, &message(role, client_nonce, node_nonce), proof).is_ok()
 }
 
+/// Equality that takes the same time wherever the inputs differ, for tokens and credentials.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// 32 random bytes as hex: an owner credential no one else can guess.
+pub fn random_credential() -> String {
+    hex(&nonce())
+}
+
+/// An owner credential derived from an identity the client keeps across restarts (the
+/// operator: its JobCluster's uid), keyed by the node secret, so a party without the secret
+/// cannot compute it from the identity alone.
+pub fn owner_credential(secret: &str, identity: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let mut m = b"dispy-native/1 owner".to_vec();
+    m.push(0);
+    m.extend_from_slice(identity.as_bytes());
+    hex(hmac::sign(&key, &m).as_ref())
+}
+
 /// Hex SHA-256, used for file checksums.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
@@ -96,6 +117,24 @@ mod tests {
         assert!(!verify("s3cret", Role::Node, &c, &n, &p));
         assert!(!verify("s3cret", Role::Client, &n, &c, &p));
         assert_ne!(c, n);
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn owner_credentials_depend_on_secret_and_identity() {
+        let a = owner_credential("s3cret", "team/wordcount 1234");
+        assert_eq!(a, owner_credential("s3cret", "team/wordcount 1234"));
+        assert_ne!(a, owner_credential("other", "team/wordcount 1234"));
+        assert_ne!(a, owner_credential("s3cret", "team/wordcount 1235"));
+        assert_eq!(a.len(), 64);
+        assert_ne!(random_credential(), random_credential());
     }
 
     #[test]

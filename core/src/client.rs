@@ -36,6 +36,11 @@ pub struct ClientConfig {
     pub pulse_interval: Duration,
     pub max_frame: usize,
     pub connect_timeout: Duration,
+    /// The credential that makes this client the owner of the computations it creates: only
+    /// a connection presenting the same one may attach to them, submit to them, cancel, ack
+    /// or close them. Random by default (one per config); a client that must re-attach after
+    /// a restart derives it from an identity it keeps (see [`auth::owner_credential`]).
+    pub owner: String,
 }
 
 impl Default for ClientConfig {
@@ -47,6 +52,7 @@ impl Default for ClientConfig {
             pulse_interval: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(10),
+            owner: crate::auth::random_credential(),
         }
     }
 }
@@ -116,6 +122,8 @@ struct Shared {
     in_flight: Mutex<HashSet<(ComputationId, JobId)>>,
     next_id: AtomicU64,
     out: mpsc::UnboundedSender<Vec<u8>>,
+    /// The largest request the node takes (its `--max-frame`, taken as equal to ours).
+    max_frame: usize,
 }
 
 /// A connection to one node. Cheap to clone; the connection closes when the last clone drops.
@@ -223,6 +231,7 @@ impl NodeClient {
                 &challenge.node_nonce,
             ),
             pulse_interval_ms: Some(config.pulse_interval.as_millis() as u64),
+            owner: Some(config.owner.clone()),
         };
         write_frame(&mut stream, &encode(&auth))
             .await
@@ -246,6 +255,7 @@ impl NodeClient {
             in_flight: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(1),
             out: out_tx,
+            max_frame: config.max_frame,
         });
         let (read_half, write_half) = tokio::io::split(stream);
         tokio::spawn(writer(write_half, out_rx));
@@ -299,6 +309,13 @@ impl NodeClient {
     async fn request(&self, body: ClientMsg) -> Result<Reply, ClientError> {
         let (tx, rx) = oneshot::channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        // Refused here rather than sent: the node would close the connection on it.
+        let frame =
+            crate::frame::frame_within(&encode(&Request { id, body }), self.shared.max_frame)
+                .map_err(|source| ClientError::Frame {
+                    addr: self.shared.addr.clone(),
+                    source,
+                })?;
         {
             let mut pending = self.shared.pending.lock().unwrap();
             let Some(pending) = pending.as_mut() else {
@@ -306,7 +323,6 @@ impl NodeClient {
             };
             pending.insert(id, tx);
         }
-        let frame = crate::frame::frame(&encode(&Request { id, body }));
         if self.shared.out.send(frame).is_err() {
             return Err(self.disconnected("connection already closed"));
         }

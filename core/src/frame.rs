@@ -13,12 +13,33 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Header plus payload, ready to write.
-pub fn frame(payload: &[u8]) -> Vec<u8> {
+/// The largest payload a 4-byte header can describe.
+pub const MAX_LEN: usize = u32::MAX as usize;
+
+/// Header plus payload, ready to write. A payload over `max` (or over what the header can
+/// carry) is refused, never sent with a truncated length.
+pub fn frame_within(payload: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
+    let max = max.min(MAX_LEN);
+    if payload.len() > max {
+        return Err(FrameError::TooLarge {
+            len: payload.len(),
+            max,
+        });
+    }
     let mut out = Vec::with_capacity(4 + payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(payload);
-    out
+    Ok(out)
+}
+
+/// Header plus payload for a message that is small by construction (handshakes, pulses,
+/// replies without user data, test frames).
+///
+/// # Panics
+/// On a payload the header cannot describe (4 GiB or more): callers with user data use
+/// [`frame_within`].
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    frame_within(payload, MAX_LEN).expect("a control message is far under 4 GiB")
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
@@ -56,7 +77,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
-    w.write_all(&(payload.len() as u32).to_be_bytes()).await?;
+    let len = u32::try_from(payload.len()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "frame of {} bytes is over the 4-byte header's limit",
+                payload.len()
+            ),
+        )
+    })?;
+    w.write_all(&len.to_be_bytes()).await?;
     w.write_all(payload).await
 }
 
@@ -141,6 +171,16 @@ mod tests {
                 got: 2
             }
         ));
+    }
+
+    #[test]
+    fn frames_over_the_limit_are_refused_not_truncated() {
+        let err = frame_within(&[0u8; 65], 64).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len: 65, max: 64 }));
+        assert_eq!(frame_within(&[7u8; 64], 64).unwrap().len(), 68);
+        // A limit above the header's range is the header's range.
+        let err = frame_within(&[0u8; 8], usize::MAX).map(|f| f.len());
+        assert_eq!(err.unwrap(), 12);
     }
 
     #[test]

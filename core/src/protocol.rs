@@ -63,6 +63,10 @@ pub struct Auth {
     pub client_proof: Vec<u8>,
     /// How often the client wants node pulses; the node may send them more often.
     pub pulse_interval_ms: Option<u64>,
+    /// The client's owner credential (`ClientConfig::owner`): computations created on this
+    /// connection belong to it. Without one, they belong to this connection alone.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -280,6 +284,8 @@ pub enum ErrorCode {
     SetupFailed,
     Closing,
     Internal,
+    /// The computation belongs to another client.
+    NotOwner,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, thiserror::Error)]

@@ -81,6 +81,11 @@ pub struct Args {
     #[arg(long, default_value = "4.15.2")]
     pub dispy_version: String,
 
+    /// Serve only the native protocol (the operator, the `dispy` CLI): dispy 4.15's own
+    /// protocol, for Python dispy clients, is refused on TCP and its UDP pings ignored.
+    #[arg(long)]
+    pub no_dispy: bool,
+
     /// PEM private key for --certfile (default: the key is in the certfile).
     #[arg(long)]
     pub keyfile: Option<PathBuf>,
@@ -154,6 +159,8 @@ pub struct NodeConfig {
     /// The certificate file itself: dispy clients' TLS trusts exactly that certificate.
     pub certfile: Option<PathBuf>,
     pub dispy_version: String,
+    /// Whether dispy 4.15's own protocol is served (`--no-dispy` turns it off).
+    pub dispy: bool,
     pub serve: Option<u64>,
     pub python: PathBuf,
     pub shutdown_grace: Duration,
@@ -213,6 +220,7 @@ impl NodeConfig {
             tls,
             certfile: args.certfile.clone(),
             dispy_version: args.dispy_version.clone(),
+            dispy: !args.no_dispy,
             serve: u64::try_from(args.serve).ok(),
             python: args.python.clone(),
             shutdown_grace: args.shutdown_grace,

@@ -2,6 +2,7 @@
 
 mod config;
 mod dispy;
+mod limits;
 mod metrics;
 mod node;
 mod process;
@@ -203,7 +204,7 @@ async fn console(node: Arc<Node>) {
                 return;
             }
             _ => {
-                let info = node.info();
+                let info = node.info(None);
                 println!(
                     "{} ({}:{}): {} cpus, {} busy, {} queued, computations: {:?}",
                     info.name,

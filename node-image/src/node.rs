@@ -32,6 +32,29 @@ pub enum Outcome {
 
 pub type SessionId = u64;
 
+/// Who may act on a computation: the client that created it, known by the SHA-256 of the
+/// credential it presented when it authenticated (never the credential itself). A client
+/// without a credential gets one no one else has, so its computations are its connection's.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Owner([u8; 32]);
+
+impl Owner {
+    pub fn of_credential(credential: &str) -> Owner {
+        let digest = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes());
+        Owner(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+    }
+
+    pub fn unique() -> Owner {
+        Owner::of_credential(&dispy_core::auth::random_credential())
+    }
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Owner({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
 /// How a computation's Python host reads a job's call and writes its result: JSON for the
 /// native protocol, pickle for dispy's own clients (arguments and results stay opaque bytes
 /// that only the host opens).
@@ -96,6 +119,7 @@ enum Runner {
 }
 
 struct Comp {
+    owner: Owner,
     spec: Computation,
     codec: Codec,
     /// Globals the Python host adds for this computation's code.
@@ -201,9 +225,16 @@ impl Node {
         Ok((node, rx))
     }
 
-    pub fn info(&self) -> NodeInfo {
+    /// What the node says of itself; `owner` sees only its own computations listed (`None`:
+    /// all, for the node's own console).
+    pub fn info(&self, owner: Option<&Owner>) -> NodeInfo {
         let st = self.state.lock().unwrap();
-        let mut computations: Vec<_> = st.comps.keys().cloned().collect();
+        let mut computations: Vec<_> = st
+            .comps
+            .iter()
+            .filter(|(_, c)| owner.is_none_or(|o| c.owner == *o))
+            .map(|(id, _)| id.clone())
+            .collect();
         computations.sort();
         NodeInfo {
             name: self.cfg.name.clone(),
@@ -229,6 +260,7 @@ impl Node {
         &self,
         session: SessionId,
         outbox: &Outbox,
+        owner: Owner,
         req: ComputeRequest,
     ) -> NodeResult<()> {
         let id = req.computation.clone();
@@ -284,6 +316,7 @@ impl Node {
         st.comps.insert(
             id.clone(),
             Comp {
+                owner,
                 spec: req.spec,
                 codec: Codec::Json,
                 env: Default::default(),
@@ -303,6 +336,21 @@ impl Node {
         self.metrics.computations.set(st.comps.len() as i64);
         tracing::info!(computation = %id, "computation registered");
         Ok(())
+    }
+
+    /// Refuses a request on a computation of another client.
+    pub fn check_owner(&self, id: &str, owner: &Owner) -> NodeResult<()> {
+        let st = self.state.lock().unwrap();
+        match st.comps.get(id) {
+            Some(c) if c.owner == *owner => Ok(()),
+            Some(_) => Err(NodeError::new(
+                ErrorCode::NotOwner,
+                format!(
+                    "computation {id:?} belongs to another client (a client acts only on the computations it created, with the same owner credential)"
+                ),
+            )),
+            None => Err(unknown_computation(id)),
+        }
     }
 
     /// Replaces a registered computation's spec and codec before its setup (dispy clients
@@ -874,6 +922,7 @@ impl Node {
                 }
             }
         }
+        let result = fit_frame(id, job, result, self.cfg.max_frame);
         self.metrics.job_done(result.status);
         if let Some((_, outbox)) = &comp.subscriber {
             let _ = outbox.send(event(id, job, JobEventKind::Done(result.clone())));
@@ -1027,6 +1076,45 @@ impl Node {
 }
 
 /// Checks one job before it is queued.
+/// Room in a frame for everything of a job event but its result, stdout, stderr and exception.
+const EVENT_OVERHEAD: usize = 1024;
+
+/// A result whose event would not fit in one frame becomes a job error naming the sizes: a
+/// client refuses an oversize frame and drops the connection, and every other job on it
+/// would be lost with it.
+fn fit_frame(id: &str, job: JobId, mut result: JobResult, max_frame: usize) -> JobResult {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let output = result.stdout.len() + result.stderr.len() + text(&result.exception);
+    let rough = text(&result.result) + output + id.len();
+    if rough + EVENT_OVERHEAD <= max_frame {
+        return result;
+    }
+    let size = encode(&NodeMsg::Event(JobEvent {
+        computation: id.into(),
+        job,
+        kind: JobEventKind::Done(result.clone()),
+    }))
+    .len();
+    if size <= max_frame {
+        return result;
+    }
+    let reason = format!(
+        "the job's result, stdout and stderr come to {size} bytes, over this node's --max-frame of {max_frame} bytes: return less (write large data to a file) or raise --max-frame on the node and its clients"
+    );
+    tracing::warn!(computation = %id, job, "{reason}");
+    result.status = JobStatus::Terminated;
+    result.result = None;
+    if output + id.len() + EVENT_OVERHEAD + reason.len() > max_frame {
+        result.stdout_dropped += std::mem::take(&mut result.stdout).len() as u64;
+        result.stderr_dropped += std::mem::take(&mut result.stderr).len() as u64;
+    }
+    result.exception = Some(match result.exception.take() {
+        Some(e) if e.len() < max_frame / 4 => format!("{reason}\n{e}"),
+        _ => reason,
+    });
+    result
+}
+
 fn admit(comp: &Comp, id: &str, req: &JobRequest) -> NodeResult<()> {
     let bad = |m: String| {
         NodeError::new(
@@ -1090,6 +1178,40 @@ fn program_args(args_json: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn results_over_the_frame_limit_become_a_job_error() {
+        let big = JobResult {
+            status: JobStatus::Finished,
+            result: Some("x".repeat(100_000)),
+            stdout: "printed".into(),
+            ..Default::default()
+        };
+        let cut = fit_frame("c", 7, big.clone(), 64 * 1024);
+        assert_eq!(cut.status, JobStatus::Terminated);
+        assert_eq!(cut.result, None);
+        assert_eq!(cut.stdout, "printed");
+        let why = cut.exception.unwrap();
+        assert!(
+            why.contains("over this node's --max-frame of 65536 bytes"),
+            "{why}"
+        );
+        let fits = fit_frame("c", 7, big.clone(), 1 << 20);
+        assert_eq!(fits, big);
+        // Output too large with it: dropped and counted, so the error itself fits.
+        let loud = JobResult {
+            stdout: "y".repeat(70_000),
+            ..big
+        };
+        let cut = fit_frame("c", 7, loud, 64 * 1024);
+        assert!(cut.stdout.is_empty() && cut.stdout_dropped == 70_000);
+        let event = encode(&NodeMsg::Event(JobEvent {
+            computation: "c".into(),
+            job: 7,
+            kind: JobEventKind::Done(cut),
+        }));
+        assert!(event.len() <= 64 * 1024);
+    }
 
     #[test]
     fn file_names_stay_inside_the_computation() {

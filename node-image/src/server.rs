@@ -3,6 +3,10 @@
 //! auth prefix (served by [`crate::dispy`]). UDP carries discovery: native pings get a pong,
 //! dispy's `PING:` a dispy `PONG:`; the node announces itself, in both protocols, at start on
 //! the broadcast addresses of the interfaces it is bound to.
+//!
+//! Before a peer has authenticated it holds a place in the pre-auth [`Gate`] (few per source
+//! address) and has [`SNIFF_TIMEOUT`] to show its protocol; each protocol then bounds its own
+//! handshake. Once authenticated, work has no deadline: a setup may take minutes.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -16,13 +20,30 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::dispy::Dispy;
+use crate::limits::{Gate, RateLimiter, Throttled};
 use crate::node::Node;
 
+/// How long a new connection has to show its protocol (TLS handshake included).
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE: u8 = 0x16;
+/// Connections waiting to authenticate, from one address and in all.
+const PREAUTH_PER_SOURCE: usize = 8;
+const PREAUTH_TOTAL: usize = 256;
+
+static GATE_FULL: Throttled = Throttled::new(Duration::from_secs(10));
+
+/// Where a connection goes once its first bytes are read.
+enum Opened {
+    Native(Box<dyn Stream>),
+    /// dispy's protocol, with the first 4 bytes of its auth prefix already read.
+    Dispy(Box<dyn Stream>, [u8; 4], IpAddr),
+    /// Closed before sending anything (a port probe).
+    Empty,
+}
 
 pub async fn accept_loop(node: Arc<Node>, dispy: Arc<Dispy>, listener: TcpListener) {
     let tls = node.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let gate = Gate::new(PREAUTH_PER_SOURCE, PREAUTH_TOTAL);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -32,11 +53,28 @@ pub async fn accept_loop(node: Arc<Node>, dispy: Arc<Dispy>, listener: TcpListen
                 continue;
             }
         };
+        let permit = match gate.enter(peer.ip()) {
+            Ok(p) => p,
+            Err(full) => {
+                node.metrics.bad_requests.inc();
+                if let Some(suppressed) = GATE_FULL.check(std::time::Instant::now()) {
+                    tracing::warn!(%peer, suppressed, "connection refused: {full}");
+                }
+                continue;
+            }
+        };
         tcp.set_nodelay(true).ok();
         let (node, dispy, tls) = (node.clone(), dispy.clone(), tls.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(SNIFF_TIMEOUT, sniff(node, dispy, tcp, peer, tls)).await {
-                Ok(Ok(())) => {}
+            let opened = tokio::time::timeout(SNIFF_TIMEOUT, sniff(&node, tcp, tls)).await;
+            match opened {
+                Ok(Ok(Opened::Native(stream))) => {
+                    crate::session::serve(node, stream, peer, permit).await
+                }
+                Ok(Ok(Opened::Dispy(stream, first, local))) => {
+                    let _ = crate::dispy::serve(dispy, stream, peer, local, first, permit).await;
+                }
+                Ok(Ok(Opened::Empty)) => {}
                 Ok(Err(e)) => tracing::warn!(%peer, "{e}"),
                 Err(_) => {
                     tracing::warn!(%peer, "no protocol prefix within {SNIFF_TIMEOUT:?}; closing")
@@ -46,19 +84,17 @@ pub async fn accept_loop(node: Arc<Node>, dispy: Arc<Dispy>, listener: TcpListen
     }
 }
 
-/// Reads the first bytes and hands the connection to the protocol they announce. Returns once
-/// the connection is handed over (the session itself runs in its own task).
+/// Reads the first bytes (after TLS, when the node has a certificate) and tells which protocol
+/// they announce; refuses what this node does not serve.
 async fn sniff(
-    node: Arc<Node>,
-    dispy: Arc<Dispy>,
+    node: &Node,
     tcp: TcpStream,
-    peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
-) -> Result<(), String> {
+) -> Result<Opened, String> {
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await.map_err(|e| e.to_string())?;
     if n == 0 {
-        return Ok(());
+        return Ok(Opened::Empty);
     }
     let local = tcp.local_addr().map_err(|e| e.to_string())?.ip();
     let mut stream: Box<dyn Stream> = match (first[0] == TLS_HANDSHAKE, &tls) {
@@ -82,23 +118,28 @@ async fn sniff(
         if tls.is_some() && first[0] != TLS_HANDSHAKE {
             let reason = "this node requires TLS: connect with TLS (the node has --certfile)";
             // Read the client's hello first, so the client is not cut off mid-write.
-            let _ = dispy_core::frame::read_frame(&mut stream, node.cfg.max_frame).await;
+            let _ = dispy_core::frame::read_frame(&mut stream, crate::limits::PREAUTH_MAX).await;
             let _ = stream
                 .write_all(&frame(&encode(&ServerHello::Rejected(reason.into()))))
                 .await;
             let _ = stream.shutdown().await;
             return Err(format!("plain-text client refused: {reason}"));
         }
-        tokio::spawn(crate::session::serve(node, stream, peer));
-        return Ok(());
+        return Ok(Opened::Native(stream));
     }
     if prefix.iter().all(|b| b.is_ascii_hexdigit() || *b == b'x') {
+        if !node.cfg.dispy {
+            node.metrics.bad_requests.inc();
+            return Err(
+                "dispy client refused: this node serves only the native protocol (--no-dispy)"
+                    .into(),
+            );
+        }
         if tls.is_some() && first[0] != TLS_HANDSHAKE {
             node.metrics.bad_requests.inc();
             return Err("plain-text dispy client refused: this node requires TLS (the client needs certfile=)".into());
         }
-        // dispy's requests are short: serve it here, within the sniff timeout's bound.
-        return crate::dispy::serve(dispy, stream, peer, local, prefix).await;
+        return Ok(Opened::Dispy(stream, prefix, local));
     }
     node.metrics.bad_requests.inc();
     Err(format!("unknown protocol prefix {prefix:02x?}; closing"))
@@ -156,7 +197,11 @@ pub fn broadcast_targets(bound: IpAddr) -> Vec<(Ipv4Addr, Ipv4Addr)> {
 }
 
 pub async fn udp_loop(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>, bound: IpAddr) {
-    let mut buf = vec![0u8; 2048];
+    // A datagram over this is cut, and then fails to decode.
+    let mut buf = vec![0u8; crate::limits::PREAUTH_MAX];
+    // A pong goes to the ping's source address, which a datagram can forge: bounded per
+    // address, so the node cannot be made to flood a third host.
+    let mut pongs = RateLimiter::new(5, 2.0, 4096);
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -168,6 +213,10 @@ pub async fn udp_loop(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>
         };
         match decode_datagram(&buf[..n]) {
             Some(Ok(Discovery::Ping { .. })) => {
+                if !pongs.allow(peer.ip(), std::time::Instant::now()) {
+                    tracing::debug!(%peer, "discovery ping over the rate limit; not answered");
+                    continue;
+                }
                 let pong = Discovery::Pong(announcement(&node, local_addr_for(bound, peer.ip())));
                 if let Err(e) = socket.send_to(&encode_datagram(&pong), peer).await {
                     tracing::warn!(%peer, "cannot answer discovery ping: {e}");
@@ -178,7 +227,7 @@ pub async fn udp_loop(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>
                 node.metrics.bad_requests.inc();
                 tracing::warn!(%peer, "{e}");
             }
-            None if buf[..n].starts_with(b"PING:") => {
+            None if buf[..n].starts_with(b"PING:") && node.cfg.dispy => {
                 dispy.udp_ping(&buf[5..n], peer, local_addr_for(bound, peer.ip()));
             }
             None => tracing::debug!(%peer, "ignoring an unknown {n}-byte datagram"),
@@ -199,6 +248,9 @@ pub async fn announce(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>
             match socket.send_to(&msg, to).await {
                 Ok(_) => tracing::info!(%to, "announced the node"),
                 Err(e) => tracing::warn!(%to, "cannot announce the node: {e}"),
+            }
+            if !node.cfg.dispy {
+                continue;
             }
             if let Err(e) = socket
                 .send_to(&dispy.announcement(IpAddr::V4(ip)), to)

@@ -15,7 +15,8 @@ use dispy_core::protocol::*;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
-use crate::node::{Node, Outbox, SessionId};
+use crate::limits::{Permit, PREAUTH_MAX};
+use crate::node::{Node, Outbox, Owner, SessionId};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,27 +30,30 @@ struct Partial {
     written: u64,
 }
 
-/// Serves a connection whose magic prefix has been read.
-pub async fn serve(node: Arc<Node>, mut stream: Box<dyn Stream>, peer: SocketAddr) {
+/// Serves a connection whose magic prefix has been read. `permit` is its place among the
+/// connections waiting to authenticate, given back once the handshake is done.
+pub async fn serve(node: Arc<Node>, mut stream: Box<dyn Stream>, peer: SocketAddr, permit: Permit) {
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let pulse =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&node, &mut stream, peer)).await {
-            Ok(Ok(pulse)) => pulse,
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, "handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "handshake timed out after {HANDSHAKE_TIMEOUT:?}");
-                return;
-            }
-        };
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&node, &mut stream, peer));
+    let (pulse, owner) = match handshake.await {
+        Ok(Ok(authenticated)) => authenticated,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    drop(permit);
     tracing::info!(%peer, session, "client connected");
     let (read_half, write_half) = tokio::io::split(stream);
     let (outbox, out_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(writer(write_half, out_rx, node.clone()));
     let pulser = tokio::spawn(pulser(node.clone(), outbox.clone(), pulse));
-    let reason = read_loop(&node, session, &outbox, read_half).await;
+    let caller = Caller { session, owner };
+    let reason = read_loop(&node, &caller, &outbox, read_half).await;
     tracing::info!(%peer, session, "client disconnected: {reason}");
     pulser.abort();
     node.detach_session(session);
@@ -57,13 +61,22 @@ pub async fn serve(node: Arc<Node>, mut stream: Box<dyn Stream>, peer: SocketAdd
     let _ = writer.await;
 }
 
+/// Who sent a request: the connection and the owner it authenticated as.
+struct Caller {
+    session: SessionId,
+    owner: Owner,
+}
+
+/// The handshake; on success the pulse interval and the client's owner. Nothing read before
+/// the client's proof is checked may be larger than [`PREAUTH_MAX`], and nothing the node
+/// sends before it is of use to a peer without the secret (the node's proof is over nonces
+/// the node chose fresh, with a label no client proof carries).
 async fn handshake(
     node: &Node,
     stream: &mut Box<dyn Stream>,
     peer: SocketAddr,
-) -> Result<Duration, String> {
-    let max = node.cfg.max_frame;
-    let hello: Hello = read_msg(stream, max, "hello").await?;
+) -> Result<(Duration, Owner), String> {
+    let hello: Hello = read_msg(stream, PREAUTH_MAX, "hello").await?;
     if hello.min_version > PROTOCOL_VERSION || hello.max_version < PROTOCOL_VERSION {
         let reason = format!(
             "no common protocol version: the client speaks {}..={}, this node {PROTOCOL_VERSION}",
@@ -84,7 +97,7 @@ async fn handshake(
         node_nonce: node_nonce.clone(),
     };
     send(stream, &ServerHello::Challenge(challenge)).await?;
-    let auth: Auth = read_msg(stream, max, "auth").await?;
+    let auth: Auth = read_msg(stream, PREAUTH_MAX, "auth").await?;
     if !auth::verify(
         &node.cfg.secret,
         Role::Client,
@@ -101,12 +114,17 @@ async fn handshake(
             hello.client_name
         ));
     }
-    send(stream, &Welcome::Accepted(node.info())).await?;
+    let owner = match &auth.owner {
+        Some(credential) if !credential.is_empty() => Owner::of_credential(credential),
+        _ => Owner::unique(),
+    };
+    send(stream, &Welcome::Accepted(node.info(Some(&owner)))).await?;
     let asked = Duration::from_millis(auth.pulse_interval_ms.unwrap_or(10_000).max(100));
-    Ok(match node.cfg.ping_interval {
+    let pulse = match node.cfg.ping_interval {
         d if d.is_zero() => asked,
         d => d.min(asked),
-    })
+    };
+    Ok((pulse, owner))
 }
 
 async fn read_msg<T: serde::de::DeserializeOwned>(
@@ -116,7 +134,7 @@ async fn read_msg<T: serde::de::DeserializeOwned>(
 ) -> Result<T, String> {
     let frame = read_frame(stream, max)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{what} message before authentication: {e}"))?
         .ok_or_else(|| format!("connection closed before the {what} message"))?;
     decode(what, &frame).map_err(|e| e.to_string())
 }
@@ -172,7 +190,7 @@ fn reply(outbox: &Outbox, id: u64, result: Result<Reply, NodeError>) {
 
 async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     node: &Arc<Node>,
-    session: SessionId,
+    caller: &Caller,
     outbox: &Outbox,
     mut r: R,
 ) -> String {
@@ -193,7 +211,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             Ok(Ok(None)) => return "connection closed".into(),
             Ok(Err(e @ FrameError::TooLarge { .. })) => {
                 node.metrics.bad_requests.inc();
-                tracing::warn!(session, "{e}; closing the connection");
+                tracing::warn!(session = caller.session, "{e}; closing the connection");
                 reply(
                     outbox,
                     0,
@@ -208,7 +226,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             Ok(r) => r,
             Err(e) => {
                 node.metrics.bad_requests.inc();
-                tracing::warn!(session, "{e}");
+                tracing::warn!(session = caller.session, "{e}");
                 reply(
                     outbox,
                     0,
@@ -217,22 +235,44 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 continue;
             }
         };
-        handle(node, session, outbox, &mut partials, req).await;
+        handle(node, caller, outbox, &mut partials, req).await;
+    }
+}
+
+/// The computation a request acts on, when it names one that must already exist.
+fn target(msg: &ClientMsg) -> Option<&str> {
+    match msg {
+        ClientMsg::Pulse | ClientMsg::NodeInfo | ClientMsg::Compute(_) => None,
+        ClientMsg::FileCheck { computation, .. }
+        | ClientMsg::Setup { computation }
+        | ClientMsg::Submit { computation, .. }
+        | ClientMsg::Cancel { computation, .. }
+        | ClientMsg::Ack { computation, .. }
+        | ClientMsg::Attach { computation }
+        | ClientMsg::Close { computation, .. } => Some(computation),
+        ClientMsg::FileChunk(chunk) => Some(&chunk.computation),
     }
 }
 
 async fn handle(
     node: &Arc<Node>,
-    session: SessionId,
+    caller: &Caller,
     outbox: &Outbox,
     partials: &mut HashMap<(ComputationId, String), Partial>,
     req: Request,
 ) {
-    let id = req.id;
+    let (id, session) = (req.id, caller.session);
+    if let Some(Err(e)) = target(&req.body).map(|c| node.check_owner(c, &caller.owner)) {
+        tracing::warn!(session, "request {id} refused: {e}");
+        reply(outbox, id, Err(e));
+        return;
+    }
     let result = match req.body {
         ClientMsg::Pulse => return,
-        ClientMsg::NodeInfo => Ok(Reply::NodeInfo(node.info())),
-        ClientMsg::Compute(c) => node.compute(session, outbox, c).map(|_| Reply::Ok),
+        ClientMsg::NodeInfo => Ok(Reply::NodeInfo(node.info(Some(&caller.owner)))),
+        ClientMsg::Compute(c) => node
+            .compute(session, outbox, caller.owner.clone(), c)
+            .map(|_| Reply::Ok),
         ClientMsg::FileCheck { computation, meta } => node
             .check_file(&computation, &meta)
             .map(|(_, present)| Reply::FileCheck { present }),

@@ -37,6 +37,7 @@ async fn the_right_secret_is_accepted_and_a_wrong_one_rejected() {
     let bad = Auth {
         client_proof: auth::proof("wrong", Role::Client, &cn, &challenge.node_nonce),
         pulse_interval_ms: None,
+        owner: None,
     };
     s.0.write_all(&frame(&encode(&bad))).await.unwrap();
     let welcome: Welcome = decode(
@@ -88,6 +89,7 @@ async fn raw_session(addr: &str) -> TcpStream {
     let a = Auth {
         client_proof: auth::proof("", Role::Client, &cn, &c.node_nonce),
         pulse_interval_ms: None,
+        owner: None,
     };
     s.write_all(&frame(&encode(&a))).await.unwrap();
     let w: Welcome = decode(

@@ -438,6 +438,9 @@ impl Engine {
             name: format!("dispy-operator ({})", std::process::id()),
             pulse_interval: cluster.info.pulse_interval,
             connect_timeout: Duration::from_secs(5),
+            // The same JobCluster gives the same owner, so a restarted operator re-attaches to
+            // the computations its predecessor created, and no other client can.
+            owner: dispy_core::auth::owner_credential(&cluster.info.secret, &cluster.info.id),
             ..Default::default()
         };
         let (tx, node) = (self.tx.clone(), node.clone());

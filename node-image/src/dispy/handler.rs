@@ -4,10 +4,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dispy_core::client::Stream;
-use dispy_core::frame::{frame, read_frame};
+use dispy_core::frame::{frame, read_frame, FrameError};
 use dispy_core::pickle::Value;
 use dispy_core::protocol::{
     Computation, ComputeRequest, JobRequest, ProgramComputation, PythonComputation,
@@ -16,11 +16,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::AUTH_LEN;
 use super::messages::{deserialize, dict, serialize, uid, Compute, Job, Reply, XferFile};
-use super::{Comp, Dispy};
+use super::{Comp, Dispy, MSG_TIMEOUT};
+use crate::limits::{Permit, PREAUTH_MAX};
 use crate::node::{safe_relative, Codec};
 
 /// dispy's file transfer chunk.
 const CHUNK: u64 = 1_024_000;
+/// A transfer whose client sends nothing for this long is abandoned.
+const TRANSFER_IDLE: Duration = Duration::from_secs(60);
 
 struct Conn {
     stream: Box<dyn Stream>,
@@ -40,24 +43,34 @@ impl Conn {
 }
 
 /// Serves one connection whose first 4 bytes (of the auth prefix) were read by the sniffer.
+/// Reading the auth prefix and the request is bounded in time and size ([`MSG_TIMEOUT`], and
+/// [`PREAUTH_MAX`] unless the prefix is this node's token); serving it is not, so a setup,
+/// a cleanup or a transfer takes as long as it takes.
 pub async fn serve(
     dispy: Arc<Dispy>,
     mut stream: Box<dyn Stream>,
     peer: SocketAddr,
     local: IpAddr,
     first: [u8; 4],
+    permit: Permit,
 ) -> Result<(), String> {
-    let mut auth = [0u8; AUTH_LEN];
-    auth[..4].copy_from_slice(&first);
-    stream
-        .read_exact(&mut auth[4..])
+    let request = tokio::time::timeout(MSG_TIMEOUT, read_request(&dispy, &mut stream, first))
         .await
-        .map_err(|e| format!("dispy client: connection closed inside the auth prefix: {e}"))?;
-    let msg = read_frame(&mut stream, dispy.node.cfg.max_frame)
-        .await
-        .map_err(|e| format!("dispy client: {e}"))?
-        .unwrap_or_default();
-    let authorized = auth == dispy.auth.as_bytes();
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "dispy client: no whole request within {MSG_TIMEOUT:?}"
+            ))
+        });
+    let (authorized, msg) = match request {
+        Ok(r) => r,
+        Err(e) => {
+            dispy.node.metrics.bad_requests.inc();
+            tracing::warn!(%peer, "{e}");
+            return Err(e);
+        }
+    };
+    // An authenticated client no longer counts against the pre-auth limits.
+    let _permit = (!authorized).then_some(permit);
     let mut conn = Conn { stream, peer };
     let (command, body) = split(&msg);
     let result = match (command, authorized) {
@@ -75,6 +88,7 @@ pub async fn serve(
             Ok(())
         }
         (_, false) => {
+            dispy.node.metrics.auth_failures.inc();
             conn.reply(
                 b"NAK (authentication failed: the client's secret is not this node's --secret)",
             )
@@ -104,6 +118,33 @@ pub async fn serve(
         tracing::warn!(%peer, "{e}");
     }
     result.map(|_| ())
+}
+
+/// The auth prefix and the request frame; whether the prefix is this node's token.
+async fn read_request(
+    dispy: &Dispy,
+    stream: &mut Box<dyn Stream>,
+    first: [u8; 4],
+) -> Result<(bool, Vec<u8>), String> {
+    let mut auth = [0u8; AUTH_LEN];
+    auth[..4].copy_from_slice(&first);
+    stream
+        .read_exact(&mut auth[4..])
+        .await
+        .map_err(|e| format!("dispy client: connection closed inside the auth prefix: {e}"))?;
+    let authorized = dispy.is_token(&auth);
+    let max = if authorized {
+        dispy.node.cfg.max_frame
+    } else {
+        PREAUTH_MAX
+    };
+    let msg = read_frame(stream, max).await.map_err(|e| match e {
+        FrameError::TooLarge { len, max } if !authorized => format!(
+            "dispy client: a request of {len} bytes without this node's auth (at most {max} bytes are read before a client has proven the secret)"
+        ),
+        e => format!("dispy client: {e}"),
+    })?;
+    Ok((authorized, msg.unwrap_or_default()))
 }
 
 /// `PREFIX:pickle` → (`PREFIX`, pickle); a message without a colon is all command.
@@ -205,7 +246,7 @@ impl Dispy {
             spec: spec(&compute, None, &self.node.cfg.python),
             keep_files: compute.keep_files,
         };
-        if let Err(e) = self.node.compute(session, &outbox, req) {
+        if let Err(e) = self.node.compute(session, &outbox, self.owner.clone(), req) {
             conn.reply(e.message.as_bytes()).await;
             return Err(format!("dispy COMPUTE refused: {}", e.message));
         }
@@ -225,6 +266,7 @@ impl Dispy {
                     node_id,
                     hashes: Default::default(),
                     last_contact: Instant::now(),
+                    set_up: false,
                 },
             );
         }
@@ -236,7 +278,7 @@ impl Dispy {
     /// `FILEXFER:`: the receiver drives — it says how much it has (a pickled int), the sender
     /// sends up to 1,024,000 raw bytes, until all is there. A file already present with the
     /// same size and an mtime within a second is not sent again.
-    async fn file(&self, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
+    async fn file(self: &Arc<Self>, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
         let refuse = |e: String| format!("dispy FILEXFER refused: {e}");
         let xf = match deserialize("FILEXFER", body).and_then(|v| XferFile::from_value(&v)) {
             Ok(xf) => xf,
@@ -263,13 +305,35 @@ impl Dispy {
             conn.reply_value(&Value::Int(xf.size as i64)).await;
             return Ok(());
         }
-        let received = self.receive(conn, &path, &xf).await;
-        match received {
+        let partial = path.with_file_name(format!(
+            ".{}.partial",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let received = self.receive(conn, &partial, &xf).await;
+        match received.and_then(|()| std::fs::rename(&partial, &path).map_err(|e| e.to_string())) {
             Ok(()) => Ok(()),
             Err(e) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&partial);
+                self.abandon_unset(xf.compute_id, "its file transfer broke");
                 Err(format!("dispy FILEXFER of {:?} failed: {e}", xf.name))
             }
+        }
+    }
+
+    /// A computation whose client went away before its setup was done is closed, so the node
+    /// is free for the next client: that client will not come back to it.
+    fn abandon_unset(self: &Arc<Self>, compute_id: i64, why: &str) {
+        let unset = {
+            let st = self.state.lock().unwrap();
+            st.comps.get(&compute_id).is_some_and(|c| !c.set_up)
+        };
+        if unset {
+            tracing::warn!(
+                compute_id,
+                "dispy computation closed before its setup: {why}"
+            );
+            let dispy = self.clone();
+            tokio::spawn(async move { dispy.close(compute_id, true).await });
         }
     }
 
@@ -289,9 +353,9 @@ impl Dispy {
         while received < xf.size {
             conn.reply_value(&Value::Int(received as i64)).await;
             let n = CHUNK.min(xf.size - received) as usize;
-            conn.stream
-                .read_exact(&mut buf[..n])
+            tokio::time::timeout(TRANSFER_IDLE, conn.stream.read_exact(&mut buf[..n]))
                 .await
+                .map_err(|_| format!("after {received} of {} bytes: the client sent nothing for {TRANSFER_IDLE:?}", xf.size))?
                 .map_err(|e| format!("after {received} of {} bytes: {e}", xf.size))?;
             file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
             received += n as u64;
@@ -344,7 +408,18 @@ impl Dispy {
             Err(e) => Err(e),
         };
         match outcome {
+            Ok(()) if client_gone(&mut conn.stream).await => {
+                let dispy = self.clone();
+                tokio::spawn(async move { dispy.close(compute_id, true).await });
+                Err(format!(
+                    "dispy SETUP of computation {compute_id}: the client hung up before its setup finished; computation closed"
+                ))
+            }
             Ok(()) => {
+                if let Some(c) = self.state.lock().unwrap().comps.get_mut(&compute_id) {
+                    c.set_up = true;
+                    c.last_contact = Instant::now();
+                }
                 conn.reply(b"ACK").await;
                 Ok(())
             }
@@ -560,6 +635,13 @@ impl Dispy {
         }
         Ok(())
     }
+}
+
+/// Whether the client has closed its end while its request was served (EOF already there).
+async fn client_gone(stream: &mut Box<dyn Stream>) -> bool {
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_millis(1), stream.read(&mut byte)).await;
+    matches!(read, Ok(Ok(0)) | Ok(Err(_)))
 }
 
 /// dispy's `_same_file`: same size and an mtime within a second.

@@ -10,6 +10,14 @@
 //! Python host speaks pickle, a dispy job a node job keyed by the client's uid. Results come
 //! back as the node's job events and are delivered as `JOB_REPLY`s; one that cannot be
 //! delivered stays buffered for `RETRIEVE_JOB` and `RESEND_JOB_RESULTS`.
+//!
+//! dispy's auth token is `sha1(secret + node sign)`, and the node's sign is public (it is in
+//! every PING and PONG). What must stay true: nothing the node sends a peer that has not
+//! proven the secret is a value that authenticates a request here. A PONG carries
+//! `sha1(secret + the pinger's sign)`, which dispy clients check; so the node never signs a
+//! ping carrying its own sign (that signature would be its token). Pongs go out over TCP to
+//! addresses the ping names, so they are rate-limited per source and per destination, with
+//! few in flight at once.
 
 pub mod auth;
 mod handler;
@@ -28,7 +36,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::node::{Node, SessionId};
+use crate::limits::{RateLimiter, Throttled};
+use crate::node::{Node, Owner, SessionId};
 use messages::{deserialize, dict, serialize, Compute, Reply};
 
 /// dispy's `MsgTimeout`.
@@ -37,6 +46,12 @@ pub const MSG_TIMEOUT: Duration = Duration::from_secs(10);
 const DELIVERIES: usize = 16;
 /// Node-side session ids of dispy computations, apart from native sessions'.
 const SESSION_BASE: SessionId = 1 << 62;
+/// Pongs being delivered at once, and addresses one ping may name.
+const PONGS_IN_FLIGHT: usize = 16;
+const PONG_TARGETS: usize = 4;
+
+static SIGN_REPLAYED: Throttled = Throttled::new(Duration::from_secs(10));
+static PONGS_LIMITED: Throttled = Throttled::new(Duration::from_secs(10));
 
 pub struct Dispy {
     node: Arc<Node>,
@@ -50,7 +65,13 @@ pub struct Dispy {
     /// certificate must be the shared certificate itself).
     tls: Option<tokio_rustls::TlsConnector>,
     state: Mutex<State>,
+    /// The owner of every dispy computation on the node: no native client can act on them.
+    owner: Owner,
     deliveries: Arc<Semaphore>,
+    pongs: Arc<Semaphore>,
+    /// Pongs per ping source and per address a pong goes to.
+    pong_sources: Mutex<RateLimiter>,
+    pong_targets: Mutex<RateLimiter>,
 }
 
 #[derive(Default)]
@@ -72,6 +93,8 @@ struct Comp {
     /// Each queued, running or undelivered job's hash, echoed in its reply.
     hashes: HashMap<JobId, String>,
     last_contact: Instant,
+    /// Its SETUP succeeded (before that, a client that goes away leaves it closed).
+    set_up: bool,
 }
 
 impl Dispy {
@@ -95,7 +118,11 @@ impl Dispy {
                 next_session: SESSION_BASE,
                 ..State::default()
             }),
+            owner: Owner::unique(),
             deliveries: Arc::new(Semaphore::new(DELIVERIES)),
+            pongs: Arc::new(Semaphore::new(PONGS_IN_FLIGHT)),
+            pong_sources: Mutex::new(RateLimiter::new(5, 1.0, 4096)),
+            pong_targets: Mutex::new(RateLimiter::new(5, 1.0, 4096)),
         }))
     }
 
@@ -121,8 +148,23 @@ impl Dispy {
         [&b"PING:"[..], &serialize(&msg)].concat()
     }
 
-    /// A UDP `PING:` from a client looking for nodes.
+    /// Whether `token` is this node's auth token (in constant time).
+    fn is_token(&self, token: &[u8]) -> bool {
+        dispy_core::auth::constant_time_eq(token, self.auth.as_bytes())
+    }
+
+    /// A `PING:` (UDP, or TCP without auth) from a client looking for nodes.
     pub fn udp_ping(self: &Arc<Self>, data: &[u8], peer: SocketAddr, local: IpAddr) {
+        let now = Instant::now();
+        let permit = match self.pongs.clone().try_acquire_owned() {
+            Ok(p) if self.pong_sources.lock().unwrap().allow(peer.ip(), now) => p,
+            _ => {
+                if let Some(suppressed) = PONGS_LIMITED.check(now) {
+                    tracing::warn!(%peer, suppressed, "dispy ping not answered: over the pong rate limit");
+                }
+                return;
+            }
+        };
         let info = match deserialize("PING", data) {
             Ok(info) => info,
             Err(e) => {
@@ -132,7 +174,10 @@ impl Dispy {
             }
         };
         let dispy = self.clone();
-        tokio::spawn(async move { dispy.pong(&info, peer.ip(), local).await });
+        tokio::spawn(async move {
+            dispy.pong(&info, peer.ip(), local).await;
+            drop(permit);
+        });
     }
 
     /// Answers a client's `PING:` with a `PONG:` on a connection to the client, at the first
@@ -167,6 +212,7 @@ impl Dispy {
             targets.push(peer.to_string());
         }
         targets.dedup();
+        targets.truncate(PONG_TARGETS);
         if let Some((ip, p)) = &self.state.lock().unwrap().client {
             if *p != port || !targets.contains(ip) {
                 tracing::info!(%peer, "busy with the dispy client at {ip}:{p}; ignoring a ping");
@@ -180,8 +226,24 @@ impl Dispy {
             .map(str::to_owned)
             .unwrap_or_else(|| self.node_addr(local));
         let sign = info.attr("sign").and_then(Value::as_str).unwrap_or("");
+        if dispy_core::auth::constant_time_eq(sign.as_bytes(), self.sign.as_bytes()) {
+            // Signing it would hand out `sha1(secret + node sign)`: this node's token.
+            self.node.metrics.auth_failures.inc();
+            if let Some(suppressed) = SIGN_REPLAYED.check(Instant::now()) {
+                tracing::warn!(%peer, suppressed, "a dispy ping carrying this node's own sign (an attempt to obtain its auth token); not answered");
+            }
+            return;
+        }
         let cpus = self.node.cfg.cpus as i64;
         for target in targets {
+            let allowed = match target.parse::<IpAddr>() {
+                Ok(ip) => self.pong_targets.lock().unwrap().allow(ip, Instant::now()),
+                Err(_) => false,
+            };
+            if !allowed {
+                tracing::debug!(client = %target, "no pong to {target}: not an address, or over its rate limit");
+                continue;
+            }
             let msg = if sign.is_empty() {
                 // A relay's ping (no sign): dispy's node answers with its own ping.
                 [&b"PING:"[..], &self.announcement(local)[5..]].concat()
@@ -375,12 +437,31 @@ impl Dispy {
 
     /// Sends `PULSE:` to each client that asked for pulses (`pulse_interval`), so it can tell
     /// a live node with long jobs from a dead one; closes computations whose client has been
-    /// unreachable for the zombie interval.
+    /// unreachable for the zombie interval, and idle ones (no job queued, running or
+    /// undelivered) whose client has said nothing for that long.
     pub async fn pulses(self: Arc<Self>) {
         let tick = Duration::from_millis(500);
         let mut last_pulse: HashMap<i64, Instant> = HashMap::new();
         loop {
             tokio::time::sleep(tick).await;
+            let idle: Vec<i64> = {
+                let mut st = self.state.lock().unwrap();
+                let zombie = self.node.cfg.zombie_interval;
+                st.comps
+                    .iter_mut()
+                    .filter(|(_, c)| c.hashes.is_empty() && c.last_contact.elapsed() >= zombie)
+                    .map(|(&id, c)| {
+                        // Once: the close takes a while (cleanup runs).
+                        c.last_contact = Instant::now();
+                        id
+                    })
+                    .collect()
+            };
+            for id in idle {
+                tracing::warn!(compute_id = id, "idle dispy computation without word from its client for the zombie interval; closing it");
+                let dispy = self.clone();
+                tokio::spawn(async move { dispy.close(id, true).await });
+            }
             let (busy, _, _) = self.node.load();
             let due: Vec<(i64, String, u16, String, bool)> = {
                 let st = self.state.lock().unwrap();

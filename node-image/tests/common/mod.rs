@@ -115,6 +115,8 @@ pub fn config(secret: &str) -> ClientConfig {
         secret: secret.into(),
         name: "test".into(),
         pulse_interval: Duration::from_secs(2),
+        // One owner for the tests' connections, as a client that reconnects keeps its own.
+        owner: "test-owner".into(),
         ..Default::default()
     }
 }
