@@ -537,6 +537,9 @@ impl Node {
             dir,
             workers: self.cfg.cpus,
             max_output: self.cfg.max_output,
+            // Room for the result (checked exactly against --max-frame later) and for stdout
+            // and stderr as JSON, whose escapes can take six bytes for one.
+            max_reply: self.cfg.max_frame.saturating_mul(2) + 12 * self.cfg.max_output + (64 << 10),
             codec: codec.name(),
             env,
         };

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
@@ -89,6 +89,8 @@ pub struct HostSettings<'a> {
     pub dir: &'a Path,
     pub workers: u32,
     pub max_output: usize,
+    /// The largest job reply the node reads from the host; a larger one is refused unread.
+    pub max_reply: usize,
     /// The host's codec for calls and results (`CODECS` in the script).
     pub codec: &'static str,
     pub env: serde_json::Value,
@@ -294,6 +296,11 @@ impl PyHost {
         let reuse = py.reuse_workers;
         tokio::spawn(read_replies(
             computation.to_string(),
+            // As the host names it: from its working directory, which has no symlinks.
+            std::fs::canonicalize(settings.dir)
+                .unwrap_or_else(|_| settings.dir.to_path_buf())
+                .join(".dispy-replies"),
+            settings.max_reply,
             stdout,
             runs.clone(),
             init_tx,
@@ -409,8 +416,47 @@ impl PyHost {
     }
 }
 
+/// A reply over `max_reply` is dropped without being held in memory, and its job is Terminated
+/// with the size; a spilled reply is read only from the host's spill directory.
+#[allow(clippy::too_many_arguments)]
+const TOO_LARGE: &str = "the job's reply is";
+
+fn too_large(len: usize, max: usize) -> JobResult {
+    too_large_result(format!("{TOO_LARGE} {len} bytes, over the {max} bytes the node reads of one reply (--max-frame and --max-output set it): return less, or write large data to a file"))
+}
+
+fn too_large_result(reason: String) -> JobResult {
+    JobResult::failed(JobStatus::Terminated, reason)
+}
+
+/// A reply the host wrote to a file (too large for one pipe write): read from the spill
+/// directory only, and only up to `max`; the file is removed either way.
+async fn read_spilled(dir: &Path, name: &[u8], max: usize) -> Result<Vec<u8>, String> {
+    let path = PathBuf::from(String::from_utf8_lossy(name).into_owned());
+    if path.parent() != Some(dir) {
+        return Err(format!(
+            "a spilled reply outside the host's spill directory: {}",
+            path.display()
+        ));
+    }
+    let size = tokio::fs::metadata(&path)
+        .await
+        .map_err(|e| e.to_string())?
+        .len() as usize;
+    let data = if size > max {
+        let e = too_large(size, max);
+        Err(e.exception.unwrap_or_default())
+    } else {
+        tokio::fs::read(&path).await.map_err(|e| e.to_string())
+    };
+    let _ = tokio::fs::remove_file(&path).await;
+    data
+}
+
 async fn read_replies(
     computation: String,
+    spill_dir: PathBuf,
+    max_reply: usize,
     stdout: ChildStdout,
     runs: Arc<Mutex<Runs>>,
     init_tx: oneshot::Sender<Control>,
@@ -426,6 +472,25 @@ async fn read_replies(
             break "the Python host exited".to_string();
         }
         let len = u32::from_be_bytes(header) as usize;
+        if len > max_reply {
+            let mut head = [0u8; 9];
+            let skipped = async {
+                r.read_exact(&mut head).await?;
+                let rest = (len - head.len()) as u64;
+                tokio::io::copy(&mut (&mut r).take(rest), &mut tokio::io::sink()).await
+            };
+            if skipped.await.is_err() {
+                break "the Python host sent a truncated frame".to_string();
+            }
+            if matches!(head[0], b'R' | b'F') {
+                let run = u64::from_be_bytes(head[1..9].try_into().unwrap());
+                let _ = outcomes.send(Outcome::Job {
+                    run,
+                    result: too_large(len, max_reply),
+                });
+            }
+            continue;
+        }
         let mut body = vec![0u8; len];
         if len == 0 || r.read_exact(&mut body).await.is_err() {
             break "the Python host sent a truncated frame".to_string();
@@ -453,16 +518,13 @@ async fn read_replies(
                 let json = if kind == b'R' {
                     Ok(body[8..].to_vec())
                 } else {
-                    let path = String::from_utf8_lossy(&body[8..]).to_string();
-                    let data = tokio::fs::read(&path).await;
-                    let _ = tokio::fs::remove_file(&path).await;
-                    data
+                    read_spilled(&spill_dir, &body[8..], max_reply).await
                 };
                 let result = match json
-                    .map_err(|e| e.to_string())
                     .and_then(|j| serde_json::from_slice::<Reply>(&j).map_err(|e| e.to_string()))
                 {
                     Ok(reply) => reply.into_result(),
+                    Err(e) if e.starts_with(TOO_LARGE) => too_large_result(e),
                     Err(e) => JobResult::failed(
                         JobStatus::Terminated,
                         format!("unreadable job reply from the Python host: {e}"),

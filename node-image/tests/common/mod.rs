@@ -35,6 +35,16 @@ impl NodeProc {
     }
 
     pub async fn start_with(extra: &[&str], secret: Option<&str>) -> NodeProc {
+        Self::start_within(extra, secret, None).await
+    }
+
+    /// With `max_address_space` (bytes) as the node's RLIMIT_AS: a test that could make the
+    /// node balloon fails instead of taking the machine's memory.
+    pub async fn start_within(
+        extra: &[&str],
+        secret: Option<&str>,
+        max_address_space: Option<u64>,
+    ) -> NodeProc {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispynode"));
@@ -50,6 +60,22 @@ impl NodeProc {
             ));
         if let Some(s) = secret {
             cmd.args(["--secret", s]);
+        }
+        if let Some(limit) = max_address_space {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().expect("start dispynode");
         let node = NodeProc {
@@ -80,6 +106,24 @@ impl NodeProc {
 
     pub fn prefix(&self) -> PathBuf {
         self.dir.path().to_path_buf()
+    }
+
+    /// The node's resident memory, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// File descriptors the node has open (sockets included).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn signal(&self, sig: i32) {
