@@ -266,6 +266,11 @@ pub struct NodesSpec {
     /// Also find bare-metal nodes by UDP broadcast.
     #[serde(default)]
     pub discover: bool,
+    /// Node pods also serve dispy 4.15's own protocol, for unmodified Python dispy clients.
+    /// Default: only when the JobCluster has no computation (a node pool for such clients);
+    /// otherwise the nodes serve only the operator (`dispynode --no-dispy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispy_protocol: Option<bool>,
 }
 
 /// One job: a call of the cluster's computation.

@@ -139,6 +139,15 @@ pub fn headless_service(jc: &JobClusterResource) -> Result<Service, BuildError> 
 }
 
 /// Node pod number `index` of the cluster.
+/// Whether node pods serve dispy's own protocol: it is for Python dispy clients, which a
+/// JobCluster without a computation is for; the operator itself speaks only the native one.
+pub fn serves_dispy_protocol(jc: &JobClusterResource) -> bool {
+    jc.spec
+        .nodes
+        .dispy_protocol
+        .unwrap_or(jc.spec.computation.is_none())
+}
+
 pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod, BuildError> {
     let name = jc.metadata.name.clone().unwrap_or_default();
     let port = node_port(jc);
@@ -207,6 +216,12 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
             "volumes": [{"name": "work", "emptyDir": {}}],
         },
     });
+    if !serves_dispy_protocol(jc) {
+        pod["spec"]["containers"][0]["args"]
+            .as_array_mut()
+            .expect("args")
+            .push(json!("--no-dispy"));
+    }
     if let Some(tls) = &jc.spec.tls {
         // The node serves TLS with the Secret's certificate and key (kubernetes.io/tls keys).
         let container = &mut pod["spec"]["containers"][0];
@@ -265,6 +280,22 @@ mod tests {
     }
 
     const WORDCOUNT: &str = "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: wordcount, namespace: team}\nspec:\n  computation:\n    python: {source: 'def f(w): return w', function: f}\n  nodes: {replicas: 2, cpus: 2}\n";
+
+    #[test]
+    fn node_pods_serve_the_dispy_protocol_only_for_node_pools_or_when_asked() {
+        let args = |yaml: &str| {
+            let pod = node_pod(&cluster(yaml), 0, "dispy/node:0.1.0").unwrap();
+            pod.spec.unwrap().containers[0].args.clone().unwrap()
+        };
+        let no_dispy = "--no-dispy".to_string();
+        assert!(args(WORDCOUNT).contains(&no_dispy));
+        let pool = "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: pool, namespace: team}\nspec:\n  nodes: {replicas: 2}\n";
+        assert!(!args(pool).contains(&no_dispy));
+        let asked = WORDCOUNT.replace("cpus: 2}", "cpus: 2, dispyProtocol: true}");
+        assert!(!args(&asked).contains(&no_dispy));
+        let closed_pool = pool.replace("replicas: 2}", "replicas: 2, dispyProtocol: false}");
+        assert!(args(&closed_pool).contains(&no_dispy));
+    }
 
     #[test]
     fn node_pods_use_host_network_a_host_port_and_the_secret() {

@@ -84,6 +84,8 @@ fn start_local_nodes(count: usize, cpus: u32, secret: &str) -> Result<Vec<LocalN
             let dir = base.join(format!("node-{i}"));
             let child = Command::new(&bin)
                 .args(["-i", "127.0.0.1", "--port", &port.to_string(), "--daemon"])
+                // Only this run uses the node, through the native protocol.
+                .arg("--no-dispy")
                 .args(["--name", &format!("local-{i}"), "--cpus", &cpus.to_string()])
                 .arg("--dest-path-prefix")
                 .arg(&dir)
