@@ -72,7 +72,7 @@ class Nodes:
         self.tmp_path = tmp_path
         self.procs = []
 
-    def start(self, host="127.0.0.1", *extra, cpus=2, lan=None):
+    def start(self, host="127.0.0.1", *extra, cpus=2, lan=None, env=None):
         n = len(self.procs)
         cmd = [NODE, "--daemon", "--cpus", str(cpus), "--dest-path-prefix", str(self.tmp_path / ("node%d" % n))]
         if host:
@@ -82,7 +82,8 @@ class Nodes:
             cmd = ["ip", "netns", "exec", lan] + cmd
             host = NODE_LAN_IP
         log = open(self.tmp_path / ("node%d.log" % n), "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc_env = dict(os.environ, **(env or {}))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
         proc.log_path = self.tmp_path / ("node%d.log" % n)
         self.procs.append(proc)
         wait_port(host, 9701, proc)
