@@ -1,6 +1,7 @@
-//! dispy 4.15's messages as data: the records a client sends (`dispy._Compute`,
-//! `dispy._XferFile`, `dispy._DispyJob_`) read from pickles, and the dicts and `_JobReply`
-//! records the node sends back. Pure: bytes in, values out.
+//! dispy 4.15's messages as data: a request's `PREFIX:` + pickle, the records a client sends
+//! (`dispy._Compute`, `dispy._XferFile`, `dispy._DispyJob_`) read from pickles within a
+//! budget, and the dicts and `_JobReply` records the node sends back. Pure: bytes in, values
+//! out; whatever the bytes, an error and never a panic.
 
 use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::pickle::{self, Value};
@@ -10,9 +11,22 @@ pub fn serialize(value: &Value) -> Vec<u8> {
     pickle::encode(value).expect("node-built values are always picklable")
 }
 
-/// `PREFIX:` + pickle → the decoded value, with an error naming the message.
-pub fn deserialize(what: &str, bytes: &[u8]) -> Result<Value, String> {
-    pickle::decode(bytes).map_err(|e| format!("unreadable {what} message: {e}"))
+/// `PREFIX:pickle` → (`PREFIX`, pickle); a message without a colon is all command.
+pub fn split(msg: &[u8]) -> (&str, &[u8]) {
+    let at = msg
+        .iter()
+        .take(32)
+        .position(|&b| b == b':')
+        .unwrap_or(msg.len());
+    let command = std::str::from_utf8(&msg[..at]).unwrap_or("?");
+    (command, msg.get(at + 1..).unwrap_or_default())
+}
+
+/// The pickle of a message → the decoded value, with an error naming the message. `budget`
+/// bounds the bytes decoding may materialize ([`pickle::Limits::budget`]): the peer chooses
+/// how much a few bytes of pickle expand to, so the node chooses the most it will hold.
+pub fn deserialize(what: &str, bytes: &[u8], budget: usize) -> Result<Value, String> {
+    pickle::decode_within(bytes, budget).map_err(|e| format!("unreadable {what} message: {e}"))
 }
 
 fn field<'a>(v: &'a Value, what: &str, name: &str) -> Result<&'a Value, String> {
@@ -291,9 +305,10 @@ impl Job {
         ]))
     }
 
-    /// A program job's arguments: the client has made each one a str.
-    pub fn program_args(&self) -> Result<Vec<String>, String> {
-        let args = deserialize("job arguments", &self.args)?;
+    /// A program job's arguments: the client has made each one a str. `budget` as for
+    /// [`deserialize`].
+    pub fn program_args(&self, budget: usize) -> Result<Vec<String>, String> {
+        let args = deserialize("job arguments", &self.args, budget)?;
         let items = args.as_seq().ok_or_else(|| {
             format!(
                 "a program job's arguments are a {}, not a tuple",
@@ -452,11 +467,8 @@ mod tests {
         assert_eq!(xf.relative_path(), "b.py");
     }
 
-    #[test]
-    fn compute_needs_dispy_class_and_fields() {
-        let err = Compute::from_value(&dict([("type", Value::Int(1))])).unwrap_err();
-        assert!(err.contains("not a dispy._Compute"), "{err}");
-        let c = Value::instance(
+    fn compute() -> Value {
+        Value::instance(
             "dispy",
             "_Compute",
             [
@@ -474,7 +486,39 @@ mod tests {
                 ("job_result_port", Value::Int(9700)),
                 ("pulse_interval", Value::None),
             ],
-        );
+        )
+    }
+
+    fn job() -> Value {
+        let args = Value::Tuple(vec!["-n".into(), Value::Int(3), Value::Float(0.5)]);
+        Value::instance(
+            "dispy",
+            "_DispyJob_",
+            [
+                ("uid", Value::Int(140_000_000_000_000)),
+                ("hash", "9f3a1c".into()),
+                ("compute_id", Value::Int(1700000000000)),
+                ("_args", Value::bytes(serialize(&args))),
+                ("_kwargs", Value::bytes(serialize(&Value::Dict(vec![])))),
+                ("xfer_files", Value::List(vec![xfer("/a/in.txt", "data")])),
+                ("code", "".into()),
+            ],
+        )
+    }
+
+    #[test]
+    fn commands_split_at_the_first_colon() {
+        assert_eq!(split(b"JOB:\x80\x05:"), ("JOB", &b"\x80\x05:"[..]));
+        assert_eq!(split(b"NODE_STATUS:"), ("NODE_STATUS", &b""[..]));
+        assert_eq!(split(b"PULSE"), ("PULSE", &b""[..]));
+        assert_eq!(split(b""), ("", &b""[..]));
+    }
+
+    #[test]
+    fn compute_needs_dispy_class_and_fields() {
+        let err = Compute::from_value(&dict([("type", Value::Int(1))])).unwrap_err();
+        assert!(err.contains("not a dispy._Compute"), "{err}");
+        let c = compute();
         let compute = Compute::from_value(&c).unwrap();
         assert!(!compute.program && !compute.keep_files);
         assert_eq!(compute.xfer_files.len(), 1);
@@ -516,6 +560,38 @@ mod tests {
         assert_eq!(v.attr("end_time").unwrap().as_float(), Some(1.5));
         let inner = pickle::decode(v.attr("result").unwrap().as_bytes().unwrap()).unwrap();
         assert!(inner.is_none());
+    }
+
+    #[test]
+    fn job_reads_its_pickled_arguments_within_the_budget() {
+        let j = Job::from_value(&job()).unwrap();
+        assert_eq!(j.program_args(1 << 10).unwrap(), ["-n", "3", "0.5"]);
+        let err = j.program_args(100).unwrap_err();
+        assert!(
+            err.starts_with("unreadable job arguments message: pickle too large"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_memo_bomb_in_a_job_is_refused_as_too_large() {
+        // A 64 KiB str memoized once and fetched 20,000 times: 1.3 GB once expanded.
+        let mut bomb = vec![0x80, 4, b']', b'(', b'X'];
+        bomb.extend((64u32 << 10).to_le_bytes());
+        bomb.resize(bomb.len() + (64 << 10), b'a');
+        bomb.push(0x94);
+        for _ in 1..20_000 {
+            bomb.extend([b'h', 0]);
+        }
+        bomb.extend([b'e', b'.']);
+        let msg = [&b"JOB:"[..], &bomb].concat();
+        let (command, body) = split(&msg);
+        let err = deserialize(command, body, 16 << 20).unwrap_err();
+        assert_eq!(
+            err,
+            "unreadable JOB message: pickle too large: it would materialize more than \
+             16777216 bytes (the decode budget)"
+        );
     }
 
     #[test]

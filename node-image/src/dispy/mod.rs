@@ -123,7 +123,7 @@ impl Dispy {
 
     /// A UDP `PING:` from a client looking for nodes.
     pub fn udp_ping(self: &Arc<Self>, data: &[u8], peer: SocketAddr, local: IpAddr) {
-        let info = match deserialize("PING", data) {
+        let info = match deserialize("PING", data, self.node.cfg.max_frame) {
             Ok(info) => info,
             Err(e) => {
                 self.node.metrics.bad_requests.inc();
