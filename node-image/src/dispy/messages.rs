@@ -1,7 +1,8 @@
 //! dispy 4.15's messages as data: a request's `PREFIX:` + pickle, the records a client sends
 //! (`dispy._Compute`, `dispy._XferFile`, `dispy._DispyJob_`) read from pickles within a
 //! budget, and the dicts and `_JobReply` records the node sends back. Pure: bytes in, values
-//! out; whatever the bytes, an error and never a panic.
+//! out; whatever the bytes, an error and never a panic (the proptests below are the fuzz
+//! target).
 
 use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::pickle::{self, Value};
@@ -600,5 +601,182 @@ mod tests {
         assert_eq!(from_hex("8"), None);
         assert_eq!(uid(&uid_value(u64::MAX)), Some(u64::MAX));
         assert_eq!(uid(&Value::Int(-1)), None);
+    }
+
+    /// The parser as a fuzz target: every step a request goes through before a handler acts
+    /// on it, under a budget that real records fit and one that they exceed.
+    mod props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        const BUDGETS: [usize; 2] = [1 << 10, 64 << 10];
+        const PREFIXES: [&str; 8] = [
+            "COMPUTE",
+            "JOB",
+            "FILEXFER",
+            "SETUP",
+            "TERMINATE_JOB",
+            "CLOSE",
+            "PING",
+            "RETRIEVE_JOB",
+        ];
+
+        /// Splits, decodes and reads `msg` as every record; whatever decodes fits the budget.
+        fn parse(msg: &[u8]) -> Result<(), TestCaseError> {
+            let (command, body) = split(msg);
+            for budget in BUDGETS {
+                let Ok(v) = deserialize(command, body, budget) else {
+                    continue;
+                };
+                let size = v.materialized_size();
+                prop_assert!(
+                    size <= budget,
+                    "read {size} bytes over a budget of {budget}"
+                );
+                if let Ok(c) = Compute::from_value(&v) {
+                    let _ = c.reply_addr();
+                    c.xfer_files.iter().for_each(|xf| drop(xf.relative_path()));
+                }
+                if let Ok(xf) = XferFile::from_value(&v) {
+                    let _ = xf.relative_path();
+                }
+                if let Ok(job) = Job::from_value(&v) {
+                    let _ = job.program_args(budget);
+                    let _ = job.host_call();
+                }
+                let _ = v.attr("compute_id").map(uid);
+            }
+            Ok(())
+        }
+
+        /// A valid request of each kind, as a client would send it.
+        fn valid_record() -> impl Strategy<Value = (&'static str, Value)> {
+            prop_oneof![
+                Just(("COMPUTE", compute())),
+                Just(("JOB", job())),
+                Just(("FILEXFER", xfer("/home/u/data/a.txt", "data"))),
+                Just((
+                    "CLOSE",
+                    dict([("compute_id", Value::Int(7)), ("auth", "ab".into())])
+                )),
+            ]
+        }
+
+        fn valid_message() -> impl Strategy<Value = Vec<u8>> {
+            valid_record()
+                .prop_map(|(prefix, v)| [prefix.as_bytes(), b":", &serialize(&v)].concat())
+        }
+
+        /// What a confused or hostile client might put where a field belongs.
+        fn stray_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::None),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::Int),
+                Just(Value::Int(i64::MIN)),
+                Just(Value::int_from_le_bytes(&[0xff; 12])),
+                Just(Value::int_from_le_bytes(&[1, 0, 0, 0, 0, 0, 0, 0, 0x7f])),
+                any::<f64>().prop_map(Value::Float),
+                "[./a-z]{0,8}".prop_map(Value::Str),
+                "\\PC{0,8}".prop_map(Value::Str),
+                vec(any::<u8>(), 0..16).prop_map(Value::Bytes),
+                Just(stat(-1)),
+                Just(Value::instance(
+                    "dispy",
+                    "_XferFile",
+                    [("name", Value::None)]
+                )),
+            ];
+            leaf.prop_recursive(2, 12, 4, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..4).prop_map(Value::List),
+                    vec(inner, 0..4).prop_map(Value::Tuple),
+                ]
+            })
+        }
+
+        /// Replaces the `n`th value of `v` in pre-order (dict keys excepted, so that it stays
+        /// picklable) with `with`; false when `v` has fewer values.
+        fn replace_nth(v: &mut Value, n: &mut usize, with: &Value) -> bool {
+            if *n == 0 {
+                *v = with.clone();
+                return true;
+            }
+            *n -= 1;
+            match v {
+                Value::Tuple(items) | Value::List(items) => {
+                    items.iter_mut().any(|i| replace_nth(i, n, with))
+                }
+                Value::Dict(pairs) => pairs.iter_mut().any(|(_, i)| replace_nth(i, n, with)),
+                Value::Object(o) => {
+                    o.args.iter_mut().any(|i| replace_nth(i, n, with))
+                        || o.state.iter_mut().any(|i| replace_nth(i, n, with))
+                }
+                _ => false,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(msg in vec(any::<u8>(), 0..512)) {
+                parse(&msg)?;
+            }
+
+            #[test]
+            fn arbitrary_pickles_after_a_prefix_never_panic(
+                prefix in proptest::sample::select(&PREFIXES[..]),
+                proto in 0u8..7,
+                body in vec(any::<u8>(), 0..512),
+            ) {
+                let msg = [prefix.as_bytes(), b":", &[0x80, proto], &body].concat();
+                parse(&msg)?;
+            }
+
+            #[test]
+            fn damaged_messages_never_panic(
+                mut msg in valid_message(),
+                edits in vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..10), 1..5),
+            ) {
+                for (at, byte, how) in edits {
+                    let i = at.index(msg.len());
+                    match how {
+                        0..=6 => msg[i] = byte,
+                        7 | 8 => msg.insert(i, byte),
+                        _ => msg.truncate(i),
+                    }
+                    if msg.is_empty() {
+                        break;
+                    }
+                }
+                parse(&msg)?;
+            }
+
+            #[test]
+            fn records_with_a_stray_field_never_panic(
+                (prefix, mut record) in valid_record(),
+                at in 0usize..64,
+                with in stray_value(),
+            ) {
+                let mut n = at;
+                replace_nth(&mut record, &mut n, &with);
+                let msg = [prefix.as_bytes(), b":", &serialize(&record)].concat();
+                parse(&msg)?;
+            }
+        }
+
+        #[test]
+        fn valid_messages_read_back() {
+            let (command, body) = split(b"JOB:");
+            assert_eq!((command, body), ("JOB", &b""[..]));
+            for (prefix, v) in [("COMPUTE", compute()), ("JOB", job())] {
+                let msg = [prefix.as_bytes(), b":", &serialize(&v)].concat();
+                let (command, body) = split(&msg);
+                assert_eq!(command, prefix);
+                assert_eq!(deserialize(command, body, 64 << 10).unwrap(), v);
+            }
+        }
     }
 }
