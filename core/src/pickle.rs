@@ -504,7 +504,12 @@ fn trim_twos_complement(b: &mut Vec<u8>) {
     }
 }
 
-/// A decimal literal (protocol-0 `INT`/`LONG`) of any size.
+/// Most digits in a protocol-0 `INT`/`LONG` literal: CPython's own
+/// `sys.int_info.default_max_str_digits` (3.11+), past which `pickle.loads` raises too.
+/// Conversion is quadratic in the digits, so this is also what keeps one literal cheap.
+const MAX_DECIMAL_DIGITS: usize = 4300;
+
+/// A decimal literal (protocol-0 `INT`/`LONG`) of up to [`MAX_DECIMAL_DIGITS`] digits.
 fn parse_decimal_int(text: &str) -> Option<Value> {
     if let Ok(n) = text.parse::<i64>() {
         return Some(Value::Int(n));
@@ -514,22 +519,27 @@ fn parse_decimal_int(text: &str) -> Option<Value> {
         [b'+', rest @ ..] => (false, rest),
         rest => (false, rest),
     };
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty()
+        || digits.len() > MAX_DECIMAL_DIGITS
+        || !digits.iter().all(u8::is_ascii_digit)
+    {
         return None;
     }
-    let mut mag: Vec<u8> = Vec::new();
-    for d in digits {
-        let mut carry = u32::from(d - b'0');
-        for byte in mag.iter_mut() {
-            let x = u32::from(*byte) * 10 + carry;
-            *byte = x as u8;
-            carry = x >> 8;
+    // The magnitude in little-endian 64-bit limbs, taking 19 digits (< 2^64) at a time.
+    let mut limbs: Vec<u64> = Vec::new();
+    for chunk in digits.chunks(19) {
+        let scale = 10u128.pow(chunk.len() as u32);
+        let mut carry = chunk.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        for limb in limbs.iter_mut() {
+            let x = u128::from(*limb) * scale + u128::from(carry);
+            *limb = x as u64;
+            carry = (x >> 64) as u64;
         }
-        while carry > 0 {
-            mag.push(carry as u8);
-            carry >>= 8;
+        if carry > 0 {
+            limbs.push(carry);
         }
     }
+    let mut mag: Vec<u8> = limbs.iter().flat_map(|l| l.to_le_bytes()).collect();
     mag.push(0);
     if neg {
         let mut carry = 1u16;
@@ -796,6 +806,20 @@ impl<'a> Machine<'a> {
         };
         self.pos += n + 1;
         Ok(&rest[..n])
+    }
+
+    fn int_literal(&self, text: &str) -> Result<Value, DecodeError> {
+        parse_decimal_int(text).ok_or_else(|| {
+            let digits = text.trim_start_matches(['-', '+']).len();
+            if digits > MAX_DECIMAL_DIGITS {
+                self.invalid(format!(
+                    "int literal of {digits} digits; Python itself reads at most \
+                     {MAX_DECIMAL_DIGITS}"
+                ))
+            } else {
+                self.invalid("bad int literal")
+            }
+        })
     }
 
     fn line(&mut self) -> Result<&'a str, DecodeError> {
@@ -1171,14 +1195,14 @@ impl<'a> Machine<'a> {
                     let v = match self.line()? {
                         "00" => Value::Bool(false),
                         "01" => Value::Bool(true),
-                        t => parse_decimal_int(t).ok_or_else(|| self.invalid("bad int literal"))?,
+                        t => self.int_literal(t)?,
                     };
                     self.push_leaf(v)?;
                 }
                 op::LONG => {
                     let t = self.line()?;
                     let t = t.strip_suffix('L').unwrap_or(t);
-                    let v = parse_decimal_int(t).ok_or_else(|| self.invalid("bad int literal"))?;
+                    let v = self.int_literal(t)?;
                     self.push_leaf(v)?;
                 }
                 op::BININT => {
@@ -2145,6 +2169,56 @@ mod tests {
         assert_eq!(
             decode(&encode(&v).unwrap()).unwrap().materialized_size(),
             size
+        );
+    }
+
+    #[test]
+    fn decimal_literals_are_exact_up_to_pythons_digit_limit() {
+        for n in [
+            i128::MAX,
+            i128::MIN,
+            10i128.pow(19),
+            10i128.pow(19) - 1,
+            -(10i128.pow(38)),
+            u64::MAX as i128 + 1,
+            i64::MIN as i128 - 1,
+        ] {
+            assert_eq!(
+                parse_decimal_int(&n.to_string()),
+                Some(Value::int_from_le_bytes(&n.to_le_bytes())),
+                "{n}"
+            );
+        }
+        // 2**14000 (4215 digits), written out by doubling a decimal digit string.
+        let mut digits = vec![1u8];
+        for _ in 0..14000 {
+            let mut carry = 0;
+            for d in digits.iter_mut() {
+                let x = *d * 2 + carry;
+                *d = x % 10;
+                carry = x / 10;
+            }
+            if carry > 0 {
+                digits.push(carry);
+            }
+        }
+        let text: String = digits.iter().rev().map(|d| char::from(b'0' + d)).collect();
+        let mut power = vec![0u8; 1750];
+        power.push(1);
+        assert_eq!(parse_decimal_int(&text), Some(Value::BigInt(power.clone())));
+        *power.last_mut().unwrap() = 0xff;
+        assert_eq!(
+            parse_decimal_int(&format!("-{text}")),
+            Some(Value::BigInt(power))
+        );
+        let longest = format!("L{}L\n.", "9".repeat(MAX_DECIMAL_DIGITS));
+        assert!(matches!(decode(longest.as_bytes()), Ok(Value::BigInt(_))));
+        let err = decode(format!("L{}L\n.", "9".repeat(MAX_DECIMAL_DIGITS + 1)).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "LONG at offset 0: int literal of 4301 digits; Python itself reads at most 4300"
         );
     }
 
