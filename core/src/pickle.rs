@@ -14,8 +14,15 @@
 //!
 //! Shared references are resolved while reading, so a value referenced twice appears twice in
 //! the tree (identity is lost, equality is kept); a structure that contains itself is refused.
+//! Because each reference becomes a copy, a small pickle can stand for a huge tree: the
+//! decoder prices the tree ([`Value::materialized_size`]) before building it, and counts what
+//! it holds while reading, against one [`Limits::budget`].
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::mem::size_of;
+
+use crate::protocol::DEFAULT_MAX_FRAME;
 
 /// A Python object as data. Nothing here refers to live Python objects.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,10 +95,17 @@ pub struct Limits {
     /// Most values built, counting every copy a shared reference expands into. Guards against
     /// small pickles that reference one list from itself a billion times over.
     pub max_values: usize,
+    /// Most bytes decoding may materialize beyond the input itself: the tree it returns
+    /// ([`Value::materialized_size`], which counts a string once per reference to it) plus
+    /// what the reader holds on the way there (one node per value read, each reference it
+    /// fetches or copies). Guards against one large string memoized once and fetched a
+    /// million times, and bounds a decode's memory to the input and a small multiple of this.
+    pub budget: usize,
 }
 
 impl Default for Limits {
-    /// Generous for dispy messages, whose bulk (code, arguments, results) is strings and bytes.
+    /// Generous for dispy messages, whose bulk (code, arguments, results) is strings and bytes;
+    /// the budget is what one default-sized frame may carry.
     fn default() -> Self {
         Limits {
             max_input: 256 << 20,
@@ -99,6 +113,18 @@ impl Default for Limits {
             max_memo: 1 << 20,
             max_container_len: 1 << 20,
             max_values: 4 << 20,
+            budget: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl Limits {
+    /// The default limits with another budget, e.g. a few KiB for a peer not yet
+    /// authenticated, or the node's `--max-frame` after.
+    pub fn with_budget(budget: usize) -> Limits {
+        Limits {
+            budget,
+            ..Limits::default()
         }
     }
 }
@@ -152,6 +178,8 @@ pub enum DecodeError {
     TooDeep { limit: usize },
     #[error("pickle expands to more than {limit} values")]
     TooManyValues { limit: usize },
+    #[error("pickle too large: it would materialize more than {budget} bytes (the decode budget)")]
+    OverBudget { budget: usize },
     #[error("pickle contains a structure that refers to itself, which cannot be represented")]
     Recursive,
     #[error("{opcode} at offset {offset}: {what}")]
@@ -177,6 +205,11 @@ pub fn decode(data: &[u8]) -> Result<Value, DecodeError> {
     decode_with_limits(data, &Limits::default())
 }
 
+/// Reads one pickle with the default limits but `budget` ([`Limits::budget`]).
+pub fn decode_within(data: &[u8], budget: usize) -> Result<Value, DecodeError> {
+    decode_with_limits(data, &Limits::with_budget(budget))
+}
+
 /// Reads one pickle within `limits`.
 pub fn decode_with_limits(data: &[u8], limits: &Limits) -> Result<Value, DecodeError> {
     if data.len() > limits.max_input {
@@ -196,11 +229,13 @@ pub fn decode_with_limits(data: &[u8], limits: &Limits) -> Result<Value, DecodeE
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        spent: Cell::new(0),
     };
     let root = m.run()?;
+    let mut costs = vec![None; m.nodes.len()];
     let mut on_path = vec![false; m.nodes.len()];
-    let mut count = 0;
-    m.materialize(root, 0, &mut count, &mut on_path)
+    m.measure(root, 0, &mut costs, &mut on_path)?;
+    Ok(m.materialize(root))
 }
 
 /// Writes `value` as a protocol-4 pickle (without frames, which are optional).
@@ -362,6 +397,47 @@ impl Value {
         }
     }
 
+    /// The bytes this tree takes in memory, as [`Limits::budget`] counts them: every value's
+    /// own size plus what it keeps on the heap (text, bytes, names, an object's record). A
+    /// tree holds each shared reference as a full copy, and each copy counts.
+    pub fn materialized_size(&self) -> usize {
+        let mut size = 0usize;
+        // A work list, not recursion: a value built in Rust may be deeper than the stack.
+        let mut todo = vec![self];
+        while let Some(v) = todo.pop() {
+            size = size.saturating_add(size_of::<Value>() + v.payload_len());
+            match v {
+                Value::Tuple(items)
+                | Value::List(items)
+                | Value::Set(items)
+                | Value::FrozenSet(items) => todo.extend(items),
+                Value::Dict(pairs) => todo.extend(pairs.iter().flat_map(|(k, v)| [k, v])),
+                Value::Object(o) => {
+                    todo.extend(&o.args);
+                    todo.extend(&o.list_items);
+                    todo.extend(o.dict_items.iter().flat_map(|(k, v)| [k, v]));
+                    if let Construct::NewObjEx { kwargs } = &o.construct {
+                        todo.extend(kwargs.iter().flat_map(|(k, v)| [k, v]));
+                    }
+                    todo.extend(&o.state);
+                }
+                _ => {}
+            }
+        }
+        size
+    }
+
+    /// The heap bytes this value holds itself, apart from the values it contains.
+    fn payload_len(&self) -> usize {
+        match self {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) | Value::ByteArray(b) | Value::BigInt(b) => b.len(),
+            Value::Global { module, name } => module.len() + name.len(),
+            Value::Object(o) => size_of::<Object>() + o.module.len() + o.name.len(),
+            _ => 0,
+        }
+    }
+
     /// Python's name for the type, for error messages.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -428,7 +504,12 @@ fn trim_twos_complement(b: &mut Vec<u8>) {
     }
 }
 
-/// A decimal literal (protocol-0 `INT`/`LONG`) of any size.
+/// Most digits in a protocol-0 `INT`/`LONG` literal: CPython's own
+/// `sys.int_info.default_max_str_digits` (3.11+), past which `pickle.loads` raises too.
+/// Conversion is quadratic in the digits, so this is also what keeps one literal cheap.
+const MAX_DECIMAL_DIGITS: usize = 4300;
+
+/// A decimal literal (protocol-0 `INT`/`LONG`) of up to [`MAX_DECIMAL_DIGITS`] digits.
 fn parse_decimal_int(text: &str) -> Option<Value> {
     if let Ok(n) = text.parse::<i64>() {
         return Some(Value::Int(n));
@@ -438,22 +519,27 @@ fn parse_decimal_int(text: &str) -> Option<Value> {
         [b'+', rest @ ..] => (false, rest),
         rest => (false, rest),
     };
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty()
+        || digits.len() > MAX_DECIMAL_DIGITS
+        || !digits.iter().all(u8::is_ascii_digit)
+    {
         return None;
     }
-    let mut mag: Vec<u8> = Vec::new();
-    for d in digits {
-        let mut carry = u32::from(d - b'0');
-        for byte in mag.iter_mut() {
-            let x = u32::from(*byte) * 10 + carry;
-            *byte = x as u8;
-            carry = x >> 8;
+    // The magnitude in little-endian 64-bit limbs, taking 19 digits (< 2^64) at a time.
+    let mut limbs: Vec<u64> = Vec::new();
+    for chunk in digits.chunks(19) {
+        let scale = 10u128.pow(chunk.len() as u32);
+        let mut carry = chunk.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        for limb in limbs.iter_mut() {
+            let x = u128::from(*limb) * scale + u128::from(carry);
+            *limb = x as u64;
+            carry = (x >> 64) as u64;
         }
-        while carry > 0 {
-            mag.push(carry as u8);
-            carry >>= 8;
+        if carry > 0 {
+            limbs.push(carry);
         }
     }
+    let mut mag: Vec<u8> = limbs.iter().flat_map(|l| l.to_le_bytes()).collect();
     mag.push(0);
     if neg {
         let mut carry = 1u16;
@@ -628,6 +714,21 @@ struct Machine<'a> {
     /// Stack heights at each MARK; items above the top mark belong to it.
     marks: Vec<usize>,
     memo: HashMap<u64, Id>,
+    /// Bytes the reader has taken so far (nodes, references, copies), against
+    /// [`Limits::budget`]. A `Cell` so that lookups can pay while they borrow the nodes they
+    /// copy from.
+    spent: Cell<usize>,
+}
+
+/// What a node costs once copied out as a tree; see [`Machine::measure`].
+#[derive(Clone, Copy)]
+struct Cost {
+    /// Bytes, as [`Value::materialized_size`] counts them.
+    size: usize,
+    /// Values in the tree, against [`Limits::max_values`].
+    values: usize,
+    /// Levels of nesting below the node: 0 for a leaf or an empty container.
+    height: usize,
 }
 
 impl<'a> Machine<'a> {
@@ -707,6 +808,20 @@ impl<'a> Machine<'a> {
         Ok(&rest[..n])
     }
 
+    fn int_literal(&self, text: &str) -> Result<Value, DecodeError> {
+        parse_decimal_int(text).ok_or_else(|| {
+            let digits = text.trim_start_matches(['-', '+']).len();
+            if digits > MAX_DECIMAL_DIGITS {
+                self.invalid(format!(
+                    "int literal of {digits} digits; Python itself reads at most \
+                     {MAX_DECIMAL_DIGITS}"
+                ))
+            } else {
+                self.invalid("bad int literal")
+            }
+        })
+    }
+
     fn line(&mut self) -> Result<&'a str, DecodeError> {
         let raw = self.raw_line()?;
         std::str::from_utf8(raw).map_err(|_| self.invalid("argument is not ASCII text"))
@@ -718,6 +833,11 @@ impl<'a> Machine<'a> {
                 limit: self.limits.max_values,
             });
         }
+        let record = match node {
+            Node::Object(_) => size_of::<ObjNode>(),
+            _ => 0,
+        };
+        self.spend(size_of::<Node>() + record)?;
         self.nodes.push(node);
         Ok(self.nodes.len() - 1)
     }
@@ -778,12 +898,15 @@ impl<'a> Machine<'a> {
 
     fn memo_put(&mut self, key: u64) -> Result<(), DecodeError> {
         let id = self.top()?;
-        if !self.memo.contains_key(&key) && self.memo.len() >= self.limits.max_memo {
-            return Err(DecodeError::MemoFull {
-                opcode: self.opname(),
-                offset: self.at,
-                limit: self.limits.max_memo,
-            });
+        if !self.memo.contains_key(&key) {
+            if self.memo.len() >= self.limits.max_memo {
+                return Err(DecodeError::MemoFull {
+                    opcode: self.opname(),
+                    offset: self.at,
+                    limit: self.limits.max_memo,
+                });
+            }
+            self.spend(size_of::<(u64, Id)>())?;
         }
         self.memo.insert(key, id);
         Ok(())
@@ -797,6 +920,7 @@ impl<'a> Machine<'a> {
                 key,
             });
         };
+        self.spend(size_of::<Id>())?;
         self.stack.push(id);
         Ok(())
     }
@@ -808,9 +932,26 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// Pays `n` bytes for what the reader is about to hold. Every opcode may add a node or
+    /// copy references, so without this a pickle could copy one large memoized value once
+    /// per opcode and never reach the tree's own price at `STOP`.
+    fn spend(&self, n: usize) -> Result<(), DecodeError> {
+        let spent = self.spent.get().saturating_add(n);
+        if spent > self.limits.budget {
+            return Err(DecodeError::OverBudget {
+                budget: self.limits.budget,
+            });
+        }
+        self.spent.set(spent);
+        Ok(())
+    }
+
     fn tuple_items(&self, id: Id, what: &str) -> Result<Vec<Id>, DecodeError> {
         match &self.nodes[id] {
-            Node::Tuple(items) => Ok(items.clone()),
+            Node::Tuple(items) => {
+                self.spend(items.len() * size_of::<Id>())?;
+                Ok(items.clone())
+            }
             _ => Err(self.invalid(format!("{what} is not a tuple"))),
         }
     }
@@ -838,57 +979,82 @@ impl<'a> Machine<'a> {
 
     /// Reductions that Python uses for plain data under older protocols (sets and bytes under
     /// protocol 2–3, bytearray under 2–4, `copyreg._reconstructor` under 0–1), turned back
-    /// into data so the tree does not depend on the sender's protocol.
-    fn reduce_to_data(&self, module: &str, name: &str, args: &[Id]) -> Option<Node> {
+    /// into data so the tree does not depend on the sender's protocol. `None`: not data.
+    fn reduce_to_data(
+        &self,
+        module: &str,
+        name: &str,
+        args: &[Id],
+    ) -> Result<Option<Node>, DecodeError> {
         let leaf = |id: Id| match &self.nodes[id] {
             Node::Leaf(v) => Some(v),
             _ => None,
         };
+        // Each copy below is paid for before it is made.
         let list = |id: Id| match &self.nodes[id] {
-            Node::List(items) => Some(items.clone()),
-            _ => None,
+            Node::List(items) => self
+                .spend(items.len() * size_of::<Id>())
+                .map(|()| Some(items.clone())),
+            _ => Ok(None),
         };
         let latin1 = |id: Id, enc: Id| {
-            let s = leaf(id)?.as_str()?;
-            if !matches!(leaf(enc)?.as_str()?, "latin1" | "latin-1") {
-                return None;
-            }
-            s.chars().map(|c| u8::try_from(c).ok()).collect()
+            let s = leaf(id).and_then(Value::as_str);
+            let enc = leaf(enc).and_then(Value::as_str);
+            let (Some(s), Some("latin1" | "latin-1")) = (s, enc) else {
+                return Ok(None);
+            };
+            self.spend(s.len())?;
+            Ok(s.chars()
+                .map(|c| u8::try_from(c).ok())
+                .collect::<Option<Vec<u8>>>())
         };
-        match (module, name, args) {
+        let node = match (module, name, args) {
             ("builtins", "set", []) => Some(Node::Set(Vec::new())),
-            ("builtins", "set", [l]) => Some(Node::Set(list(*l)?)),
+            ("builtins", "set", [l]) => list(*l)?.map(Node::Set),
             ("builtins", "frozenset", []) => Some(Node::FrozenSet(Vec::new())),
-            ("builtins", "frozenset", [l]) => Some(Node::FrozenSet(list(*l)?)),
+            ("builtins", "frozenset", [l]) => list(*l)?.map(Node::FrozenSet),
             ("builtins", "bytes", []) => Some(Node::Leaf(Value::Bytes(Vec::new()))),
-            ("_codecs", "encode", [s, enc]) => Some(Node::Leaf(Value::Bytes(latin1(*s, *enc)?))),
+            ("_codecs", "encode", [s, enc]) => {
+                latin1(*s, *enc)?.map(|b| Node::Leaf(Value::Bytes(b)))
+            }
             ("builtins", "bytearray", []) => Some(Node::Leaf(Value::ByteArray(Vec::new()))),
-            ("builtins", "bytearray", [b]) => match leaf(*b)? {
-                Value::Bytes(b) => Some(Node::Leaf(Value::ByteArray(b.clone()))),
+            ("builtins", "bytearray", [b]) => match leaf(*b) {
+                Some(Value::Bytes(b)) => {
+                    self.spend(b.len())?;
+                    Some(Node::Leaf(Value::ByteArray(b.clone())))
+                }
                 _ => None,
             },
             ("builtins", "bytearray", [s, enc]) => {
-                Some(Node::Leaf(Value::ByteArray(latin1(*s, *enc)?)))
+                latin1(*s, *enc)?.map(|b| Node::Leaf(Value::ByteArray(b)))
             }
-            ("copyreg", "_reconstructor", [cls, base, st]) => {
-                let (module, name) = self.class_of(*cls).ok()?;
-                let base_is_object = matches!(leaf(*base)?,
-                    Value::Global { module, name } if module == "builtins" && name == "object");
-                if !base_is_object || !leaf(*st)?.is_none() {
-                    return None;
-                }
-                Some(Node::Object(Box::new(ObjNode {
-                    module,
-                    name,
-                    construct: NodeConstruct::NewObj,
-                    args: Vec::new(),
-                    list_items: Vec::new(),
-                    dict_items: Vec::new(),
-                    state: None,
-                })))
-            }
+            ("copyreg", "_reconstructor", [cls, base, st]) => self.reconstructor(*cls, *base, *st),
             _ => None,
+        };
+        Ok(node)
+    }
+
+    /// `copyreg._reconstructor(cls, object, None)`: protocol 0–1's `cls.__new__(cls)`.
+    fn reconstructor(&self, cls: Id, base: Id, state: Id) -> Option<Node> {
+        let (module, name) = self.class_of(cls).ok()?;
+        let leaf = |id: Id| match &self.nodes[id] {
+            Node::Leaf(v) => Some(v),
+            _ => None,
+        };
+        let base_is_object = matches!(leaf(base)?,
+            Value::Global { module, name } if module == "builtins" && name == "object");
+        if !base_is_object || !leaf(state)?.is_none() {
+            return None;
         }
+        Some(Node::Object(Box::new(ObjNode {
+            module,
+            name,
+            construct: NodeConstruct::NewObj,
+            args: Vec::new(),
+            list_items: Vec::new(),
+            dict_items: Vec::new(),
+            state: None,
+        })))
     }
 
     fn new_object(
@@ -899,7 +1065,7 @@ impl<'a> Machine<'a> {
     ) -> Result<(), DecodeError> {
         let (module, name) = self.class_of(cls)?;
         if matches!(construct, NodeConstruct::Reduce) {
-            if let Some(node) = self.reduce_to_data(&module, &name, &args) {
+            if let Some(node) = self.reduce_to_data(&module, &name, &args)? {
                 return self.push(node);
             }
         }
@@ -985,6 +1151,7 @@ impl<'a> Machine<'a> {
                 }
                 op::DUP => {
                     let id = self.top()?;
+                    self.spend(size_of::<Id>())?;
                     self.stack.push(id);
                 }
                 op::MEMOIZE => {
@@ -1028,14 +1195,14 @@ impl<'a> Machine<'a> {
                     let v = match self.line()? {
                         "00" => Value::Bool(false),
                         "01" => Value::Bool(true),
-                        t => parse_decimal_int(t).ok_or_else(|| self.invalid("bad int literal"))?,
+                        t => self.int_literal(t)?,
                     };
                     self.push_leaf(v)?;
                 }
                 op::LONG => {
                     let t = self.line()?;
                     let t = t.strip_suffix('L').unwrap_or(t);
-                    let v = parse_decimal_int(t).ok_or_else(|| self.invalid("bad int literal"))?;
+                    let v = self.int_literal(t)?;
                     self.push_leaf(v)?;
                 }
                 op::BININT => {
@@ -1208,6 +1375,7 @@ impl<'a> Machine<'a> {
                     let Node::Dict(kwargs) = &self.nodes[kwargs] else {
                         return Err(self.invalid("NEWOBJ_EX keywords are not a dict"));
                     };
+                    self.spend(kwargs.len() * size_of::<(Id, Id)>())?;
                     let kwargs = kwargs.clone();
                     self.new_object(cls, NodeConstruct::NewObjEx(kwargs), args)?;
                 }
@@ -1245,80 +1413,143 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// Copies the node graph out as a tree, expanding shared references.
-    fn materialize(
+    /// Prices the tree under `id` before [`Machine::materialize`] builds it: refuses cycles,
+    /// nesting past `max_depth`, more than `max_values` values and a size that, with what the
+    /// reader already holds, exceeds the budget. Each node is priced once and its cost
+    /// kept, so a node referenced a million times costs a million additions, not a million
+    /// walks. Costs are taken here at `STOP`, not while reading, because a container can still
+    /// grow after it has been referenced (`EMPTY_LIST MEMOIZE ... BINGET ... APPENDS`).
+    fn measure(
         &self,
         id: Id,
         depth: usize,
-        count: &mut usize,
+        costs: &mut [Option<Cost>],
         on_path: &mut [bool],
-    ) -> Result<Value, DecodeError> {
+    ) -> Result<Cost, DecodeError> {
+        // Deeper than allowed is refused before recursing, which bounds the recursion.
         if depth > self.limits.max_depth {
             return Err(DecodeError::TooDeep {
                 limit: self.limits.max_depth,
             });
         }
-        *count += 1;
-        if *count > self.limits.max_values {
+        let cost = match costs[id] {
+            Some(cost) => cost,
+            None => {
+                if on_path[id] {
+                    return Err(DecodeError::Recursive);
+                }
+                on_path[id] = true;
+                let cost = self.price(id, depth, costs, on_path)?;
+                on_path[id] = false;
+                costs[id] = Some(cost);
+                cost
+            }
+        };
+        if depth + cost.height > self.limits.max_depth {
+            return Err(DecodeError::TooDeep {
+                limit: self.limits.max_depth,
+            });
+        }
+        Ok(cost)
+    }
+
+    /// The cost of one node from its children's, checked against the limits.
+    fn price(
+        &self,
+        id: Id,
+        depth: usize,
+        costs: &mut [Option<Cost>],
+        on_path: &mut [bool],
+    ) -> Result<Cost, DecodeError> {
+        // As Value::materialized_size counts the value this node becomes.
+        let own = match &self.nodes[id] {
+            Node::Leaf(v) => v.payload_len(),
+            Node::Object(o) => size_of::<Object>() + o.module.len() + o.name.len(),
+            _ => 0,
+        };
+        let mut cost = Cost {
+            size: size_of::<Value>() + own,
+            values: 1,
+            height: 0,
+        };
+        for child in self.children(id) {
+            let c = self.measure(child, depth + 1, costs, on_path)?;
+            cost.size = cost.size.saturating_add(c.size);
+            cost.values = cost.values.saturating_add(c.values);
+            cost.height = cost.height.max(c.height + 1);
+        }
+        if cost.values > self.limits.max_values {
             return Err(DecodeError::TooManyValues {
                 limit: self.limits.max_values,
             });
         }
-        if let Node::Leaf(v) = &self.nodes[id] {
-            return Ok(v.clone());
+        if cost.size.saturating_add(self.spent.get()) > self.limits.budget {
+            return Err(DecodeError::OverBudget {
+                budget: self.limits.budget,
+            });
         }
-        if on_path[id] {
-            return Err(DecodeError::Recursive);
+        Ok(cost)
+    }
+
+    /// The nodes a node contains, in no particular order.
+    fn children(&self, id: Id) -> Box<dyn Iterator<Item = Id> + '_> {
+        fn pairs(p: &[(Id, Id)]) -> impl Iterator<Item = Id> + '_ {
+            p.iter().flat_map(|&(k, v)| [k, v])
         }
-        on_path[id] = true;
-        let d = depth + 1;
-        let seq = |ids: &[Id], count: &mut usize, on_path: &mut [bool]| {
-            ids.iter()
-                .map(|&i| self.materialize(i, d, count, on_path))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let pairs = |ids: &[(Id, Id)], count: &mut usize, on_path: &mut [bool]| {
-            ids.iter()
-                .map(|&(k, v)| {
-                    Ok((
-                        self.materialize(k, d, count, on_path)?,
-                        self.materialize(v, d, count, on_path)?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, DecodeError>>()
-        };
-        let v = match &self.nodes[id] {
-            Node::Leaf(_) => unreachable!("handled above"),
-            Node::Tuple(ids) => Value::Tuple(seq(ids, count, on_path)?),
-            Node::List(ids) => Value::List(seq(ids, count, on_path)?),
-            Node::Set(ids) => Value::Set(seq(ids, count, on_path)?),
-            Node::FrozenSet(ids) => Value::FrozenSet(seq(ids, count, on_path)?),
-            Node::Dict(ids) => Value::Dict(pairs(ids, count, on_path)?),
+        match &self.nodes[id] {
+            Node::Leaf(_) => Box::new(std::iter::empty()),
+            Node::Tuple(ids) | Node::List(ids) | Node::Set(ids) | Node::FrozenSet(ids) => {
+                Box::new(ids.iter().copied())
+            }
+            Node::Dict(p) => Box::new(pairs(p)),
             Node::Object(o) => {
-                let construct = match &o.construct {
+                let kwargs = match &o.construct {
+                    NodeConstruct::NewObjEx(kwargs) => &kwargs[..],
+                    _ => &[],
+                };
+                Box::new(
+                    o.args
+                        .iter()
+                        .chain(&o.list_items)
+                        .copied()
+                        .chain(pairs(&o.dict_items))
+                        .chain(pairs(kwargs))
+                        .chain(o.state),
+                )
+            }
+        }
+    }
+
+    /// Copies the node graph out as a tree, expanding shared references. Only after
+    /// [`Machine::measure`] accepted `id`: that is what bounds this copy and its recursion.
+    fn materialize(&self, id: Id) -> Value {
+        let seq = |ids: &[Id]| ids.iter().map(|&i| self.materialize(i)).collect();
+        let pairs = |ids: &[(Id, Id)]| {
+            ids.iter()
+                .map(|&(k, v)| (self.materialize(k), self.materialize(v)))
+                .collect()
+        };
+        match &self.nodes[id] {
+            Node::Leaf(v) => v.clone(),
+            Node::Tuple(ids) => Value::Tuple(seq(ids)),
+            Node::List(ids) => Value::List(seq(ids)),
+            Node::Set(ids) => Value::Set(seq(ids)),
+            Node::FrozenSet(ids) => Value::FrozenSet(seq(ids)),
+            Node::Dict(ids) => Value::Dict(pairs(ids)),
+            Node::Object(o) => Value::Object(Box::new(Object {
+                module: o.module.clone(),
+                name: o.name.clone(),
+                construct: match &o.construct {
                     NodeConstruct::NewObj => Construct::NewObj,
                     NodeConstruct::Reduce => Construct::Reduce,
-                    NodeConstruct::NewObjEx(kw) => Construct::NewObjEx {
-                        kwargs: pairs(kw, count, on_path)?,
-                    },
-                };
-                let state = match o.state {
-                    Some(s) => Some(self.materialize(s, d, count, on_path)?),
-                    None => None,
-                };
-                Value::Object(Box::new(Object {
-                    module: o.module.clone(),
-                    name: o.name.clone(),
-                    construct,
-                    args: seq(&o.args, count, on_path)?,
-                    list_items: seq(&o.list_items, count, on_path)?,
-                    dict_items: pairs(&o.dict_items, count, on_path)?,
-                    state,
-                }))
-            }
-        };
-        on_path[id] = false;
-        Ok(v)
+                    NodeConstruct::NewObjEx(kw) => Construct::NewObjEx { kwargs: pairs(kw) },
+                },
+                args: seq(&o.args),
+                list_items: seq(&o.list_items),
+                dict_items: pairs(&o.dict_items),
+                state: o.state.map(|s| self.materialize(s)),
+            })),
+        }
     }
 }
 
@@ -1750,6 +1981,7 @@ mod tests {
             max_memo: 2,
             max_container_len: 3,
             max_values: 100,
+            budget: 1000,
         };
         let big = vec![b'N'; 65];
         assert_eq!(
@@ -1800,6 +2032,193 @@ mod tests {
                 }
             ),
             Err(DecodeError::TooManyValues { limit: 100 })
+        );
+    }
+
+    /// PROTO 4, then a list of `refs` references to one memoized `leaf` opcode (`X` str or
+    /// `B` bytes) of `len` bytes, each reference after the first a `get` (`h\0` or `j\0\0\0\0`).
+    fn memo_bomb(leaf: u8, len: usize, refs: usize, get: &[u8]) -> Vec<u8> {
+        let mut p = vec![op::PROTO, 4, op::EMPTY_LIST, op::MARK, leaf];
+        p.extend(u32::try_from(len).unwrap().to_le_bytes());
+        p.resize(p.len() + len, b'a');
+        p.push(op::MEMOIZE);
+        for _ in 1..refs {
+            p.extend(get);
+        }
+        p.extend([op::APPENDS, op::STOP]);
+        p
+    }
+
+    #[test]
+    fn memo_bomb_is_refused_by_the_budget() {
+        // 1 MB fetched 100,000 times would be 100 GB; the pickle itself is 1.2 MB.
+        for (leaf, get) in [(op::BINUNICODE, &b"h\0"[..]), (op::BINBYTES, b"j\0\0\0\0")] {
+            let bomb = memo_bomb(leaf, 1 << 20, 100_000, get);
+            let started = std::time::Instant::now();
+            let err = decode_within(&bomb, 16 << 20).unwrap_err();
+            assert_eq!(err, DecodeError::OverBudget { budget: 16 << 20 });
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        }
+        let msg = DecodeError::OverBudget { budget: 16 << 20 }.to_string();
+        assert_eq!(
+            msg,
+            "pickle too large: it would materialize more than 16777216 bytes (the decode budget)"
+        );
+        // The default budget is a default frame's worth.
+        let bomb = memo_bomb(op::BINUNICODE, 1 << 20, 100, b"h\0");
+        assert_eq!(
+            decode(&bomb),
+            Err(DecodeError::OverBudget {
+                budget: DEFAULT_MAX_FRAME
+            })
+        );
+    }
+
+    #[test]
+    fn repeated_small_memo_refs_within_the_budget_decode() {
+        let pickle = memo_bomb(op::BINUNICODE, 3, 1000, b"h\0");
+        let v = decode_within(&pickle, 1 << 20).unwrap();
+        assert_eq!(v, list(vec![s("aaa"); 1000]));
+        // The list, and 1000 strs of 3 bytes.
+        let size = 1001 * size_of::<Value>() + 1000 * 3;
+        assert_eq!(v.materialized_size(), size);
+        // Reading holds less than the tree it builds, here.
+        assert_eq!(decode_within(&pickle, 2 * size).as_ref(), Ok(&v));
+        assert_eq!(
+            decode_within(&pickle, size - 1),
+            Err(DecodeError::OverBudget { budget: size - 1 })
+        );
+    }
+
+    #[test]
+    fn shared_containers_cost_their_whole_contents() {
+        // inner = ["aaa..." (100 bytes)], memoized before it is filled; [inner] * 50.
+        let mut p = vec![
+            op::PROTO,
+            4,
+            op::EMPTY_LIST,
+            op::MARK,
+            op::EMPTY_LIST,
+            op::MEMOIZE,
+        ];
+        p.extend([op::SHORT_BINUNICODE, 100]);
+        p.extend([b'a'; 100]);
+        p.push(op::APPEND);
+        for _ in 1..50 {
+            p.extend([op::BINGET, 0]);
+        }
+        p.extend([op::APPENDS, op::STOP]);
+        let v = decode(&p).unwrap();
+        let size = size_of::<Value>() + 50 * (2 * size_of::<Value>() + 100);
+        assert_eq!(v.materialized_size(), size);
+        assert_eq!(
+            decode_within(&p, size - 1),
+            Err(DecodeError::OverBudget { budget: size - 1 })
+        );
+    }
+
+    #[test]
+    fn what_reading_holds_counts_even_when_dropped() {
+        // set(l) for a memoized l of 1000 items, `rounds` times, each result popped: the
+        // answer is None, but every REDUCE copied l's 1000 references.
+        let reduce_sets = |rounds: usize| {
+            let mut p = b"\x80\x02c__builtin__\nset\n\x94]\x94(N".to_vec();
+            p.extend([op::DUP].repeat(999));
+            p.push(op::APPENDS);
+            p.extend([op::TUPLE1, op::MEMOIZE, op::POP]);
+            for _ in 0..rounds {
+                p.extend([op::BINGET, 0, op::BINGET, 2, op::REDUCE, op::POP]);
+            }
+            p.extend([op::NONE, op::STOP]);
+            p
+        };
+        assert_eq!(decode_within(&reduce_sets(5), 60_000), Ok(Value::None));
+        assert_eq!(
+            decode_within(&reduce_sets(20), 60_000),
+            Err(DecodeError::OverBudget { budget: 60_000 })
+        );
+        // A million DUPs of None hold 8 MB of references, though the pickle is 1 MB.
+        let mut dups = b"\x80\x04N".to_vec();
+        dups.extend([op::DUP].repeat(1 << 20));
+        dups.push(op::STOP);
+        assert_eq!(
+            decode_within(&dups, 1 << 20),
+            Err(DecodeError::OverBudget { budget: 1 << 20 })
+        );
+    }
+
+    #[test]
+    fn materialized_size_counts_every_payload() {
+        let v = Value::Object(Box::new(Object {
+            module: "os".into(),
+            name: "stat_result".into(),
+            construct: Construct::NewObjEx {
+                kwargs: vec![(s("k"), Value::Bytes(vec![0; 4]))],
+            },
+            args: vec![Value::BigInt(vec![0, 0, 0, 0, 0, 0, 0, 0, 1])],
+            list_items: vec![Value::None],
+            dict_items: vec![(Value::Int(1), Value::ByteArray(vec![0; 2]))],
+            state: Some(Value::Global {
+                module: "m".into(),
+                name: "n".into(),
+            }),
+        }));
+        // Eight values; the record and "os" "stat_result"; "k", 4, 9, 2 and "m" "n" bytes.
+        let size = 8 * size_of::<Value>() + size_of::<Object>() + 13 + 1 + 4 + 9 + 2 + 2;
+        assert_eq!(v.materialized_size(), size);
+        assert_eq!(
+            decode(&encode(&v).unwrap()).unwrap().materialized_size(),
+            size
+        );
+    }
+
+    #[test]
+    fn decimal_literals_are_exact_up_to_pythons_digit_limit() {
+        for n in [
+            i128::MAX,
+            i128::MIN,
+            10i128.pow(19),
+            10i128.pow(19) - 1,
+            -(10i128.pow(38)),
+            u64::MAX as i128 + 1,
+            i64::MIN as i128 - 1,
+        ] {
+            assert_eq!(
+                parse_decimal_int(&n.to_string()),
+                Some(Value::int_from_le_bytes(&n.to_le_bytes())),
+                "{n}"
+            );
+        }
+        // 2**14000 (4215 digits), written out by doubling a decimal digit string.
+        let mut digits = vec![1u8];
+        for _ in 0..14000 {
+            let mut carry = 0;
+            for d in digits.iter_mut() {
+                let x = *d * 2 + carry;
+                *d = x % 10;
+                carry = x / 10;
+            }
+            if carry > 0 {
+                digits.push(carry);
+            }
+        }
+        let text: String = digits.iter().rev().map(|d| char::from(b'0' + d)).collect();
+        let mut power = vec![0u8; 1750];
+        power.push(1);
+        assert_eq!(parse_decimal_int(&text), Some(Value::BigInt(power.clone())));
+        *power.last_mut().unwrap() = 0xff;
+        assert_eq!(
+            parse_decimal_int(&format!("-{text}")),
+            Some(Value::BigInt(power))
+        );
+        let longest = format!("L{}L\n.", "9".repeat(MAX_DECIMAL_DIGITS));
+        assert!(matches!(decode(longest.as_bytes()), Ok(Value::BigInt(_))));
+        let err = decode(format!("L{}L\n.", "9".repeat(MAX_DECIMAL_DIGITS + 1)).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "LONG at offset 0: int literal of 4301 digits; Python itself reads at most 4300"
         );
     }
 

@@ -1,6 +1,6 @@
 //! Property tests of the pickle codec; they double as its fuzz target. Arbitrary and
-//! opcode-shaped bytes must never panic the reader, and any encodable tree must read back
-//! unchanged.
+//! opcode-shaped bytes must never panic the reader, whatever it reads fits its budget, and any
+//! encodable tree must read back unchanged.
 
 use dispy_core::pickle::{decode, decode_with_limits, encode, Construct, Limits, Object, Value};
 use proptest::collection::vec;
@@ -18,7 +18,61 @@ fn tight() -> Limits {
         max_memo: 64,
         max_container_len: 64,
         max_values: 2048,
+        budget: 8192,
     }
+}
+
+/// Reads `data` under the default limits, the tight ones and a budget that a few shared
+/// references exhaust; whatever is read fits its budget.
+fn read_within_budget(data: &[u8]) -> Result<(), TestCaseError> {
+    for limits in [Limits::default(), tight(), Limits::with_budget(2000)] {
+        if let Ok(v) = decode_with_limits(data, &limits) {
+            let size = v.materialized_size();
+            prop_assert!(
+                size <= limits.budget,
+                "read {size} over a budget of {}",
+                limits.budget
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Pickles that memoize, fetch and nest, with well-formed arguments, so that generated input
+/// gets far enough to share values and meet the budget rather than stop at a bad length or a
+/// missing memo key: eight strings are memoized first, and the opcodes run inside a list
+/// that collects what they leave on the stack.
+fn memo_heavy() -> impl Strategy<Value = Vec<u8>> {
+    let op = prop_oneof![
+        1 => (0u8..40).prop_map(|n| {
+            let mut b = vec![0x8c, n];
+            b.resize(2 + usize::from(n), b'x');
+            b
+        }),
+        1 => (0u16..300).prop_map(|n| {
+            let mut b = vec![b'B'];
+            b.extend(u32::from(n).to_le_bytes());
+            b.resize(5 + usize::from(n), 0);
+            b
+        }),
+        1 => Just(vec![0x94]),
+        8 => (0u8..8).prop_map(|k| vec![b'h', k]),
+        1 => (0u32..8).prop_map(|k| [&b"j"[..], &k.to_le_bytes()].concat()),
+        2 => proptest::sample::select(&b"\x85\x86\x87\x85\x86\x872N"[..]).prop_map(|b| vec![b]),
+        1 => proptest::sample::select(&b"](ealt0"[..]).prop_map(|b| vec![b]),
+    ];
+    vec(op, 0..120).prop_map(|ops| {
+        let mut data = vec![0x80, 4];
+        for k in 0..8u8 {
+            data.extend([0x8c, 10 * k]);
+            data.resize(data.len() + usize::from(10 * k), b'a' + k);
+            data.extend([0x94, b'0']);
+        }
+        data.extend(b"](");
+        data.extend(ops.concat());
+        data.extend(b"e.");
+        data
+    })
 }
 
 fn hashable_leaf() -> impl Strategy<Value = Value> {
@@ -95,8 +149,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(data in vec(any::<u8>(), 0..512)) {
-        let _ = decode(&data);
-        let _ = decode_with_limits(&data, &tight());
+        read_within_budget(&data)?;
     }
 
     #[test]
@@ -106,8 +159,12 @@ proptest! {
     ) {
         let mut data = vec![0x80, proto];
         data.extend(body);
-        let _ = decode(&data);
-        let _ = decode_with_limits(&data, &tight());
+        read_within_budget(&data)?;
+    }
+
+    #[test]
+    fn shared_references_never_read_past_the_budget(data in memo_heavy()) {
+        read_within_budget(&data)?;
     }
 
     #[test]
@@ -127,8 +184,7 @@ proptest! {
                 break;
             }
         }
-        let _ = decode(&data);
-        let _ = decode_with_limits(&data, &tight());
+        read_within_budget(&data)?;
     }
 }
 

@@ -15,7 +15,7 @@ use dispy_core::protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::AUTH_LEN;
-use super::messages::{deserialize, dict, serialize, uid, Compute, Job, Reply, XferFile};
+use super::messages::{deserialize, dict, serialize, split, uid, Compute, Job, Reply, XferFile};
 use super::{Comp, Dispy, MSG_TIMEOUT};
 use crate::limits::{Permit, PREAUTH_MAX};
 use crate::node::{safe_relative, Codec};
@@ -147,17 +147,6 @@ async fn read_request(
     Ok((authorized, msg.unwrap_or_default()))
 }
 
-/// `PREFIX:pickle` → (`PREFIX`, pickle); a message without a colon is all command.
-fn split(msg: &[u8]) -> (&str, &[u8]) {
-    let at = msg
-        .iter()
-        .take(32)
-        .position(|&b| b == b':')
-        .unwrap_or(msg.len());
-    let command = std::str::from_utf8(&msg[..at]).unwrap_or("?");
-    (command, msg.get(at + 1..).unwrap_or_default())
-}
-
 fn compute_id_of(info: &Value) -> Result<i64, String> {
     info.attr("compute_id")
         .and_then(Value::as_int)
@@ -203,7 +192,9 @@ impl Dispy {
     }
 
     async fn compute(self: &Arc<Self>, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
-        let compute = match deserialize("COMPUTE", body).and_then(|v| Compute::from_value(&v)) {
+        let compute = match deserialize("COMPUTE", body, self.node.cfg.max_frame)
+            .and_then(|v| Compute::from_value(&v))
+        {
             Ok(c) => c,
             Err(e) => {
                 conn.reply(format!("Invalid computation request: {e}").as_bytes())
@@ -280,7 +271,9 @@ impl Dispy {
     /// same size and an mtime within a second is not sent again.
     async fn file(self: &Arc<Self>, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
         let refuse = |e: String| format!("dispy FILEXFER refused: {e}");
-        let xf = match deserialize("FILEXFER", body).and_then(|v| XferFile::from_value(&v)) {
+        let xf = match deserialize("FILEXFER", body, self.node.cfg.max_frame)
+            .and_then(|v| XferFile::from_value(&v))
+        {
             Ok(xf) => xf,
             Err(e) => {
                 conn.reply_value(&Value::Int(-1)).await;
@@ -374,7 +367,7 @@ impl Dispy {
     }
 
     async fn setup(self: &Arc<Self>, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
-        let info = deserialize("SETUP", body)?;
+        let info = deserialize("SETUP", body, self.node.cfg.max_frame)?;
         let compute_id = compute_id_of(&info)?;
         let setup_args = info
             .attr("setup_args")
@@ -433,7 +426,9 @@ impl Dispy {
     }
 
     async fn job(&self, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
-        let job = match deserialize("JOB", body).and_then(|v| Job::from_value(&v)) {
+        let job = match deserialize("JOB", body, self.node.cfg.max_frame)
+            .and_then(|v| Job::from_value(&v))
+        {
             Ok(j) => j,
             Err(e) => {
                 conn.reply(format!("Invalid job ({e})").as_bytes()).await;
@@ -459,7 +454,7 @@ impl Dispy {
         };
         let depends: Vec<String> = job.xfer_files.iter().map(XferFile::relative_path).collect();
         let (args, call) = if program {
-            match job.program_args() {
+            match job.program_args(self.node.cfg.max_frame) {
                 Ok(a) => (serde_json::to_string(&a).unwrap_or_default(), None),
                 Err(e) => {
                     self.forget(job.compute_id, job.uid, &job.hash);
@@ -505,7 +500,8 @@ impl Dispy {
 
     /// `TERMINATE_JOB:` (no answer): the job is terminated and its reply says Terminated.
     fn terminate(&self, body: &[u8]) -> Result<(), String> {
-        let job = deserialize("TERMINATE_JOB", body).and_then(|v| Job::from_value(&v))?;
+        let job = deserialize("TERMINATE_JOB", body, self.node.cfg.max_frame)
+            .and_then(|v| Job::from_value(&v))?;
         let node_id = {
             let st = self.state.lock().unwrap();
             st.comps
@@ -524,7 +520,7 @@ impl Dispy {
     /// `CLOSE:`: answered with `ACK` once the jobs are done (or terminated, with
     /// `terminate_pending`) and cleanup has run.
     async fn close_request(&self, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
-        let info = deserialize("CLOSE", body)?;
+        let info = deserialize("CLOSE", body, self.node.cfg.max_frame)?;
         let compute_id = compute_id_of(&info)?;
         let checked = self.node_id(compute_id, Some(info.attr("auth").unwrap_or(&Value::None)));
         let result = match checked {
@@ -552,7 +548,7 @@ impl Dispy {
         command: &str,
         body: &[u8],
     ) -> Result<(), String> {
-        let info = deserialize(command, body)?;
+        let info = deserialize(command, body, self.node.cfg.max_frame)?;
         let compute_id = compute_id_of(&info)?;
         let node_id =
             match self.node_id(compute_id, Some(info.attr("auth").unwrap_or(&Value::None))) {
@@ -697,17 +693,4 @@ fn spec(compute: &Compute, setup_args: Option<String>, python: &std::path::Path)
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_split_at_the_first_colon() {
-        assert_eq!(split(b"JOB:\x80\x05:"), ("JOB", &b"\x80\x05:"[..]));
-        assert_eq!(split(b"NODE_STATUS:"), ("NODE_STATUS", &b""[..]));
-        assert_eq!(split(b"PULSE"), ("PULSE", &b""[..]));
-        assert_eq!(split(b""), ("", &b""[..]));
-    }
 }

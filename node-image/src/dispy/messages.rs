@@ -1,6 +1,8 @@
-//! dispy 4.15's messages as data: the records a client sends (`dispy._Compute`,
-//! `dispy._XferFile`, `dispy._DispyJob_`) read from pickles, and the dicts and `_JobReply`
-//! records the node sends back. Pure: bytes in, values out.
+//! dispy 4.15's messages as data: a request's `PREFIX:` + pickle, the records a client sends
+//! (`dispy._Compute`, `dispy._XferFile`, `dispy._DispyJob_`) read from pickles within a
+//! budget, and the dicts and `_JobReply` records the node sends back. Pure: bytes in, values
+//! out; whatever the bytes, an error and never a panic (the proptests below are the fuzz
+//! target).
 
 use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::pickle::{self, Value};
@@ -10,9 +12,22 @@ pub fn serialize(value: &Value) -> Vec<u8> {
     pickle::encode(value).expect("node-built values are always picklable")
 }
 
-/// `PREFIX:` + pickle → the decoded value, with an error naming the message.
-pub fn deserialize(what: &str, bytes: &[u8]) -> Result<Value, String> {
-    pickle::decode(bytes).map_err(|e| format!("unreadable {what} message: {e}"))
+/// `PREFIX:pickle` → (`PREFIX`, pickle); a message without a colon is all command.
+pub fn split(msg: &[u8]) -> (&str, &[u8]) {
+    let at = msg
+        .iter()
+        .take(32)
+        .position(|&b| b == b':')
+        .unwrap_or(msg.len());
+    let command = std::str::from_utf8(&msg[..at]).unwrap_or("?");
+    (command, msg.get(at + 1..).unwrap_or_default())
+}
+
+/// The pickle of a message → the decoded value, with an error naming the message. `budget`
+/// bounds the bytes decoding may materialize ([`pickle::Limits::budget`]): the peer chooses
+/// how much a few bytes of pickle expand to, so the node chooses the most it will hold.
+pub fn deserialize(what: &str, bytes: &[u8], budget: usize) -> Result<Value, String> {
+    pickle::decode_within(bytes, budget).map_err(|e| format!("unreadable {what} message: {e}"))
 }
 
 fn field<'a>(v: &'a Value, what: &str, name: &str) -> Result<&'a Value, String> {
@@ -291,9 +306,10 @@ impl Job {
         ]))
     }
 
-    /// A program job's arguments: the client has made each one a str.
-    pub fn program_args(&self) -> Result<Vec<String>, String> {
-        let args = deserialize("job arguments", &self.args)?;
+    /// A program job's arguments: the client has made each one a str. `budget` as for
+    /// [`deserialize`].
+    pub fn program_args(&self, budget: usize) -> Result<Vec<String>, String> {
+        let args = deserialize("job arguments", &self.args, budget)?;
         let items = args.as_seq().ok_or_else(|| {
             format!(
                 "a program job's arguments are a {}, not a tuple",
@@ -452,11 +468,8 @@ mod tests {
         assert_eq!(xf.relative_path(), "b.py");
     }
 
-    #[test]
-    fn compute_needs_dispy_class_and_fields() {
-        let err = Compute::from_value(&dict([("type", Value::Int(1))])).unwrap_err();
-        assert!(err.contains("not a dispy._Compute"), "{err}");
-        let c = Value::instance(
+    fn compute() -> Value {
+        Value::instance(
             "dispy",
             "_Compute",
             [
@@ -474,7 +487,39 @@ mod tests {
                 ("job_result_port", Value::Int(9700)),
                 ("pulse_interval", Value::None),
             ],
-        );
+        )
+    }
+
+    fn job() -> Value {
+        let args = Value::Tuple(vec!["-n".into(), Value::Int(3), Value::Float(0.5)]);
+        Value::instance(
+            "dispy",
+            "_DispyJob_",
+            [
+                ("uid", Value::Int(140_000_000_000_000)),
+                ("hash", "9f3a1c".into()),
+                ("compute_id", Value::Int(1700000000000)),
+                ("_args", Value::bytes(serialize(&args))),
+                ("_kwargs", Value::bytes(serialize(&Value::Dict(vec![])))),
+                ("xfer_files", Value::List(vec![xfer("/a/in.txt", "data")])),
+                ("code", "".into()),
+            ],
+        )
+    }
+
+    #[test]
+    fn commands_split_at_the_first_colon() {
+        assert_eq!(split(b"JOB:\x80\x05:"), ("JOB", &b"\x80\x05:"[..]));
+        assert_eq!(split(b"NODE_STATUS:"), ("NODE_STATUS", &b""[..]));
+        assert_eq!(split(b"PULSE"), ("PULSE", &b""[..]));
+        assert_eq!(split(b""), ("", &b""[..]));
+    }
+
+    #[test]
+    fn compute_needs_dispy_class_and_fields() {
+        let err = Compute::from_value(&dict([("type", Value::Int(1))])).unwrap_err();
+        assert!(err.contains("not a dispy._Compute"), "{err}");
+        let c = compute();
         let compute = Compute::from_value(&c).unwrap();
         assert!(!compute.program && !compute.keep_files);
         assert_eq!(compute.xfer_files.len(), 1);
@@ -519,10 +564,219 @@ mod tests {
     }
 
     #[test]
+    fn job_reads_its_pickled_arguments_within_the_budget() {
+        let j = Job::from_value(&job()).unwrap();
+        assert_eq!(j.program_args(1 << 10).unwrap(), ["-n", "3", "0.5"]);
+        let err = j.program_args(100).unwrap_err();
+        assert!(
+            err.starts_with("unreadable job arguments message: pickle too large"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_memo_bomb_in_a_job_is_refused_as_too_large() {
+        // A 64 KiB str memoized once and fetched 20,000 times: 1.3 GB once expanded.
+        let mut bomb = vec![0x80, 4, b']', b'(', b'X'];
+        bomb.extend((64u32 << 10).to_le_bytes());
+        bomb.resize(bomb.len() + (64 << 10), b'a');
+        bomb.push(0x94);
+        for _ in 1..20_000 {
+            bomb.extend([b'h', 0]);
+        }
+        bomb.extend([b'e', b'.']);
+        let msg = [&b"JOB:"[..], &bomb].concat();
+        let (command, body) = split(&msg);
+        let err = deserialize(command, body, 16 << 20).unwrap_err();
+        assert_eq!(
+            err,
+            "unreadable JOB message: pickle too large: it would materialize more than \
+             16777216 bytes (the decode budget)"
+        );
+    }
+
+    #[test]
     fn hex_results_and_big_uids() {
         assert_eq!(from_hex("80044b022e"), Some(vec![0x80, 4, 0x4b, 2, 0x2e]));
         assert_eq!(from_hex("8"), None);
         assert_eq!(uid(&uid_value(u64::MAX)), Some(u64::MAX));
         assert_eq!(uid(&Value::Int(-1)), None);
+    }
+
+    /// The parser as a fuzz target: every step a request goes through before a handler acts
+    /// on it, under a budget that real records fit and one that they exceed.
+    mod props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        const BUDGETS: [usize; 2] = [1 << 10, 64 << 10];
+        const PREFIXES: [&str; 8] = [
+            "COMPUTE",
+            "JOB",
+            "FILEXFER",
+            "SETUP",
+            "TERMINATE_JOB",
+            "CLOSE",
+            "PING",
+            "RETRIEVE_JOB",
+        ];
+
+        /// Splits, decodes and reads `msg` as every record; whatever decodes fits the budget.
+        fn parse(msg: &[u8]) -> Result<(), TestCaseError> {
+            let (command, body) = split(msg);
+            for budget in BUDGETS {
+                let Ok(v) = deserialize(command, body, budget) else {
+                    continue;
+                };
+                let size = v.materialized_size();
+                prop_assert!(
+                    size <= budget,
+                    "read {size} bytes over a budget of {budget}"
+                );
+                if let Ok(c) = Compute::from_value(&v) {
+                    let _ = c.reply_addr();
+                    c.xfer_files.iter().for_each(|xf| drop(xf.relative_path()));
+                }
+                if let Ok(xf) = XferFile::from_value(&v) {
+                    let _ = xf.relative_path();
+                }
+                if let Ok(job) = Job::from_value(&v) {
+                    let _ = job.program_args(budget);
+                    let _ = job.host_call();
+                }
+                let _ = v.attr("compute_id").map(uid);
+            }
+            Ok(())
+        }
+
+        /// A valid request of each kind, as a client would send it.
+        fn valid_record() -> impl Strategy<Value = (&'static str, Value)> {
+            prop_oneof![
+                Just(("COMPUTE", compute())),
+                Just(("JOB", job())),
+                Just(("FILEXFER", xfer("/home/u/data/a.txt", "data"))),
+                Just((
+                    "CLOSE",
+                    dict([("compute_id", Value::Int(7)), ("auth", "ab".into())])
+                )),
+            ]
+        }
+
+        fn valid_message() -> impl Strategy<Value = Vec<u8>> {
+            valid_record()
+                .prop_map(|(prefix, v)| [prefix.as_bytes(), b":", &serialize(&v)].concat())
+        }
+
+        /// What a confused or hostile client might put where a field belongs.
+        fn stray_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::None),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::Int),
+                Just(Value::Int(i64::MIN)),
+                Just(Value::int_from_le_bytes(&[0xff; 12])),
+                Just(Value::int_from_le_bytes(&[1, 0, 0, 0, 0, 0, 0, 0, 0x7f])),
+                any::<f64>().prop_map(Value::Float),
+                "[./a-z]{0,8}".prop_map(Value::Str),
+                "\\PC{0,8}".prop_map(Value::Str),
+                vec(any::<u8>(), 0..16).prop_map(Value::Bytes),
+                Just(stat(-1)),
+                Just(Value::instance(
+                    "dispy",
+                    "_XferFile",
+                    [("name", Value::None)]
+                )),
+            ];
+            leaf.prop_recursive(2, 12, 4, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..4).prop_map(Value::List),
+                    vec(inner, 0..4).prop_map(Value::Tuple),
+                ]
+            })
+        }
+
+        /// Replaces the `n`th value of `v` in pre-order (dict keys excepted, so that it stays
+        /// picklable) with `with`; false when `v` has fewer values.
+        fn replace_nth(v: &mut Value, n: &mut usize, with: &Value) -> bool {
+            if *n == 0 {
+                *v = with.clone();
+                return true;
+            }
+            *n -= 1;
+            match v {
+                Value::Tuple(items) | Value::List(items) => {
+                    items.iter_mut().any(|i| replace_nth(i, n, with))
+                }
+                Value::Dict(pairs) => pairs.iter_mut().any(|(_, i)| replace_nth(i, n, with)),
+                Value::Object(o) => {
+                    o.args.iter_mut().any(|i| replace_nth(i, n, with))
+                        || o.state.iter_mut().any(|i| replace_nth(i, n, with))
+                }
+                _ => false,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(msg in vec(any::<u8>(), 0..512)) {
+                parse(&msg)?;
+            }
+
+            #[test]
+            fn arbitrary_pickles_after_a_prefix_never_panic(
+                prefix in proptest::sample::select(&PREFIXES[..]),
+                proto in 0u8..7,
+                body in vec(any::<u8>(), 0..512),
+            ) {
+                let msg = [prefix.as_bytes(), b":", &[0x80, proto], &body].concat();
+                parse(&msg)?;
+            }
+
+            #[test]
+            fn damaged_messages_never_panic(
+                mut msg in valid_message(),
+                edits in vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..10), 1..5),
+            ) {
+                for (at, byte, how) in edits {
+                    let i = at.index(msg.len());
+                    match how {
+                        0..=6 => msg[i] = byte,
+                        7 | 8 => msg.insert(i, byte),
+                        _ => msg.truncate(i),
+                    }
+                    if msg.is_empty() {
+                        break;
+                    }
+                }
+                parse(&msg)?;
+            }
+
+            #[test]
+            fn records_with_a_stray_field_never_panic(
+                (prefix, mut record) in valid_record(),
+                at in 0usize..64,
+                with in stray_value(),
+            ) {
+                let mut n = at;
+                replace_nth(&mut record, &mut n, &with);
+                let msg = [prefix.as_bytes(), b":", &serialize(&record)].concat();
+                parse(&msg)?;
+            }
+        }
+
+        #[test]
+        fn valid_messages_read_back() {
+            let (command, body) = split(b"JOB:");
+            assert_eq!((command, body), ("JOB", &b""[..]));
+            for (prefix, v) in [("COMPUTE", compute()), ("JOB", job())] {
+                let msg = [prefix.as_bytes(), b":", &serialize(&v)].concat();
+                let (command, body) = split(&msg);
+                assert_eq!(command, prefix);
+                assert_eq!(deserialize(command, body, 64 << 10).unwrap(), v);
+            }
+        }
     }
 }

@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::limits::{RateLimiter, Throttled};
+use crate::limits::{RateLimiter, Throttled, PREAUTH_BUDGET};
 use crate::node::{Node, Owner, SessionId};
 use messages::{deserialize, dict, serialize, Compute, Reply};
 
@@ -165,7 +165,7 @@ impl Dispy {
                 return;
             }
         };
-        let info = match deserialize("PING", data) {
+        let info = match deserialize("PING", data, PREAUTH_BUDGET) {
             Ok(info) => info,
             Err(e) => {
                 self.node.metrics.bad_requests.inc();

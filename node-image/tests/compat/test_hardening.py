@@ -13,6 +13,7 @@ def slow_setup_client(seconds):
     return '''
 def setup(seconds):
     global loaded
+    import time
     time.sleep(seconds)
     loaded = seconds
     return 0
@@ -45,15 +46,20 @@ def test_a_close_with_a_slow_cleanup_runs_it_to_the_end_and_the_next_client_is_s
     nodes.start()
     marker = tmp_path / "cleaned"
     client.run('''
+def setup(marker):
+    return 0
+
 def cleanup(marker):
+    import time
     time.sleep(14)
     open(marker, "w").write("done")
 
-def compute(marker):
+def compute():
     return 1
 
-cluster = dispy.JobCluster(compute, cleanup=cleanup, %s, nodes=['127.0.0.1'])
-job = cluster.submit(%r)
+cluster = dispy.JobCluster(compute, setup=setup, cleanup=cleanup, %s,
+                           nodes=[dispy.NodeAllocate('127.0.0.1', setup_args=(%r,))])
+job = cluster.submit()
 job()
 cluster.close()
 report(status=job.status)
@@ -143,6 +149,7 @@ def test_a_client_killed_during_setup_frees_the_node(nodes, client, tmp_path):
     started = tmp_path / "setup-started"
     proc = client.popen('''
 def setup(marker):
+    import time
     open(marker, "w").write("x")
     time.sleep(4)
     return 0
