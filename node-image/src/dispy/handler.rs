@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dispy_core::client::Stream;
-use dispy_core::frame::{frame, read_frame, FrameError};
+use dispy_core::frame::{frame_within, read_frame, FrameError, MAX_LEN};
 use dispy_core::pickle::Value;
 use dispy_core::protocol::{
     Computation, ComputeRequest, JobRequest, ProgramComputation, PythonComputation,
@@ -32,7 +32,14 @@ struct Conn {
 
 impl Conn {
     async fn reply(&mut self, msg: &[u8]) {
-        if let Err(e) = self.stream.write_all(&frame(msg)).await {
+        let framed = match frame_within(msg, MAX_LEN) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(peer = %self.peer, "answer not sent: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.stream.write_all(&framed).await {
             tracing::debug!(peer = %self.peer, "cannot answer the dispy client: {e}");
         }
     }

@@ -28,7 +28,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dispy_core::frame::{frame, read_frame};
+use dispy_core::frame::{frame_within, read_frame, MAX_LEN};
 use dispy_core::job::{JobId, JobResult};
 use dispy_core::pickle::Value;
 use dispy_core::protocol::{JobEventKind, NodeMsg};
@@ -547,7 +547,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     max: usize,
 ) -> Result<Option<Vec<u8>>, String> {
     stream
-        .write_all(&frame(msg))
+        .write_all(&frame_within(msg, MAX_LEN).map_err(|e| e.to_string())?)
         .await
         .map_err(|e| format!("send failed: {e}"))?;
     let answer = if reply {

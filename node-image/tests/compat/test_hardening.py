@@ -209,3 +209,24 @@ report(seen=seen, in_parent=in_parent, in_grand=in_grand, status=job.status, exc
     assert r["seen"] == {} and not r["in_parent"] and not r["in_grand"], r
     assert "s3cret" not in r["program_out"] and "DISPYNODE" not in r["program_out"], r["program_out"]
     assert "PATH=" in r["program_out"]
+
+
+def test_a_result_over_max_frame_is_terminated_and_the_next_job_finishes(nodes, client):
+    nodes.start("127.0.0.1", "--max-frame", "4m", cpus=1)
+    r = client.run('''
+def compute(n):
+    return b"x" * n
+
+cluster = dispy.JobCluster(compute, %s, nodes=['127.0.0.1'])
+big = cluster.submit(8 << 20)
+big()
+small = cluster.submit(3)
+result = small()
+report(big_status=big.status, big_exception=big.exception, big_result=big.result,
+       small=result.decode(), small_status=small.status,
+       terminated=dispy.DispyJob.Terminated, finished=dispy.DispyJob.Finished)
+cluster.close()
+''' % LO, timeout=120)
+    assert r["big_status"] == r["terminated"] and r["big_result"] is None, r
+    assert "--max-frame" in r["big_exception"], r
+    assert (r["small"], r["small_status"]) == ("xxx", r["finished"]), r
