@@ -2,9 +2,11 @@
 
 mod config;
 mod dispy;
+mod hardening;
 mod metrics;
 mod node;
 mod process;
+mod procfs;
 mod pyhost;
 mod server;
 mod session;
@@ -37,7 +39,22 @@ fn init_logging(args: &Args) {
 
 fn main() {
     let args = Args::parse();
+    // Before any thread exists: the arguments and the environment are changed in place.
+    let hidden = hardening::hide_secret_on_command_line(&args.secret);
+    let scrubbed = hardening::scrub_environment();
+    let non_dumpable = hardening::make_non_dumpable();
     init_logging(&args);
+    match hidden {
+        Ok(0) => {}
+        Ok(_) => tracing::info!("--secret hidden from /proc/<pid>/cmdline; $DISPYNODE_SECRET keeps it out of the command line altogether"),
+        Err(e) => tracing::warn!("--secret stays visible in /proc/<pid>/cmdline ({e}); pass it as $DISPYNODE_SECRET instead"),
+    }
+    if !scrubbed.is_empty() {
+        tracing::debug!(variables = ?scrubbed, "removed from the environment jobs inherit");
+    }
+    if let Err(e) = non_dumpable {
+        tracing::warn!("{e}");
+    }
     let cfg = match NodeConfig::from_args(&args) {
         Ok(cfg) => cfg,
         Err(e) => {
