@@ -1,5 +1,6 @@
 //! `dispynode`: the dispy node agent.
 
+mod children;
 mod config;
 mod dispy;
 mod hardening;
@@ -43,6 +44,7 @@ fn main() {
     let hidden = hardening::hide_secret_on_command_line(&args.secret);
     let scrubbed = hardening::scrub_environment();
     let non_dumpable = hardening::make_non_dumpable();
+    let subreaper = children::become_subreaper();
     init_logging(&args);
     match hidden {
         Ok(0) => {}
@@ -52,7 +54,7 @@ fn main() {
     if !scrubbed.is_empty() {
         tracing::debug!(variables = ?scrubbed, "removed from the environment jobs inherit");
     }
-    if let Err(e) = non_dumpable {
+    for e in [non_dumpable.err(), subreaper.err()].into_iter().flatten() {
         tracing::warn!("{e}");
     }
     let cfg = match NodeConfig::from_args(&args) {
@@ -119,6 +121,7 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
     tokio::spawn(node.clone().run_outcomes(outcomes));
     tokio::spawn(dispy.clone().pulses());
     tokio::spawn(node.clone().reap_zombies());
+    tokio::spawn(children::reap_leftovers());
     if let Some(addr) = cfg.metrics_addr {
         let node = node.clone();
         tokio::spawn(async move {

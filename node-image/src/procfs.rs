@@ -20,6 +20,18 @@ pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
     }
 }
 
+/// The parent pid (field 4) of a `/proc/<pid>/stat` line.
+pub fn stat_ppid(stat: &str) -> Option<i32> {
+    stat_field(stat, 4)?.parse().ok()
+}
+
+/// A `/proc/<pid>/task/<tid>/children` file: pids separated by spaces.
+pub fn parse_pids(text: &str) -> Vec<i32> {
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Reads `/proc/<pid>/stat`; None when the process is gone.
 pub fn read_stat(pid: i32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
@@ -39,11 +51,17 @@ mod tests {
         assert_eq!(stat_field(STAT, 1), Some("4242"));
         assert_eq!(stat_field(STAT, 2), Some("a) b (c)"));
         assert_eq!(stat_field(STAT, 3), Some("S"));
-        assert_eq!(stat_field(STAT, 4), Some("17"));
+        assert_eq!(stat_ppid(STAT), Some(17));
         assert_eq!(stat_field(STAT, 48), Some("140730000000"));
         assert_eq!(stat_field(STAT, 49), Some("140730000030"));
         assert_eq!(stat_field(STAT, 53), None);
         assert_eq!(stat_field("", 4), None);
-        assert_eq!(stat_field("12 (x", 4), None);
+        assert_eq!(stat_ppid("12 (x"), None);
+    }
+
+    #[test]
+    fn children_files_list_pids() {
+        assert_eq!(parse_pids("101 205 7 \n"), vec![101, 205, 7]);
+        assert!(parse_pids("").is_empty());
     }
 }

@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::children;
 use crate::node::Outcome;
 use crate::process::describe_wait_status;
 
@@ -139,17 +140,22 @@ pub async fn probe_interpreter(python: &Path, host_dir: &Path) -> Result<String,
         try:\n    import py_compile; py_compile.compile(sys.argv[1], doraise=True)\n\
         except Exception as e:\n    error = str(e)\n\
         print(json.dumps({'path': sys.path[1:], 'cache_error': error}))";
-    let out = Command::new(python)
-        .args(["-c", PROBE])
-        .arg(host_dir.join(HOST_MODULE_FILE))
-        .output()
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot start the Python interpreter {}: {e} (set --python)",
-                python.display()
-            )
-        })?;
+    let cannot_start = |e: std::io::Error| {
+        format!(
+            "cannot start the Python interpreter {}: {e} (set --python)",
+            python.display()
+        )
+    };
+    let probe = children::spawn(
+        Command::new(python)
+            .args(["-c", PROBE])
+            .arg(host_dir.join(HOST_MODULE_FILE))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .map_err(cannot_start)?;
+    let out = probe.wait_with_output().await.map_err(cannot_start)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let answer: serde_json::Value = match serde_json::from_str(stdout.trim()) {
         Ok(answer) if out.status.success() => answer,
@@ -210,7 +216,7 @@ impl PyHost {
         if bind_now_set {
             command.env("LD_BIND_NOW", "1");
         }
-        let mut child = command
+        command
             .arg("-S")
             .args(["-c", HOST_LOADER])
             .arg(settings.host_dir)
@@ -220,14 +226,13 @@ impl PyHost {
             .stderr(Stdio::piped())
             // Its idle job processes stay in its group, so the group can be killed at the end.
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot start the Python interpreter {}: {e} (set --python)",
-                    settings.python.display()
-                )
-            })?;
+            .kill_on_drop(true);
+        let mut child = children::spawn(&mut command).map_err(|e| {
+            format!(
+                "cannot start the Python interpreter {}: {e} (set --python)",
+                settings.python.display()
+            )
+        })?;
         let mut stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");

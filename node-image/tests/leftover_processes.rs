@@ -1,0 +1,176 @@
+//! What jobs leave running is killed: the node is the child subreaper, so a process whose
+//! parent exits is adopted by the node, which kills and reaps it. Each test's processes are
+//! told apart by a `sleep` duration no other test uses.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use dispy_core::protocol::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+/// How soon a leftover must be gone: the reaper looks every 250 ms.
+const SOON: Duration = Duration::from_secs(5);
+
+/// Live processes whose command line is exactly `argv` (a zombie has none).
+fn running(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+/// The children of `parent`, zombies included: (pid, state, command name).
+fn children_of(parent: i32) -> Vec<(i32, String, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_string();
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?.to_string();
+            let ppid: i32 = fields.next()?.parse().ok()?;
+            (ppid == parent).then_some((pid, state, name))
+        })
+        .collect()
+}
+
+async fn wait_until<T: std::fmt::Debug>(what: &str, mut left: impl FnMut() -> Vec<T>) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let now = left();
+        if now.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const POPEN: &str = r#"
+import subprocess
+def start(seconds):
+    p = subprocess.Popen(['sleep', seconds])
+    return p.poll() is None
+"#;
+
+#[tokio::test]
+async fn what_a_python_job_starts_is_killed_once_its_process_ends_or_its_computation_closes() {
+    let node = NodeProc::start(&["--cpus", "2"]).await;
+    let (client, mut events) = connect(&node).await;
+    for (reuse, seconds) in [(false, "300.101"), (true, "300.202")] {
+        let name = format!("popen-{reuse}");
+        let spec = PythonComputation {
+            reuse_workers: reuse,
+            ..python(POPEN, "start")
+        };
+        open(&client, &name, Computation::Python(spec), &[]).await;
+        client
+            .submit(&name, job(1, json!([seconds])))
+            .await
+            .unwrap();
+        let done = collect(&mut events, 1, T).await;
+        assert_eq!(finished(&done[&1]), "true", "the sleep was started");
+        let sleep = ["sleep", seconds];
+        if reuse {
+            // A reuse worker lives on, and so does what its jobs started (later jobs may use it).
+            assert_eq!(
+                running(&sleep).len(),
+                1,
+                "reuse: the worker's child runs on"
+            );
+        } else {
+            wait_until("a fork-per-job job's sleep outlived it", || running(&sleep)).await;
+        }
+        client.close(&name, false).await.unwrap();
+        wait_until("a job's sleep outlived its computation", || running(&sleep)).await;
+    }
+    // Killed and reaped: the node has no child left, not even a zombie.
+    wait_until("children of the node after every close", || {
+        children_of(node.pid())
+    })
+    .await;
+    assert!(
+        node.log().contains("that jobs left running"),
+        "{}",
+        node.log()
+    );
+}
+
+#[tokio::test]
+async fn a_program_whose_background_child_keeps_its_pipes_finishes_when_it_exits() {
+    let node = NodeProc::start(&["--cpus", "1"]).await;
+    let (client, mut events) = connect(&node).await;
+    let spec = Computation::Program(ProgramComputation {
+        command: vec!["sh".into(), "-c".into(), "sleep 301.5 & echo hi".into()],
+        env: vec![],
+    });
+    open(&client, "background", spec, &[]).await;
+    let t0 = Instant::now();
+    client
+        .submit("background", job(1, json!([])))
+        .await
+        .unwrap();
+    let done = collect(&mut events, 1, T).await;
+    assert!(t0.elapsed() < SOON, "took {:?}", t0.elapsed());
+    assert_eq!(finished(&done[&1]), "0");
+    assert_eq!(done[&1].stdout, "hi\n");
+    wait_until("the program's background sleep outlived it", || {
+        running(&["sleep", "301.5"])
+    })
+    .await;
+    wait_until("children of the node", || children_of(node.pid())).await;
+}
+
+const DAEMON: &str = r#"
+def detach(seconds):
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execvp('sleep', ['sleep', seconds])
+        os._exit(0)
+    os.waitpid(child, 0)
+    return os.getpid()
+"#;
+
+#[tokio::test]
+async fn a_daemon_a_job_detaches_with_setsid_and_a_double_fork_is_killed() {
+    let node = NodeProc::start(&["--cpus", "1"]).await;
+    let (client, mut events) = connect(&node).await;
+    for (reuse, seconds) in [(false, "302.101"), (true, "302.202")] {
+        let name = format!("daemon-{reuse}");
+        let spec = PythonComputation {
+            reuse_workers: reuse,
+            ..python(DAEMON, "detach")
+        };
+        open(&client, &name, Computation::Python(spec), &[]).await;
+        client
+            .submit(&name, job(1, json!([seconds])))
+            .await
+            .unwrap();
+        let done = collect(&mut events, 1, T).await;
+        let job_pid: i32 = finished(&done[&1]).parse().unwrap();
+        // Killed while the computation goes on (and, with reuse, its worker lives on).
+        wait_until("a job's detached daemon outlived its parent", || {
+            running(&["sleep", seconds])
+        })
+        .await;
+        if reuse {
+            assert!(
+                std::path::Path::new(&format!("/proc/{job_pid}")).exists(),
+                "the reuse worker itself is left alone"
+            );
+        }
+        client.submit(&name, job(2, json!(["0"]))).await.unwrap();
+        let done = collect(&mut events, 1, T).await;
+        finished(&done[&2]);
+        client.close(&name, false).await.unwrap();
+    }
+}
