@@ -4,6 +4,7 @@ mod children;
 mod config;
 mod dispy;
 mod hardening;
+mod host_output;
 mod metrics;
 mod node;
 mod process;

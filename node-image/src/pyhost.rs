@@ -7,15 +7,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::protocol::PythonComputation;
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::children;
+use crate::host_output::{self, Entry, HostOutput};
 use crate::node::Outcome;
 use crate::process::describe_wait_status;
 
@@ -237,13 +239,7 @@ impl PyHost {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
 
-        let comp = computation.to_string();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::warn!(computation = %comp, "python: {line}");
-            }
-        });
+        tokio::spawn(log_host_output(computation.to_string(), stderr));
 
         let init = serde_json::json!({
             "source": py.source,
@@ -411,6 +407,49 @@ impl PyHost {
         let mut child = self.child.lock().await;
         let _ = child.wait().await;
         self.kill_group(&child);
+    }
+}
+
+/// Logs what the host writes to its stderr, within the bounds of [`HostOutput`].
+async fn log_host_output(computation: String, mut stderr: ChildStderr) {
+    let mut output = HostOutput::new(Instant::now());
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::time::timeout(host_output::WINDOW, stderr.read(&mut buf)).await;
+        let now = Instant::now();
+        let ended = match read {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                output.finish(now, &mut entries);
+                true
+            }
+            Ok(Ok(n)) => {
+                output.feed(now, &buf[..n], &mut entries);
+                false
+            }
+            Err(_) => {
+                output.tick(now, &mut entries);
+                false
+            }
+        };
+        for entry in entries.drain(..) {
+            match entry {
+                Entry::Line { text, cut: 0 } => {
+                    tracing::warn!(%computation, "python: {text}")
+                }
+                Entry::Line { text, cut } => {
+                    tracing::warn!(%computation, "python: {text}… ({cut} bytes cut)")
+                }
+                Entry::Dropped { lines, bytes } => tracing::warn!(
+                    %computation,
+                    "python: {lines} more line(s), {bytes} bytes, not logged (over {} lines per second)",
+                    host_output::LINES_PER_WINDOW
+                ),
+            }
+        }
+        if ended {
+            return;
+        }
     }
 }
 
