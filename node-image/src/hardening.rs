@@ -2,10 +2,10 @@
 //! it runs (user code, as the node's own user) cannot learn its secret or its settings:
 //! - every `DISPYNODE_*` variable (`$DISPYNODE_SECRET` and any other setting a deployment put
 //!   there) is removed from the node's environment, which everything it starts inherits;
-//! - the node is made non-dumpable: a process of the same user can then open neither
-//!   `/proc/<node>/environ` (the environment the node was started with, which removing a
-//!   variable does not change) nor `/proc/<node>/mem`; only CAP_SYS_PTRACE can. The price: no
-//!   core dumps of the node, and no same-user gdb or strace on it;
+//! - the node is made non-dumpable: a process of the same (non-root) user can then open
+//!   neither `/proc/<node>/environ` (the environment the node was started with, which
+//!   removing a variable does not change) nor `/proc/<node>/mem`. The price: no core dumps of
+//!   the node, and no same-user gdb or strace on it;
 //! - a secret given as `--secret VALUE` or `-s VALUE` is overwritten with `*` in the argument
 //!   memory that `/proc/<node>/cmdline`, readable by everyone, shows. Its length still shows,
 //!   and so does the secret itself until the node has started: `$DISPYNODE_SECRET` is the way
