@@ -128,16 +128,21 @@ async fn a_program_whose_background_child_keeps_its_pipes_finishes_when_it_exits
     wait_until("children of the node", || children_of(node.pid())).await;
 }
 
+/// Returns [the job's pid, the daemon's]. The daemon may not have reached its `exec` yet.
 const DAEMON: &str = r#"
 def detach(seconds):
+    r, w = os.pipe()
     child = os.fork()
     if child == 0:
         os.setsid()
-        if os.fork() == 0:
+        daemon = os.fork()
+        if daemon == 0:
             os.execvp('sleep', ['sleep', seconds])
+        os.write(w, b'%d' % daemon)
         os._exit(0)
     os.waitpid(child, 0)
-    return os.getpid()
+    os.close(w)
+    return [os.getpid(), int(os.read(r, 32))]
 "#;
 
 #[tokio::test]
@@ -156,10 +161,15 @@ async fn a_daemon_a_job_detaches_with_setsid_and_a_double_fork_is_killed() {
             .await
             .unwrap();
         let done = collect(&mut events, 1, T).await;
-        let job_pid: i32 = finished(&done[&1]).parse().unwrap();
-        // Killed while the computation goes on (and, with reuse, its worker lives on).
+        let (job_pid, daemon): (i32, i32) = serde_json::from_str(finished(&done[&1])).unwrap();
+        // Killed and reaped while the computation goes on (and, with reuse, its worker lives).
         wait_until("a job's detached daemon outlived its parent", || {
-            running(&["sleep", seconds])
+            let alive = std::path::Path::new(&format!("/proc/{daemon}")).exists();
+            if alive {
+                vec![daemon]
+            } else {
+                vec![]
+            }
         })
         .await;
         if reuse {
@@ -172,5 +182,6 @@ async fn a_daemon_a_job_detaches_with_setsid_and_a_double_fork_is_killed() {
         let done = collect(&mut events, 1, T).await;
         finished(&done[&2]);
         client.close(&name, false).await.unwrap();
+        assert!(running(&["sleep", seconds]).is_empty());
     }
 }
