@@ -3,7 +3,8 @@
 //! (and PID 1 in the node image), so a process whose parent exits while it runs on is adopted
 //! by the node. Such a process is a job's leftover — a `Popen` never waited for, a daemon, a
 //! background `&` — that nothing waits for and that may hold a job's pipes open: the reaper
-//! kills and reaps it.
+//! kills and reaps it. Children the node already had when it started (a script that ran
+//! `helper & exec dispynode`) are its parent's business: left alone, reaped when they exit.
 //!
 //! What must stay true:
 //! - a spawned child is recorded before the reaper can see it: [`spawn`] holds the registry
@@ -22,28 +23,45 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::procfs;
 
-/// Pids of the children the node spawned and has perhaps not yet reaped.
-static SPAWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+/// The node's children that are not leftovers, perhaps not yet reaped.
+struct Known {
+    /// Started by the node; tokio waits for them.
+    spawned: BTreeSet<i32>,
+    /// The node's children from before it started; nothing else waits for them.
+    inherited: BTreeSet<i32>,
+}
+
+static KNOWN: Mutex<Known> = Mutex::new(Known {
+    spawned: BTreeSet::new(),
+    inherited: BTreeSet::new(),
+});
 
 /// Reparenting sends no signal: the reaper also looks this often.
 const PERIOD: Duration = Duration::from_millis(250);
 /// Many children ending at once (program jobs) cost one sweep, not one each.
 const MIN_GAP: Duration = Duration::from_millis(10);
 
-fn spawned() -> MutexGuard<'static, BTreeSet<i32>> {
-    SPAWNED
+fn known() -> MutexGuard<'static, Known> {
+    KNOWN
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Starts `cmd`; the caller waits for the child (tokio reaps it).
 pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
-    let mut spawned = spawned();
+    let mut known = known();
     let child = cmd.spawn()?;
     if let Some(pid) = child.id() {
-        spawned.insert(pid as i32);
+        known.spawned.insert(pid as i32);
     }
     Ok(child)
+}
+
+/// Records the children the node has before it starts anything; returns how many.
+pub fn keep_inherited() -> usize {
+    let mut known = known();
+    known.inherited = list_children(std::process::id() as i32);
+    known.inherited.len()
 }
 
 pub fn become_subreaper() -> Result<(), String> {
@@ -60,24 +78,24 @@ pub fn become_subreaper() -> Result<(), String> {
 /// What one look at the node's children decides.
 #[derive(Debug, PartialEq)]
 pub struct Sweep {
-    /// Children the node did not spawn: leftovers, to kill and reap.
+    /// Children the node neither spawned nor had from the start: leftovers, to kill and reap.
     pub leftovers: Vec<i32>,
-    /// Spawned pids that are no longer the node's children (reaped): to forget, so that a
+    /// Known pids that are no longer the node's children (reaped): to forget, so that a
     /// later leftover with a reused pid is not taken for one of them.
     pub reaped: Vec<i32>,
 }
 
 /// Decides from the node's `children` (a listing that may miss a child created or reaped
-/// meanwhile) and the pids it `spawned`; `is_child` asks again about a spawned pid the
-/// listing missed.
+/// meanwhile) and its `known` children (spawned or inherited); `is_child` asks again about a
+/// known pid the listing missed.
 pub fn sweep(
     children: &BTreeSet<i32>,
-    spawned: &BTreeSet<i32>,
+    known: &BTreeSet<i32>,
     is_child: impl Fn(i32) -> bool,
 ) -> Sweep {
     Sweep {
-        leftovers: children.difference(spawned).copied().collect(),
-        reaped: spawned
+        leftovers: children.difference(known).copied().collect(),
+        reaped: known
             .difference(children)
             .copied()
             .filter(|&pid| !is_child(pid))
@@ -117,12 +135,19 @@ fn is_child_of(pid: i32, parent: i32) -> bool {
 /// the names of those killed now.
 fn sweep_once(me: i32, killed: &mut BTreeSet<i32>) -> Vec<String> {
     let leftovers = {
-        let mut spawned = spawned();
+        let mut known = known();
         let children = list_children(me);
-        let decided = sweep(&children, &spawned, |pid| is_child_of(pid, me));
+        let all: BTreeSet<i32> = known.spawned.union(&known.inherited).copied().collect();
+        let decided = sweep(&children, &all, |pid| is_child_of(pid, me));
         for pid in decided.reaped {
-            spawned.remove(&pid);
+            known.spawned.remove(&pid);
+            known.inherited.remove(&pid);
         }
+        known.inherited.retain(|&pid| {
+            let mut status = 0;
+            // SAFETY: a child of ours that nothing else waits for; WNOHANG leaves a live one be.
+            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) != pid }
+        });
         decided.leftovers
     };
     let mut names = Vec::new();

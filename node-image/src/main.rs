@@ -46,7 +46,11 @@ fn main() {
     let scrubbed = hardening::scrub_environment();
     let non_dumpable = hardening::make_non_dumpable();
     let subreaper = children::become_subreaper();
+    let inherited = children::keep_inherited();
     init_logging(&args);
+    if inherited > 0 {
+        tracing::info!("{inherited} child process(es) from before the start are left alone");
+    }
     match hidden {
         Ok(0) => {}
         Ok(_) => tracing::info!("--secret hidden from /proc/<pid>/cmdline; $DISPYNODE_SECRET keeps it out of the command line altogether"),

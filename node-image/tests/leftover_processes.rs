@@ -185,3 +185,38 @@ async fn a_daemon_a_job_detaches_with_setsid_and_a_double_fork_is_killed() {
         assert!(running(&["sleep", seconds]).is_empty());
     }
 }
+
+#[tokio::test]
+async fn a_child_the_node_had_before_it_started_is_left_alone_and_reaped_when_it_exits() {
+    let launch = Launch {
+        background: Some("sleep 304.5 & sleep 1.5"),
+        ..Default::default()
+    };
+    let node = NodeProc::launch(&[], launch).await;
+    let (client, mut events) = connect(&node).await;
+    // The reaper runs, and kills what a job leaves ...
+    let spec = Computation::Program(ProgramComputation {
+        command: vec!["sh".into(), "-c".into(), "sleep 304.7 &".into()],
+        env: vec![],
+    });
+    open(&client, "bg", spec, &[]).await;
+    client.submit("bg", job(1, json!([]))).await.unwrap();
+    finished(&collect(&mut events, 1, T).await[&1]);
+    wait_until("a job's sleep", || running(&["sleep", "304.7"])).await;
+    // ... but not the children of the shell that became the node.
+    let inherited = running(&["sleep", "304.5"]);
+    assert_eq!(inherited.len(), 1, "{}", node.log());
+    assert!(children_of(node.pid())
+        .iter()
+        .any(|(pid, _, _)| *pid == inherited[0]));
+    // The one that exits on its own is reaped, not left a zombie.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until("zombies among the node's children", || {
+        children_of(node.pid())
+            .into_iter()
+            .filter(|(_, state, _)| state == "Z")
+            .collect()
+    })
+    .await;
+    unsafe { libc::kill(inherited[0], libc::SIGKILL) };
+}

@@ -39,6 +39,9 @@ pub struct Launch<'a> {
     /// The node's address-space limit (RLIMIT_AS, inherited by its children), so that a
     /// node that balloons fails the test rather than the machine.
     pub address_space: Option<u64>,
+    /// A shell command started in the background by a shell that then becomes the node
+    /// (`command & exec dispynode …`), so the node starts with a child of its own.
+    pub background: Option<&'a str>,
 }
 
 /// The system's interpreter, which any user may run (the one on PATH may be in root's home).
@@ -65,7 +68,17 @@ impl NodeProc {
     pub async fn launch(extra: &[&str], launch: Launch<'_>) -> NodeProc {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispynode"));
+        let node = env!("CARGO_BIN_EXE_dispynode");
+        let mut cmd = match launch.background {
+            None => Command::new(node),
+            Some(background) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("{background} & exec \"$0\" \"$@\""))
+                    .arg(node);
+                sh
+            }
+        };
         cmd.args(["-i", "127.0.0.1", "--port", &port.to_string(), "--daemon"])
             .arg("--dest-path-prefix")
             .arg(dir.path())
