@@ -1,11 +1,15 @@
 //! `dispynode`: the dispy node agent.
 
+mod children;
 mod config;
 mod dispy;
+mod hardening;
+mod host_output;
 mod limits;
 mod metrics;
 mod node;
 mod process;
+mod procfs;
 mod pyhost;
 mod server;
 mod session;
@@ -38,7 +42,31 @@ fn init_logging(args: &Args) {
 
 fn main() {
     let args = Args::parse();
+    // Before any thread exists: the arguments and the environment are changed in place.
+    let hidden = hardening::hide_secret_on_command_line(&args.secret);
+    let scrubbed = hardening::scrub_environment();
+    let env_hidden = hardening::hide_environment_values();
+    let non_dumpable = hardening::make_non_dumpable();
+    let subreaper = children::become_subreaper();
+    let inherited = children::keep_inherited();
     init_logging(&args);
+    if inherited > 0 {
+        tracing::info!("{inherited} child process(es) from before the start are left alone");
+    }
+    match hidden {
+        Ok(0) => {}
+        Ok(_) => tracing::info!("--secret hidden from /proc/<pid>/cmdline; $DISPYNODE_SECRET keeps it out of the command line altogether"),
+        Err(e) => tracing::warn!("--secret stays visible in /proc/<pid>/cmdline ({e}); pass it as $DISPYNODE_SECRET instead"),
+    }
+    if let Err(e) = env_hidden {
+        tracing::warn!("the DISPYNODE_* values stay in /proc/<pid>/environ ({e}); only non-dumpable keeps other users from reading them");
+    }
+    if !scrubbed.is_empty() {
+        tracing::debug!(variables = ?scrubbed, "removed from the environment jobs inherit");
+    }
+    for e in [non_dumpable.err(), subreaper.err()].into_iter().flatten() {
+        tracing::warn!("{e}");
+    }
     let cfg = match NodeConfig::from_args(&args) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -103,6 +131,7 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
     tokio::spawn(node.clone().run_outcomes(outcomes));
     tokio::spawn(dispy.clone().pulses());
     tokio::spawn(node.clone().reap_zombies());
+    tokio::spawn(children::reap_leftovers());
     if let Some(addr) = cfg.metrics_addr {
         let node = node.clone();
         tokio::spawn(async move {

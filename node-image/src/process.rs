@@ -1,18 +1,27 @@
 //! Program jobs: run without a shell, output captured as bytes up to a bound, result = exit
 //! code (a non-zero exit is still Finished, as in dispy). Each job gets its own process group
-//! so terminating it reaches whatever it started.
+//! so terminating it reaches whatever it started. A job is over when its program exits: a
+//! process it left running may hold its output pipes open, and is not waited for.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use dispy_core::job::{now_secs, JobResult, JobStatus};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::children;
 use crate::node::Outcome;
+
+/// How long after a program's exit its output may still take to end. What the program wrote
+/// is in the pipes when it exits, so this only bounds a process it left running that holds
+/// them (the reaper kills such processes, which also ends the output).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// Finds the program: a path (relative to the computation's directory), else a file among
 /// the computation's files, else on `PATH`.
@@ -80,19 +89,14 @@ pub fn spawn_program(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
+    let mut child = children::spawn(&mut cmd)
         .map_err(|e| format!("cannot start {}: {e}", job.program.display()))?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let (max, run) = (job.max_output, job.run);
     tokio::spawn(async move {
-        let (out, err, status) = tokio::join!(
-            read_bounded(stdout, max),
-            read_bounded(stderr, max),
-            child.wait()
-        );
+        let (status, out, err) = capture(stdout, stderr, max, child.wait(), DRAIN_AFTER_EXIT).await;
         let end = now_secs();
         let mut result = match status {
             Ok(s) => match (s.code(), s.signal()) {
@@ -118,8 +122,8 @@ pub fn spawn_program(
                 format!("waiting for the program failed: {e}"),
             ),
         };
-        (result.stdout, result.stdout_dropped) = out;
-        (result.stderr, result.stderr_dropped) = err;
+        (result.stdout, result.stdout_dropped) = out.into_text();
+        (result.stderr, result.stderr_dropped) = err.into_text();
         result.start_time = Some(start);
         result.end_time = Some(end);
         let _ = outcomes.send(Outcome::Job { run, result });
@@ -127,23 +131,60 @@ pub fn spawn_program(
     Ok(pid)
 }
 
-/// Reads everything, keeps the first `max` bytes (as text, lossily) and counts the rest.
-async fn read_bounded<R: AsyncRead + Unpin>(mut r: R, max: usize) -> (String, u64) {
-    let mut kept = Vec::new();
-    let mut dropped = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let room = max.saturating_sub(kept.len());
-                let take = room.min(n);
-                kept.extend_from_slice(&buf[..take]);
-                dropped += (n - take) as u64;
+/// One output stream of a program: its first `max` bytes, and how many more came.
+#[derive(Default)]
+struct Captured {
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl Captured {
+    /// Reads `r` to its end. Cancel-safe: what was read so far stays in `self`.
+    async fn read_from<R: AsyncRead + Unpin>(&mut self, mut r: R, max: usize) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let take = max.saturating_sub(self.kept.len()).min(n);
+                    self.kept.extend_from_slice(&buf[..take]);
+                    self.dropped += (n - take) as u64;
+                }
             }
         }
     }
-    (String::from_utf8_lossy(&kept).into_owned(), dropped)
+
+    fn into_text(self) -> (String, u64) {
+        (
+            String::from_utf8_lossy(&self.kept).into_owned(),
+            self.dropped,
+        )
+    }
+}
+
+/// Reads a program's stdout and stderr until `exited` (its exit status) and both streams
+/// ended, or until `drain` after `exited`, whichever is first.
+async fn capture<T>(
+    stdout: impl AsyncRead + Unpin,
+    stderr: impl AsyncRead + Unpin,
+    max: usize,
+    exited: impl Future<Output = T>,
+    drain: Duration,
+) -> (T, Captured, Captured) {
+    let (mut out, mut err) = (Captured::default(), Captured::default());
+    let status = {
+        let reads = async { tokio::join!(out.read_from(stdout, max), err.read_from(stderr, max)) };
+        tokio::pin!(reads);
+        tokio::pin!(exited);
+        tokio::select! {
+            _ = &mut reads => exited.await,
+            status = &mut exited => {
+                let _ = tokio::time::timeout(drain, &mut reads).await;
+                status
+            }
+        }
+    };
+    (status, out, err)
 }
 
 /// Sends a signal to a job's process group.
@@ -183,5 +224,50 @@ pub fn describe_wait_status(status: i32) -> String {
         )
     } else {
         format!("ended with wait status {status}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn output_held_open_after_the_exit_is_read_for_the_drain_only() {
+        // The writers stay open, as when the program left a process holding its pipes.
+        let (mut out_w, out_r) = tokio::io::duplex(1024);
+        let (_err_w, err_r) = tokio::io::duplex(1024);
+        out_w.write_all(b"hi\n").await.unwrap();
+        let exited = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            0
+        };
+        let t0 = Instant::now();
+        let (status, out, err) =
+            capture(out_r, err_r, 100, exited, Duration::from_millis(200)).await;
+        let took = t0.elapsed();
+        assert_eq!(status, 0);
+        assert_eq!(out.into_text(), ("hi\n".to_string(), 0));
+        assert_eq!(err.into_text(), (String::new(), 0));
+        assert!(took >= Duration::from_millis(250), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn output_that_ends_after_the_exit_is_read_whole_without_waiting_the_drain() {
+        let (mut out_w, out_r) = tokio::io::duplex(4096);
+        let (err_w, err_r) = tokio::io::duplex(4096);
+        drop(err_w);
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                out_w.write_all(&[b'a'; 1000]).await.unwrap();
+            }
+        });
+        let t0 = Instant::now();
+        let (_, out, _) = capture(out_r, err_r, 60_000, async {}, Duration::from_secs(20)).await;
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        let (text, dropped) = out.into_text();
+        assert_eq!((text.len(), dropped), (60_000, 40_000));
     }
 }

@@ -7,14 +7,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::protocol::PythonComputation;
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::children;
+use crate::host_output::{self, Entry, HostOutput};
 use crate::node::Outcome;
 use crate::process::describe_wait_status;
 
@@ -141,17 +144,22 @@ pub async fn probe_interpreter(python: &Path, host_dir: &Path) -> Result<String,
         try:\n    import py_compile; py_compile.compile(sys.argv[1], doraise=True)\n\
         except Exception as e:\n    error = str(e)\n\
         print(json.dumps({'path': sys.path[1:], 'cache_error': error}))";
-    let out = Command::new(python)
-        .args(["-c", PROBE])
-        .arg(host_dir.join(HOST_MODULE_FILE))
-        .output()
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot start the Python interpreter {}: {e} (set --python)",
-                python.display()
-            )
-        })?;
+    let cannot_start = |e: std::io::Error| {
+        format!(
+            "cannot start the Python interpreter {}: {e} (set --python)",
+            python.display()
+        )
+    };
+    let probe = children::spawn(
+        Command::new(python)
+            .args(["-c", PROBE])
+            .arg(host_dir.join(HOST_MODULE_FILE))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .map_err(cannot_start)?;
+    let out = probe.wait_with_output().await.map_err(cannot_start)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let answer: serde_json::Value = match serde_json::from_str(stdout.trim()) {
         Ok(answer) if out.status.success() => answer,
@@ -212,7 +220,7 @@ impl PyHost {
         if bind_now_set {
             command.env("LD_BIND_NOW", "1");
         }
-        let mut child = command
+        command
             .arg("-S")
             .args(["-c", HOST_LOADER])
             .arg(settings.host_dir)
@@ -222,25 +230,18 @@ impl PyHost {
             .stderr(Stdio::piped())
             // Its idle job processes stay in its group, so the group can be killed at the end.
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot start the Python interpreter {}: {e} (set --python)",
-                    settings.python.display()
-                )
-            })?;
+            .kill_on_drop(true);
+        let mut child = children::spawn(&mut command).map_err(|e| {
+            format!(
+                "cannot start the Python interpreter {}: {e} (set --python)",
+                settings.python.display()
+            )
+        })?;
         let mut stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
 
-        let comp = computation.to_string();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::warn!(computation = %comp, "python: {line}");
-            }
-        });
+        tokio::spawn(log_host_output(computation.to_string(), stderr));
 
         let init = serde_json::json!({
             "source": py.source,
@@ -416,9 +417,6 @@ impl PyHost {
     }
 }
 
-/// A reply over `max_reply` is dropped without being held in memory, and its job is Terminated
-/// with the size; a spilled reply is read only from the host's spill directory.
-#[allow(clippy::too_many_arguments)]
 const TOO_LARGE: &str = "the job's reply is";
 
 fn too_large(len: usize, max: usize) -> JobResult {
@@ -453,6 +451,52 @@ async fn read_spilled(dir: &Path, name: &[u8], max: usize) -> Result<Vec<u8>, St
     data
 }
 
+/// Logs what the host writes to its stderr, within the bounds of [`HostOutput`].
+async fn log_host_output(computation: String, mut stderr: ChildStderr) {
+    let mut output = HostOutput::new(Instant::now());
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::time::timeout(host_output::WINDOW, stderr.read(&mut buf)).await;
+        let now = Instant::now();
+        let ended = match read {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                output.finish(now, &mut entries);
+                true
+            }
+            Ok(Ok(n)) => {
+                output.feed(now, &buf[..n], &mut entries);
+                false
+            }
+            Err(_) => {
+                output.tick(now, &mut entries);
+                false
+            }
+        };
+        for entry in entries.drain(..) {
+            match entry {
+                Entry::Line { text, cut: 0 } => {
+                    tracing::warn!(%computation, "python: {text}")
+                }
+                Entry::Line { text, cut } => {
+                    tracing::warn!(%computation, "python: {text}… ({cut} bytes cut)")
+                }
+                Entry::Dropped { lines, bytes } => tracing::warn!(
+                    %computation,
+                    "python: {lines} more line(s), {bytes} bytes, not logged (over {} lines per second)",
+                    host_output::LINES_PER_WINDOW
+                ),
+            }
+        }
+        if ended {
+            return;
+        }
+    }
+}
+
+/// A reply over `max_reply` is dropped without being held in memory, and its job is Terminated
+/// with the size; a spilled reply is read only from the host's spill directory.
+#[allow(clippy::too_many_arguments)]
 async fn read_replies(
     computation: String,
     spill_dir: PathBuf,

@@ -28,6 +28,28 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// What a test may add to how its node is started.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Environment variables of the node.
+    pub env: &'a [(&'a str, &'a str)],
+    /// Runs the node as this uid and gid (the tests run as root, whom no process hides from).
+    /// The interpreter must then be one that user can run: see [`PYTHON_FOR_ANY_USER`].
+    pub user: Option<u32>,
+    /// The node's address-space limit (RLIMIT_AS, inherited by its children), so that a
+    /// node that balloons fails the test rather than the machine.
+    pub address_space: Option<u64>,
+    /// A shell command started in the background by a shell that then becomes the node
+    /// (`command & exec dispynode …`), so the node starts with a child of its own.
+    pub background: Option<&'a str>,
+}
+
+/// The system's interpreter, which any user may run (the one on PATH may be in root's home).
+pub const PYTHON_FOR_ANY_USER: &str = "/usr/bin/python3";
+
+/// The uid and gid of `nobody`.
+pub const NOBODY: u32 = 65534;
+
 impl NodeProc {
     /// Starts `dispynode -i 127.0.0.1 --port <free>` with extra args and waits until it serves.
     pub async fn start(extra: &[&str]) -> NodeProc {
@@ -35,7 +57,11 @@ impl NodeProc {
     }
 
     pub async fn start_with(extra: &[&str], secret: Option<&str>) -> NodeProc {
-        Self::start_within(extra, secret, None).await
+        let mut args = extra.to_vec();
+        if let Some(s) = secret {
+            args.extend(["--secret", s]);
+        }
+        Self::launch(&args, Launch::default()).await
     }
 
     /// With `max_address_space` (bytes) as the node's RLIMIT_AS: a test that could make the
@@ -45,37 +71,69 @@ impl NodeProc {
         secret: Option<&str>,
         max_address_space: Option<u64>,
     ) -> NodeProc {
+        let mut args = extra.to_vec();
+        if let Some(s) = secret {
+            args.extend(["--secret", s]);
+        }
+        let launch = Launch {
+            address_space: max_address_space,
+            ..Launch::default()
+        };
+        Self::launch(&args, launch).await
+    }
+
+    /// Starts a node as [`NodeProc::start`] does, with what `launch` adds.
+    pub async fn launch(extra: &[&str], launch: Launch<'_>) -> NodeProc {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispynode"));
+        let node = env!("CARGO_BIN_EXE_dispynode");
+        let mut cmd = match launch.background {
+            None => Command::new(node),
+            Some(background) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("{background} & exec \"$0\" \"$@\""))
+                    .arg(node);
+                sh
+            }
+        };
         cmd.args(["-i", "127.0.0.1", "--port", &port.to_string(), "--daemon"])
             .arg("--dest-path-prefix")
             .arg(dir.path())
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(launch.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(dir.path().join("node.log")).unwrap(),
             ));
-        if let Some(s) = secret {
-            cmd.args(["--secret", s]);
+        if let Some(id) = launch.user {
+            std::os::unix::fs::chown(dir.path(), Some(id), Some(id)).unwrap();
         }
-        if let Some(limit) = max_address_space {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let rl = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
+        let (user, address_space) = (launch.user, launch.address_space);
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if let Some(bytes) = address_space {
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
                     };
-                    if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                if let Some(id) = user {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(id) != 0
+                        || libc::setuid(id) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().expect("start dispynode");
         let node = NodeProc {
@@ -108,20 +166,29 @@ impl NodeProc {
         self.dir.path().to_path_buf()
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// A line of `/proc/<node>/status`, e.g. `VmRSS`, in bytes.
+    pub fn status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("no {field} in /proc/<node>/status:\n{status}"));
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
     /// The node's resident memory, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        self.status_bytes("VmRSS")
     }
 
     /// File descriptors the node has open (sockets included).
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
     }
