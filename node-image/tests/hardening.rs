@@ -140,11 +140,11 @@ fn memo_bomb(prefix: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&(leaf as u32).to_le_bytes());
     p.extend(std::iter::repeat_n(b'a', leaf));
     p.push(0x94); // MEMOIZE
-    p.extend_from_slice(&[b']', b'(']); // EMPTY_LIST, MARK
+    p.extend_from_slice(b"]("); // EMPTY_LIST, MARK
     for _ in 0..1_000_000 {
         p.extend_from_slice(&[b'h', 0]); // BINGET 0
     }
-    p.extend_from_slice(&[b'e', b'.']); // APPENDS, STOP
+    p.extend_from_slice(b"e."); // APPENDS, STOP
     p
 }
 
@@ -299,9 +299,11 @@ async fn idle_connections_from_one_address_are_capped_and_do_not_lock_out_others
     let mut open = 0;
     for s in &mut idle {
         let mut b = [0u8; 1];
-        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut b)).await {
-            Err(_) => open += 1,
-            Ok(_) => {}
+        if tokio::time::timeout(Duration::from_millis(50), s.read(&mut b))
+            .await
+            .is_err()
+        {
+            open += 1;
         }
     }
     assert!(
