@@ -12,6 +12,7 @@ mod process;
 mod procfs;
 mod pyhost;
 mod server;
+mod service;
 mod session;
 
 use std::net::SocketAddr;
@@ -41,7 +42,23 @@ fn init_logging(args: &Args) {
 }
 
 fn main() {
-    let args = Args::parse();
+    let argv = match config::file::expand(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("dispynode: {e}");
+            std::process::exit(2);
+        }
+    };
+    let args = Args::parse_from(argv);
+    if let Some(path) = &args.save_config {
+        match std::fs::write(path, config::file::text(&args)) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("dispynode: --save_config {}: {e}", path.display());
+                std::process::exit(2);
+            }
+        }
+    }
     // Before any thread exists: the arguments and the environment are changed in place.
     let hidden = hardening::hide_secret_on_command_line(&args.secret);
     let scrubbed = hardening::scrub_environment();
@@ -74,6 +91,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    for note in &cfg.not_applied {
+        tracing::warn!("accepted, not applied: {note}");
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(cfg, args.clean, args.daemon)) {
         Ok(()) => std::process::exit(0),
@@ -131,6 +151,7 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
     tokio::spawn(node.clone().run_outcomes(outcomes));
     tokio::spawn(dispy.clone().pulses());
     tokio::spawn(node.clone().reap_zombies());
+    tokio::spawn(node.clone().keep_service_window());
     tokio::spawn(children::reap_leftovers());
     if let Some(addr) = cfg.metrics_addr {
         let node = node.clone();
@@ -163,7 +184,7 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
         ));
     }
     if !daemon && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        tokio::spawn(console(node.clone()));
+        tokio::spawn(console(node.clone(), dispy.clone()));
     }
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -223,28 +244,125 @@ async fn clean_previous(pid_file: &Path, prefix: &Path) {
 }
 
 /// Interactive commands on a terminal, as dispy's node has: status, quit.
-async fn console(node: Arc<Node>) {
+/// A line typed on the node's console, as dispynode.py reads them.
+#[derive(Debug, PartialEq)]
+enum ConsoleCommand {
+    Quit,
+    /// Offer these cpus (`stop`: 0, `start`: all of `--cpus`, `cpus N`, negative: all but N).
+    Cpus(i64),
+    /// `cpus` alone: the next line gives the number.
+    AskCpus,
+    /// Close the computations of the current dispy client that have no jobs left.
+    Release,
+    Status,
+}
+
+fn console_command(line: &str, all: u32) -> Result<ConsoleCommand, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    Ok(match words.as_slice() {
+        ["quit"] | ["exit"] => ConsoleCommand::Quit,
+        ["stop"] => ConsoleCommand::Cpus(0),
+        ["start"] => ConsoleCommand::Cpus(all as i64),
+        ["cpus"] => ConsoleCommand::AskCpus,
+        ["cpus", n] => ConsoleCommand::Cpus(n.parse().map_err(|_| {
+            format!(
+                "cpus {n:?}: give a number from -{} to {all}",
+                all.saturating_sub(1)
+            )
+        })?),
+        ["release"] => ConsoleCommand::Release,
+        _ => ConsoleCommand::Status,
+    })
+}
+
+/// `cpus N` as dispy counts it: negative leaves that many unused.
+fn offered_cpus(n: i64, all: u32) -> Result<u32, String> {
+    let cpus = if n < 0 { all as i64 + n } else { n };
+    u32::try_from(cpus)
+        .ok()
+        .filter(|c| *c <= all)
+        .ok_or_else(|| {
+            format!(
+                "cpus {n}: give a number from -{} to {all}",
+                all.saturating_sub(1)
+            )
+        })
+}
+
+async fn console(node: Arc<Node>, dispy: Arc<dispy::Dispy>) {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    println!("dispynode: enter \"quit\" to stop, anything else for the status");
+    let all = node.cfg.cpus;
+    println!("dispynode: commands: status, stop, start, cpus N, release, quit");
+    let mut asking = false;
     while let Ok(Some(line)) = lines.next_line().await {
-        match line.trim() {
-            "quit" | "exit" => {
+        let command = if std::mem::take(&mut asking) {
+            line.trim()
+                .parse()
+                .map(ConsoleCommand::Cpus)
+                .map_err(|_| format!("{:?} is not a number of cpus", line.trim()))
+        } else {
+            console_command(&line, all)
+        };
+        let done = match command {
+            Ok(ConsoleCommand::Quit) => {
                 node.shutdown.send_replace(true);
                 return;
             }
-            _ => {
+            Ok(ConsoleCommand::AskCpus) => {
+                asking = true;
+                println!(
+                    "Enter number of CPUs to use in range -{} to {all}:",
+                    all.saturating_sub(1)
+                );
+                Ok(())
+            }
+            Ok(ConsoleCommand::Cpus(n)) => offered_cpus(n, all).and_then(|c| node.set_cpus(c)),
+            Ok(ConsoleCommand::Release) => {
+                let closed = dispy.release().await;
+                println!("  released: {closed} idle computation(s) closed");
+                Ok(())
+            }
+            Ok(ConsoleCommand::Status) => {
                 let info = node.info(None);
                 println!(
-                    "{} ({}:{}): {} cpus, {} busy, {} queued, computations: {:?}",
+                    "  {} ({}:{}): serving {} of {} cpus ({}), {} busy, {} queued, computations: {:?}",
                     info.name,
                     info.addr,
                     info.port,
                     info.cpus,
+                    all,
+                    node.cfg.service.describe(),
                     info.busy,
                     info.queued,
                     info.computations
                 );
+                Ok(())
             }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            println!("  {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_commands_read_as_dispynode_py_reads_them() {
+        assert_eq!(console_command("quit", 4), Ok(ConsoleCommand::Quit));
+        assert_eq!(console_command(" stop ", 4), Ok(ConsoleCommand::Cpus(0)));
+        assert_eq!(console_command("start", 4), Ok(ConsoleCommand::Cpus(4)));
+        assert_eq!(console_command("cpus 2", 4), Ok(ConsoleCommand::Cpus(2)));
+        assert_eq!(console_command("cpus", 4), Ok(ConsoleCommand::AskCpus));
+        assert_eq!(console_command("release", 4), Ok(ConsoleCommand::Release));
+        assert_eq!(console_command("", 4), Ok(ConsoleCommand::Status));
+        assert!(console_command("cpus many", 4).is_err());
+        assert_eq!(offered_cpus(-1, 4), Ok(3));
+        assert_eq!(offered_cpus(4, 4), Ok(4));
+        assert!(offered_cpus(5, 4).is_err());
+        assert!(offered_cpus(-5, 4).is_err());
     }
 }

@@ -91,14 +91,27 @@ pub struct Node {
     python_path: tokio::sync::OnceCell<String>,
 }
 
-#[derive(Default)]
 struct State {
+    /// Cpus offered now (the console's `cpus N`, `stop`, `start`), at most `--cpus`.
+    offered: u32,
+    /// Where the day is in the service window.
+    service: crate::service::Phase,
     comps: HashMap<ComputationId, Comp>,
     queue: VecDeque<(ComputationId, JobId)>,
     running: u32,
     runs: HashMap<u64, (ComputationId, JobId)>,
     served: u64,
     closing_all: bool,
+}
+
+impl State {
+    /// How many jobs may run now.
+    fn serving_cpus(&self) -> u32 {
+        match self.service {
+            crate::service::Phase::Open => self.offered,
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -212,10 +225,20 @@ impl Node {
         )?;
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = Metrics::new(cfg.cpus);
+        let cpus = cfg.cpus;
         let node = Arc::new(Node {
             cfg,
             metrics,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                offered: cpus,
+                service: crate::service::Phase::Open,
+                comps: HashMap::new(),
+                queue: VecDeque::new(),
+                running: 0,
+                runs: HashMap::new(),
+                served: 0,
+                closing_all: false,
+            }),
             outcomes: tx,
             host_dir,
             next_run: AtomicU64::new(1),
@@ -240,7 +263,7 @@ impl Node {
             name: self.cfg.name.clone(),
             addr: self.cfg.public_addr(),
             port: self.cfg.port,
-            cpus: self.cfg.cpus,
+            cpus: st.serving_cpus(),
             busy: st.running,
             queued: st.queue.len() as u32,
             platform: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
@@ -253,7 +276,55 @@ impl Node {
 
     pub fn load(&self) -> (u32, u32, u32) {
         let st = self.state.lock().unwrap();
-        (st.running, self.cfg.cpus, st.queue.len() as u32)
+        (st.running, st.serving_cpus(), st.queue.len() as u32)
+    }
+
+    /// Offers `cpus` of the node's `--cpus` (0 stops taking jobs; running ones go on).
+    pub fn set_cpus(self: &Arc<Self>, cpus: u32) -> Result<(), String> {
+        if cpus > self.cfg.cpus {
+            return Err(format!(
+                "cpus {cpus}: this node was started with --cpus {}",
+                self.cfg.cpus
+            ));
+        }
+        let mut st = self.state.lock().unwrap();
+        st.offered = cpus;
+        self.pump(&mut st);
+        self.update_gauges(&st);
+        tracing::info!(cpus, "cpus offered");
+        Ok(())
+    }
+
+    /// The service window moved on: outside it no job starts, and after its end running
+    /// jobs are terminated.
+    pub fn set_service(self: &Arc<Self>, phase: crate::service::Phase) {
+        let mut st = self.state.lock().unwrap();
+        if st.service == phase {
+            return;
+        }
+        st.service = phase;
+        tracing::info!(?phase, "service window");
+        if phase == crate::service::Phase::Ended {
+            let running: Vec<(ComputationId, JobId)> = st.runs.values().cloned().collect();
+            for (id, job) in running {
+                self.terminate(&mut st, &id, job);
+            }
+        }
+        self.pump(&mut st);
+        self.update_gauges(&st);
+    }
+
+    /// Follows `--service_start/stop/end` for the node's lifetime.
+    pub async fn keep_service_window(self: Arc<Self>) {
+        let window = self.cfg.service;
+        if window.is_always_open() {
+            return;
+        }
+        tracing::info!("service window: {}", window.describe());
+        loop {
+            self.set_service(window.phase(crate::service::local_minute()));
+            tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+        }
     }
 
     pub fn compute(
@@ -321,7 +392,7 @@ impl Node {
                 codec: Codec::Json,
                 env: Default::default(),
                 dir,
-                keep_files: req.keep_files,
+                keep_files: req.keep_files && !self.cfg.force_cleanup,
                 phase: Phase::Registered,
                 runner: None,
                 broken: None,
@@ -942,7 +1013,7 @@ impl Node {
 
     /// Starts waiting jobs while cpus are free.
     fn pump(&self, st: &mut State) {
-        while st.running < self.cfg.cpus {
+        while st.running < st.serving_cpus() {
             let Some((id, job)) = st.queue.pop_front() else {
                 break;
             };

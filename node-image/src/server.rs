@@ -242,9 +242,17 @@ pub async fn announce(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>
         return;
     }
     loop {
-        for (ip, bcast) in broadcast_targets(bound) {
-            let msg = encode_datagram(&Discovery::Pong(announcement(&node, IpAddr::V4(ip))));
-            let to = SocketAddr::from((bcast, node.cfg.client_port));
+        let mut targets: Vec<(IpAddr, IpAddr)> = broadcast_targets(bound)
+            .into_iter()
+            .map(|(ip, bcast)| (IpAddr::V4(ip), IpAddr::V4(bcast)))
+            .collect();
+        // `--scheduler_host`: told directly, wherever it is.
+        if let Some(scheduler) = node.cfg.scheduler_host {
+            targets.push((local_addr_for(bound, scheduler), scheduler));
+        }
+        for (ip, dest) in targets {
+            let msg = encode_datagram(&Discovery::Pong(announcement(&node, ip)));
+            let to = SocketAddr::from((dest, node.cfg.client_port));
             match socket.send_to(&msg, to).await {
                 Ok(_) => tracing::info!(%to, "announced the node"),
                 Err(e) => tracing::warn!(%to, "cannot announce the node: {e}"),
@@ -252,10 +260,7 @@ pub async fn announce(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>
             if !node.cfg.dispy {
                 continue;
             }
-            if let Err(e) = socket
-                .send_to(&dispy.announcement(IpAddr::V4(ip)), to)
-                .await
-            {
+            if let Err(e) = socket.send_to(&dispy.announcement(ip), to).await {
                 tracing::warn!(%to, "cannot announce the node to dispy clients: {e}");
             }
         }

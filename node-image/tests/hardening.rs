@@ -408,3 +408,27 @@ async fn no_dispy_serves_only_the_native_protocol() {
     .await;
     assert!(started.elapsed() < T);
 }
+
+#[tokio::test]
+async fn the_admin_secret_opens_node_status_and_nothing_else() {
+    let node = NodeProc::start_with(&["--admin_secret", "adm"], Some(SECRET)).await;
+    let client_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = client_port.local_addr().unwrap().port();
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.send_to(&dispy_ping(&"d".repeat(40), "127.0.0.1", port), node.addr())
+        .await
+        .unwrap();
+    let pong = pong_fields(&next_message(&client_port, T).await.expect("a pong"));
+    let sign = pong.attr("sign").and_then(Value::as_str).unwrap();
+    let admin = sha1_hex(&format!("adm{sign}"));
+    let status = dispy_request(&node, admin.as_bytes(), b"NODE_STATUS:")
+        .await
+        .unwrap();
+    let status = pickle::decode(&status).unwrap();
+    assert!(status.attr("busy").is_some(), "{status:?}");
+    let compute = dispy_request(&node, admin.as_bytes(), b"COMPUTE:\x80\x04N.")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&compute);
+    assert!(text.starts_with("NAK (authentication failed"), "{text}");
+}

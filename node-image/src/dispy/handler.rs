@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::AUTH_LEN;
 use super::messages::{deserialize, dict, serialize, split, uid, Compute, Job, Reply, XferFile};
-use super::{Comp, Dispy, MSG_TIMEOUT};
+use super::{Comp, Dispy};
 use crate::limits::{Permit, PREAUTH_MAX};
 use crate::node::{safe_relative, Codec};
 
@@ -50,7 +50,7 @@ impl Conn {
 }
 
 /// Serves one connection whose first 4 bytes (of the auth prefix) were read by the sniffer.
-/// Reading the auth prefix and the request is bounded in time and size ([`MSG_TIMEOUT`], and
+/// Reading the auth prefix and the request is bounded in time and size (`--msg_timeout`, and
 /// [`PREAUTH_MAX`] unless the prefix is this node's token); serving it is not, so a setup,
 /// a cleanup or a transfer takes as long as it takes.
 pub async fn serve(
@@ -61,14 +61,15 @@ pub async fn serve(
     first: [u8; 4],
     permit: Permit,
 ) -> Result<(), String> {
-    let request = tokio::time::timeout(MSG_TIMEOUT, read_request(&dispy, &mut stream, first))
+    let within = dispy.node.cfg.msg_timeout;
+    let request = tokio::time::timeout(within, read_request(&dispy, &mut stream, first))
         .await
         .unwrap_or_else(|_| {
             Err(format!(
-                "dispy client: no whole request within {MSG_TIMEOUT:?}"
+                "dispy client: no whole request within {within:?} (--msg_timeout)"
             ))
         });
-    let (authorized, msg) = match request {
+    let (authorized, admin, msg) = match request {
         Ok(r) => r,
         Err(e) => {
             dispy.node.metrics.bad_requests.inc();
@@ -86,7 +87,7 @@ pub async fn serve(
             Ok(())
         }
         ("NODE_STATUS", _) => {
-            let status = if authorized {
+            let status = if authorized || admin {
                 dispy.status()
             } else {
                 Value::Int(-1)
@@ -132,7 +133,7 @@ async fn read_request(
     dispy: &Dispy,
     stream: &mut Box<dyn Stream>,
     first: [u8; 4],
-) -> Result<(bool, Vec<u8>), String> {
+) -> Result<(bool, bool, Vec<u8>), String> {
     let mut auth = [0u8; AUTH_LEN];
     auth[..4].copy_from_slice(&first);
     stream
@@ -140,6 +141,7 @@ async fn read_request(
         .await
         .map_err(|e| format!("dispy client: connection closed inside the auth prefix: {e}"))?;
     let authorized = dispy.is_token(&auth);
+    let admin = dispy.is_admin_token(&auth);
     let max = if authorized {
         dispy.node.cfg.max_frame
     } else {
@@ -151,7 +153,7 @@ async fn read_request(
         ),
         e => format!("dispy client: {e}"),
     })?;
-    Ok((authorized, msg.unwrap_or_default()))
+    Ok((authorized, admin, msg.unwrap_or_default()))
 }
 
 fn compute_id_of(info: &Value) -> Result<i64, String> {
@@ -268,7 +270,7 @@ impl Dispy {
                 },
             );
         }
-        conn.reply_value(&Value::Int(self.node.cfg.cpus as i64))
+        conn.reply_value(&Value::Int(self.node.load().1.max(1) as i64))
             .await;
         Ok(())
     }

@@ -40,8 +40,6 @@ use crate::limits::{RateLimiter, Throttled, PREAUTH_BUDGET};
 use crate::node::{Node, Owner, SessionId};
 use messages::{deserialize, dict, serialize, Compute, Reply};
 
-/// dispy's `MsgTimeout`.
-pub const MSG_TIMEOUT: Duration = Duration::from_secs(10);
 /// Job replies in flight at once, per node.
 const DELIVERIES: usize = 16;
 /// Node-side session ids of dispy computations, apart from native sessions'.
@@ -234,7 +232,14 @@ impl Dispy {
             }
             return;
         }
-        let cpus = self.node.cfg.cpus as i64;
+        let (_, cpus, _) = self.node.load();
+        if cpus == 0 {
+            // dispy's rule: a node that serves no cpus now (stopped, or outside its service
+            // window) is not there for new clients.
+            tracing::debug!(%peer, "not serving now; a dispy ping not answered");
+            return;
+        }
+        let cpus = cpus as i64;
         for target in targets {
             let allowed = match target.parse::<IpAddr>() {
                 Ok(ip) => self.pong_targets.lock().unwrap().allow(ip, Instant::now()),
@@ -301,9 +306,10 @@ impl Dispy {
                 }
             }
         };
-        tokio::time::timeout(MSG_TIMEOUT, work)
-            .await
-            .map_err(|_| format!("{host}:{port} did not answer within {MSG_TIMEOUT:?}"))?
+        let within = self.node.cfg.msg_timeout;
+        tokio::time::timeout(within, work).await.map_err(|_| {
+            format!("{host}:{port} did not answer within {within:?} (--msg_timeout)")
+        })?
     }
 
     /// Registers a computation's delivery: the node's job events for it become `JOB_REPLY`s.
@@ -509,6 +515,32 @@ impl Dispy {
                 });
             }
         }
+    }
+
+    /// The console's `release`: closes the computations that have no job queued, running or
+    /// undelivered, so the node is free for another client; how many were closed.
+    pub async fn release(self: &Arc<Self>) -> usize {
+        let idle: Vec<i64> = {
+            let st = self.state.lock().unwrap();
+            st.comps
+                .iter()
+                .filter(|(_, c)| c.hashes.is_empty())
+                .map(|(&id, _)| id)
+                .collect()
+        };
+        for &id in &idle {
+            self.close(id, true).await;
+        }
+        idle.len()
+    }
+
+    /// Whether `token` is the admin token: `sha1(admin secret + sign)` with `--admin_secret`.
+    fn is_admin_token(&self, token: &[u8]) -> bool {
+        !self.node.cfg.admin_secret.is_empty()
+            && dispy_core::auth::constant_time_eq(
+                token,
+                auth::auth_code(&self.node.cfg.admin_secret, &self.sign).as_bytes(),
+            )
     }
 
     fn touch(&self, compute_id: i64) {

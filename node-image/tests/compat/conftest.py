@@ -72,12 +72,15 @@ class Nodes:
         self.tmp_path = tmp_path
         self.procs = []
 
-    def start(self, host="127.0.0.1", *extra, cpus=2, lan=None, env=None):
+    def start(self, host="127.0.0.1", *extra, cpus=2, lan=None, env=None, port=9701, args=None):
+        """Starts our node; `args` replaces the whole command line after the binary."""
         n = len(self.procs)
         cmd = [NODE, "--daemon", "--cpus", str(cpus), "--dest-path-prefix", str(self.tmp_path / ("node%d" % n))]
         if host:
             cmd += ["-i", host]
         cmd += list(extra)
+        if args is not None:
+            cmd = [NODE] + list(args)
         if lan:
             cmd = ["ip", "netns", "exec", lan] + cmd
             host = NODE_LAN_IP
@@ -86,7 +89,7 @@ class Nodes:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
         proc.log_path = self.tmp_path / ("node%d.log" % n)
         self.procs.append(proc)
-        wait_port(host, 9701, proc)
+        wait_port(host, port, proc)
         return proc
 
     def log(self, i=0):
