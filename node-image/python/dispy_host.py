@@ -148,6 +148,15 @@ class JsonCodec:
         return call
 
 
+# The standard modules dispynode.py 4.15 imports at its top, which its jobs see as globals
+# (multiprocessing left out: its fork-unsafe machinery has no place in a forked job).
+DISPYNODE_MODULES = (
+    "time", "stat", "socket", "threading", "subprocess", "traceback", "marshal", "tempfile",
+    "shutil", "glob", "pickle", "io", "signal", "platform", "copy", "struct", "hashlib", "re",
+    "errno",
+)
+
+
 class PickleCodec:
     """dispy's own clients (pickle, as dispy 4.15's node). The node sends setup arguments as
     the hex of a pickled tuple, and each call as a pickle of {a: pickled args, k: pickled
@@ -163,6 +172,11 @@ class PickleCodec:
         self.job = None
         self.rehearsal_call = pickle.dumps({"a": pickle.dumps(()), "k": pickle.dumps({})})
         self.globals.update(dispy_provisional_result=self.provisional_result, dispy_send_file=self.send_file)
+        # dispynode.py runs jobs in its own module's namespace, so dispy programs use the
+        # modules it imported without importing them (dispy's examples call time.sleep so).
+        # Only for dispy's clients: each module is heap that every forked job copies.
+        for name in DISPYNODE_MODULES:
+            self.globals.setdefault(name, __import__(name))
 
     def decode_setup_args(self, value):
         return self.pickle.loads(bytes.fromhex(value)) if value else ()

@@ -26,8 +26,16 @@ use crate::pyhost::{HostSettings, PyHost};
 /// What job processes and Python hosts report.
 #[derive(Debug)]
 pub enum Outcome {
-    Job { run: u64, result: JobResult },
-    HostExited { computation: String, reason: String },
+    Job {
+        run: u64,
+        result: JobResult,
+    },
+    /// A Python host ended; `host` (its pid) tells it from the computation's next host.
+    HostExited {
+        computation: String,
+        host: Option<u32>,
+        reason: String,
+    },
 }
 
 pub type SessionId = u64;
@@ -825,30 +833,8 @@ impl Node {
     /// Closes a computation: with `terminate_pending` its jobs are cancelled or terminated,
     /// otherwise they run to the end. Then cleanup runs and its files go.
     pub async fn close(self: &Arc<Self>, id: &str, terminate_pending: bool) -> NodeResult<()> {
-        let idle = {
-            let mut st = self.state.lock().unwrap();
-            let comp = st
-                .comps
-                .get_mut(id)
-                .ok_or_else(|| unknown_computation(id))?;
-            comp.phase = Phase::Closing;
-            let idle = comp.idle.clone();
-            if terminate_pending {
-                self.terminate_all(&mut st, id);
-            }
-            idle
-        };
-        loop {
-            let notified = idle.notified();
-            {
-                let st = self.state.lock().unwrap();
-                match st.comps.get(id) {
-                    None => return Ok(()),
-                    Some(c) if c.jobs.is_empty() => break,
-                    _ => {}
-                }
-            }
-            notified.await;
+        if !self.drain(id, terminate_pending).await? {
+            return Ok(());
         }
         let comp = {
             let mut st = self.state.lock().unwrap();
@@ -876,6 +862,62 @@ impl Node {
         }
         tracing::info!(computation = %id, "computation closed");
         result
+    }
+
+    /// Stops the computation taking jobs and waits until it has none queued or running (with
+    /// `terminate_pending`, after cancelling and terminating them). False when it went away
+    /// meanwhile.
+    async fn drain(self: &Arc<Self>, id: &str, terminate_pending: bool) -> NodeResult<bool> {
+        let idle = {
+            let mut st = self.state.lock().unwrap();
+            let comp = st
+                .comps
+                .get_mut(id)
+                .ok_or_else(|| unknown_computation(id))?;
+            comp.phase = Phase::Closing;
+            let idle = comp.idle.clone();
+            if terminate_pending {
+                self.terminate_all(&mut st, id);
+            }
+            idle
+        };
+        loop {
+            let notified = idle.notified();
+            {
+                let st = self.state.lock().unwrap();
+                match st.comps.get(id) {
+                    None => return Ok(false),
+                    Some(c) if c.jobs.is_empty() => return Ok(true),
+                    _ => {}
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// dispy's `resetup_node`: the computation's jobs end, its cleanup runs and its Python
+    /// host goes, but it stays registered with its files, to be set up again (fresh globals).
+    pub async fn reset(self: &Arc<Self>, id: &str, terminate_pending: bool) -> NodeResult<()> {
+        if !self.drain(id, terminate_pending).await? {
+            return Err(unknown_computation(id));
+        }
+        let runner = {
+            let mut st = self.state.lock().unwrap();
+            let comp = st
+                .comps
+                .get_mut(id)
+                .ok_or_else(|| unknown_computation(id))?;
+            comp.phase = Phase::Registered;
+            comp.broken = None;
+            comp.runner.take()
+        };
+        if let Some(Runner::Python(host)) = runner {
+            host.close(true).await.map_err(|e| {
+                NodeError::new(ErrorCode::Internal, format!("computation {id:?}: {e}"))
+            })?;
+        }
+        tracing::info!(computation = %id, "computation closed for a new setup");
+        Ok(())
     }
 
     /// With `--serve N`: shuts the node down once N computations were served. Called after
@@ -917,12 +959,16 @@ impl Node {
                 Outcome::Job { run, result } => self.job_ended(&mut st, run, result),
                 Outcome::HostExited {
                     computation,
+                    host,
                     reason,
                 } => {
                     let Some(comp) = st.comps.get_mut(&computation) else {
                         continue;
                     };
-                    if comp.phase == Phase::Closing {
+                    let current =
+                        matches!(&comp.runner, Some(Runner::Python(h)) if h.pid() == host);
+                    // A host closed on purpose, or one a new setup has replaced, broke nothing.
+                    if comp.phase == Phase::Closing || !current {
                         continue;
                     }
                     tracing::error!(%computation, "{reason}; its jobs are terminated");

@@ -180,6 +180,11 @@ pub async fn probe_interpreter(python: &Path, host_dir: &Path) -> Result<String,
 }
 
 impl PyHost {
+    /// The host process's pid, which names it in [`Outcome::HostExited`].
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
     /// Starts the host, runs the computation's source and setup; fails with what went wrong.
     pub async fn start(
         computation: &str,
@@ -297,6 +302,7 @@ impl PyHost {
         let reuse = py.reuse_workers;
         tokio::spawn(read_replies(
             computation.to_string(),
+            child.id(),
             // As the host names it: from its working directory, which has no symlinks.
             std::fs::canonicalize(settings.dir)
                 .unwrap_or_else(|_| settings.dir.to_path_buf())
@@ -499,6 +505,7 @@ async fn log_host_output(computation: String, mut stderr: ChildStderr) {
 #[allow(clippy::too_many_arguments)]
 async fn read_replies(
     computation: String,
+    host: Option<u32>,
     spill_dir: PathBuf,
     max_reply: usize,
     stdout: ChildStdout,
@@ -605,6 +612,7 @@ async fn read_replies(
     };
     let _ = outcomes.send(Outcome::HostExited {
         computation,
+        host,
         reason,
     });
 }

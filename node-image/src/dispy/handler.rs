@@ -267,6 +267,8 @@ impl Dispy {
                     hashes: Default::default(),
                     last_contact: Instant::now(),
                     set_up: false,
+                    resetting: false,
+                    held: Vec::new(),
                 },
             );
         }
@@ -418,9 +420,31 @@ impl Dispy {
                 ))
             }
             Ok(()) => {
-                if let Some(c) = self.state.lock().unwrap().comps.get_mut(&compute_id) {
-                    c.set_up = true;
-                    c.last_contact = Instant::now();
+                let held = match self.state.lock().unwrap().comps.get_mut(&compute_id) {
+                    Some(c) => {
+                        c.set_up = true;
+                        c.resetting = false;
+                        c.last_contact = Instant::now();
+                        std::mem::take(&mut c.held)
+                    }
+                    None => Vec::new(),
+                };
+                if !held.is_empty() {
+                    let rejected = self.node.submit_calls(&node_id, held);
+                    match rejected {
+                        Ok(r) if r.is_empty() => {}
+                        Ok(r) => tracing::warn!(
+                            compute_id,
+                            "{} job(s) held during the resetup refused: {:?}",
+                            r.len(),
+                            r
+                        ),
+                        Err(e) => tracing::warn!(
+                            compute_id,
+                            "jobs held during the resetup refused: {}",
+                            e.message
+                        ),
+                    }
                 }
                 conn.reply(b"ACK").await;
                 Ok(())
@@ -480,6 +504,20 @@ impl Dispy {
             kwargs: "{}".into(),
             depends,
         };
+        let held = {
+            let mut st = self.state.lock().unwrap();
+            match st.comps.get_mut(&job.compute_id) {
+                Some(c) if c.resetting => {
+                    c.held.push((req.clone(), call.clone()));
+                    true
+                }
+                _ => false,
+            }
+        };
+        if held {
+            conn.reply(b"ACK").await;
+            return Ok(());
+        }
         let refused = match self.node.submit_calls(&node_id, vec![(req, call)]) {
             Ok(rejected) => rejected.into_iter().next().map(|r| r.error.message),
             Err(e) => Some(e.message),
@@ -528,7 +566,7 @@ impl Dispy {
 
     /// `CLOSE:`: answered with `ACK` once the jobs are done (or terminated, with
     /// `terminate_pending`) and cleanup has run.
-    async fn close_request(&self, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
+    async fn close_request(self: &Arc<Self>, conn: &mut Conn, body: &[u8]) -> Result<(), String> {
         let info = deserialize("CLOSE", body, self.node.cfg.max_frame)?;
         let compute_id = compute_id_of(&info)?;
         let checked = self.node_id(compute_id, Some(info.attr("auth").unwrap_or(&Value::None)));
@@ -538,9 +576,14 @@ impl Dispy {
                     .attr("terminate_pending")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-                self.close(compute_id, terminate).await;
-                tracing::info!(compute_id, "dispy computation closed by its client");
-                Ok(())
+                // `close: False` is dispy's resetup_node: set up again afterwards.
+                if info.attr("close").and_then(Value::as_bool) == Some(false) {
+                    self.reset(compute_id, terminate).await
+                } else {
+                    self.close(compute_id, terminate).await;
+                    tracing::info!(compute_id, "dispy computation closed by its client");
+                    Ok(())
+                }
             }
             Err(e) => Err(format!("dispy CLOSE ignored: {e}")),
         };

@@ -93,6 +93,10 @@ struct Comp {
     last_contact: Instant,
     /// Its SETUP succeeded (before that, a client that goes away leaves it closed).
     set_up: bool,
+    /// Closed for a new setup (`resetup_node`): jobs that come meanwhile wait in `held` and
+    /// are queued once the new setup is done, as a dispy client expects.
+    resetting: bool,
+    held: Vec<(dispy_core::protocol::JobRequest, Option<Vec<u8>>)>,
 }
 
 impl Dispy {
@@ -515,6 +519,61 @@ impl Dispy {
                 });
             }
         }
+    }
+
+    /// `resetup_node`: the computation's jobs end and its cleanup runs, it stays for a new
+    /// SETUP, and the client hears `NODE_CLOSED` (it waits for that before setting up again).
+    async fn reset(
+        self: &Arc<Self>,
+        compute_id: i64,
+        terminate_pending: bool,
+    ) -> Result<(), String> {
+        let node_id = self
+            .state
+            .lock()
+            .unwrap()
+            .comps
+            .get_mut(&compute_id)
+            .map(|c| {
+                c.resetting = true;
+                c.node_id.clone()
+            })
+            .ok_or_else(|| format!("dispy CLOSE: unknown computation {compute_id}"))?;
+        self.node
+            .reset(&node_id, terminate_pending)
+            .await
+            .map_err(|e| format!("dispy resetup of computation {compute_id}: {}", e.message))?;
+        let told = {
+            let mut st = self.state.lock().unwrap();
+            st.comps.get_mut(&compute_id).map(|c| {
+                c.set_up = false;
+                c.last_contact = Instant::now();
+                let msg = dict([
+                    ("node_addr", c.compute.node_ip_addr.clone().into()),
+                    // The client keeps the node token as bytes (auth_code() encodes it).
+                    ("node_auth", Value::bytes(self.auth.as_bytes().to_vec())),
+                    ("compute_id", Value::Int(compute_id)),
+                    ("auth", c.compute.auth.clone().into()),
+                ]);
+                (
+                    (
+                        c.compute.scheduler_ip_addr.clone(),
+                        c.compute.scheduler_port,
+                    ),
+                    [&b"NODE_CLOSED:"[..], &serialize(&msg)].concat(),
+                )
+            })
+        };
+        if let Some(((host, port), msg)) = told {
+            self.send(&host, port, &msg, false).await.map_err(|e| {
+                format!("dispy resetup of computation {compute_id}: cannot tell the client: {e}")
+            })?;
+            tracing::info!(
+                compute_id,
+                "dispy computation closed for its client's new setup"
+            );
+        }
+        Ok(())
     }
 
     /// The console's `release`: closes the computations that have no job queued, running or

@@ -345,3 +345,37 @@ cluster.close()
 report(on_node=len(on_node), result=j.result)
 ''' % LO)
     assert r == {"on_node": 1, "result": 1.5}
+
+
+def test_resetup_node_runs_setup_again_with_fresh_globals(nodes, client):
+    nodes.start()
+    r = client.run('''
+class Allocate(dispy.NodeAllocate):
+    calls = 0
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=''):
+        Allocate.calls += 1
+        self.setup_args = (Allocate.calls,)
+        return cpus
+
+def setup(n):
+    global loaded, touched
+    loaded, touched = n, False
+    return 0
+
+def compute():
+    global touched
+    was = touched
+    touched = True  # a fork per job: never seen by the next job, nor by a new setup
+    return loaded, was
+
+cluster = dispy.JobCluster(compute, setup=setup, %s, nodes=[Allocate('127.0.0.1')])
+before = cluster.submit()()
+cluster.wait()
+cluster.resetup_node('127.0.0.1')
+after = cluster.submit()()
+report(before=list(before), after=list(after), calls=Allocate.calls)
+cluster.close()
+''' % "host='127.0.0.1', loglevel=dispy.logger.WARNING")
+    assert r["before"] == [1, False] and r["after"] == [2, False], r
+    assert r["calls"] == 2
+    assert "closed for its client's new setup" in nodes.log()

@@ -96,3 +96,16 @@ def test_job_scheduler(lan_node, client, tmp_path):
     found = dict(re.findall(r"^sha1sum for (data\d+): (\w+)$", out, re.M))
     expected = {("data%03d" % i): hashlib.sha1((tmp_path / ("data%03d" % i)).read_bytes()).hexdigest() for i in range(4)}
     assert found == expected, out + err[-3000:]
+
+
+def test_replace_inmem(lan_node, client, tmp_path):
+    # A second data file, so the resetup loads another one than the first setup.
+    (tmp_path / "second.py").write_text("# data for the second setup\n" * 100)
+    path = example(client, "replace_inmem.py", [("random.uniform(2, 5)", "random.uniform(0.1, 0.3)")])
+    out = client.run_file(path)
+    # The client's log lines may cut into the example's own output: no anchors.
+    done = re.findall(r"job (\d+) finished by 10\.77\.0\.2, \S+ of (\S+) is [0-9a-f]", out)
+    assert sorted(int(j) for j, _ in done) == list(range(1, 13)), out
+    first = {f for j, f in done if int(j) <= 6}
+    second = {f for j, f in done if int(j) > 6}
+    assert len(first) == 1 and len(second) == 1 and first != second, out
