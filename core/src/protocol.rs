@@ -90,6 +90,24 @@ pub struct NodeInfo {
     pub protocol: u16,
     pub computations: Vec<ComputationId>,
     pub max_file_size: u64,
+    /// What the node has free now; `None` from a node that cannot tell (or predates it).
+    #[serde(default)]
+    pub avail: Option<AvailInfo>,
+}
+
+/// What a node has free, in the units of dispy's `DispyNodeAvailInfo` (which psutil fills on
+/// dispy's node), so a scheduler can weigh nodes by it: the machine's figures as the node's
+/// `/proc` shows them, not a cgroup's share.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct AvailInfo {
+    /// Idle cpu time over the last sampling period, in percent (0–100) of all cpus.
+    pub cpu: f64,
+    /// Memory available to new processes without swapping (`MemAvailable`), in bytes.
+    pub memory: u64,
+    /// Free space an unprivileged user may use under `--dest-path-prefix`, in bytes.
+    pub disk: u64,
+    /// Free swap in percent of the swap space; 100 on a machine without swap, as psutil says.
+    pub swap: f64,
 }
 
 /// What a computation runs.
@@ -387,6 +405,54 @@ mod tests {
         assert!(decode_datagram(b"PING:\x80\x05").is_none());
         let err = decode_datagram(b"NDSP\xc1garbage").unwrap().unwrap_err();
         assert!(err.to_string().contains("malformed discovery message"));
+    }
+
+    /// A node info as a node without `avail` wrote it (before the field existed).
+    #[derive(Serialize)]
+    struct NodeInfoWithoutAvail {
+        name: String,
+        addr: String,
+        port: u16,
+        cpus: u32,
+        busy: u32,
+        queued: u32,
+        platform: String,
+        version: String,
+        protocol: u16,
+        computations: Vec<ComputationId>,
+        max_file_size: u64,
+    }
+
+    #[test]
+    fn node_info_from_a_node_without_avail_reads_as_none() {
+        let old = NodeInfoWithoutAvail {
+            name: "n1".into(),
+            addr: "10.0.0.1".into(),
+            port: 9701,
+            cpus: 4,
+            busy: 1,
+            queued: 0,
+            platform: "linux x86_64".into(),
+            version: "0.1.0".into(),
+            protocol: PROTOCOL_VERSION,
+            computations: vec!["default/wc".into()],
+            max_file_size: 0,
+        };
+        let info: NodeInfo = decode("node info", &encode(&old)).unwrap();
+        assert_eq!((info.name.as_str(), info.cpus, info.avail), ("n1", 4, None));
+
+        let avail = AvailInfo {
+            cpu: 87.5,
+            memory: 3 << 30,
+            disk: 40 << 30,
+            swap: 100.0,
+        };
+        let info = NodeInfo {
+            avail: Some(avail),
+            ..info
+        };
+        let back: NodeInfo = decode("node info", &encode(&info)).unwrap();
+        assert_eq!(back.avail, Some(avail));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `dispynode`: the dispy node agent.
 
+mod avail;
 mod children;
 mod config;
 mod dispy;
@@ -146,6 +147,11 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
         "dispynode {} serving",
         env!("CARGO_PKG_VERSION")
     );
+
+    // Before serving: the first pong already says what the machine has free.
+    let mut sampler = avail::Sampler::new(&cfg.dest_path_prefix);
+    sampler.sample_into(&node);
+    tokio::spawn(avail::keep_sampling(node.clone(), sampler));
 
     let dispy = dispy::Dispy::new(node.clone())?;
     tokio::spawn(node.clone().run_outcomes(outcomes));

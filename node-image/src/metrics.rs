@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use dispy_core::job::JobStatus;
+use dispy_core::protocol::AvailInfo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +26,10 @@ pub struct Metrics {
     pub bytes_sent: Counter<u64, AtomicU64>,
     pub auth_failures: Counter,
     pub bad_requests: Counter,
+    cpu_idle: Gauge<f64, AtomicU64>,
+    memory_available: Gauge,
+    disk_free: Gauge,
+    swap_free: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -65,6 +70,30 @@ impl Metrics {
             "Malformed frames or messages received",
             bad_requests.clone(),
         );
+        let cpu_idle = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "cpu_idle_percent",
+            "Idle cpu time over the last second, in percent of all cpus",
+            cpu_idle.clone(),
+        );
+        let memory_available = Gauge::default();
+        registry.register(
+            "memory_available_bytes",
+            "Memory available to new processes without swapping (MemAvailable)",
+            memory_available.clone(),
+        );
+        let disk_free = Gauge::default();
+        registry.register(
+            "disk_free_bytes",
+            "Free space under --dest-path-prefix for unprivileged users",
+            disk_free.clone(),
+        );
+        let swap_free = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "swap_free_percent",
+            "Free swap in percent (100 without swap)",
+            swap_free.clone(),
+        );
         Metrics {
             registry,
             jobs,
@@ -75,7 +104,20 @@ impl Metrics {
             bytes_sent,
             auth_failures,
             bad_requests,
+            cpu_idle,
+            memory_available,
+            disk_free,
+            swap_free,
         }
+    }
+
+    /// What the machine has free, as the node last sampled it.
+    pub fn set_avail(&self, avail: &AvailInfo) {
+        let bytes = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.cpu_idle.set(avail.cpu);
+        self.memory_available.set(bytes(avail.memory));
+        self.disk_free.set(bytes(avail.disk));
+        self.swap_free.set(avail.swap);
     }
 
     pub fn job_done(&self, status: JobStatus) {

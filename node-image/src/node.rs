@@ -97,6 +97,8 @@ pub struct Node {
     pub shutdown: watch::Sender<bool>,
     /// The Python interpreter's `sys.path`, learnt once, for Python hosts.
     python_path: tokio::sync::OnceCell<String>,
+    /// The latest figures of what the machine has free ([`crate::avail`] samples them).
+    avail: Mutex<Option<AvailInfo>>,
 }
 
 struct State {
@@ -252,6 +254,7 @@ impl Node {
             next_run: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
             python_path: tokio::sync::OnceCell::new(),
+            avail: Mutex::new(None),
         });
         Ok((node, rx))
     }
@@ -259,6 +262,7 @@ impl Node {
     /// What the node says of itself; `owner` sees only its own computations listed (`None`:
     /// all, for the node's own console).
     pub fn info(&self, owner: Option<&Owner>) -> NodeInfo {
+        let avail = self.avail();
         let st = self.state.lock().unwrap();
         let mut computations: Vec<_> = st
             .comps
@@ -279,7 +283,17 @@ impl Node {
             protocol: PROTOCOL_VERSION,
             computations,
             max_file_size: self.cfg.max_file_size,
+            avail,
         }
+    }
+
+    /// What the machine has free, as last sampled; `None` when it cannot be told.
+    pub fn avail(&self) -> Option<AvailInfo> {
+        *self.avail.lock().unwrap()
+    }
+
+    pub fn set_avail(&self, avail: Option<AvailInfo>) {
+        *self.avail.lock().unwrap() = avail;
     }
 
     pub fn load(&self) -> (u32, u32, u32) {

@@ -584,17 +584,6 @@ async fn metrics_count_jobs_cpus_and_bytes() {
     assert_eq!(http_get(&maddr, "/healthz").await, "ok");
 }
 
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
-}
-
 #[tokio::test]
 async fn close_with_terminate_pending_stops_jobs_runs_cleanup_and_removes_files() {
     let node = NodeProc::start(&["--cpus", "1", "--terminate-grace", "1s"]).await;

@@ -15,7 +15,9 @@ use dispy_core::protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::AUTH_LEN;
-use super::messages::{deserialize, dict, serialize, split, uid, Compute, Job, Reply, XferFile};
+use super::messages::{
+    avail_info, deserialize, dict, serialize, split, uid, Compute, Job, Reply, XferFile,
+};
 use super::{Comp, Dispy};
 use crate::limits::{Permit, PREAUTH_MAX};
 use crate::node::{safe_relative, Codec};
@@ -179,7 +181,7 @@ impl Dispy {
                 "scheduler_ip",
                 st.client.as_ref().map(|c| c.0.clone()).into(),
             ),
-            ("avail_info", Value::None),
+            ("avail_info", avail_info(self.node.avail())),
         ])
     }
 

@@ -6,6 +6,7 @@
 
 use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::pickle::{self, Value};
+use dispy_core::protocol::AvailInfo;
 
 /// A pickle as `pycos.serialize` would write it (protocol 4 here; every client reads it).
 pub fn serialize(value: &Value) -> Vec<u8> {
@@ -410,6 +411,27 @@ impl Reply<'_> {
     }
 }
 
+/// The `avail_info` of a PONG, PULSE or NODE_STATUS: a `dispy.DispyNodeAvailInfo` with the
+/// types psutil gives it on dispy's node (cpu and swap floats, memory and disk ints), which
+/// the client hands to `NodeAllocate.allocate` and sets as `DispyNode.avail_info`. None when
+/// the node cannot tell, as dispy's node without psutil sends.
+pub fn avail_info(avail: Option<AvailInfo>) -> Value {
+    let Some(a) = avail else {
+        return Value::None;
+    };
+    let bytes = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+    Value::instance(
+        "dispy",
+        "DispyNodeAvailInfo",
+        [
+            ("cpu", Value::Float(a.cpu)),
+            ("memory", bytes(a.memory)),
+            ("disk", bytes(a.disk)),
+            ("swap", Value::Float(a.swap)),
+        ],
+    )
+}
+
 fn from_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -505,6 +527,23 @@ mod tests {
                 ("code", "".into()),
             ],
         )
+    }
+
+    #[test]
+    fn avail_info_is_a_dispy_node_avail_info_with_psutils_types() {
+        let a = AvailInfo {
+            cpu: 91.5,
+            memory: 3 << 30,
+            disk: 5 << 40,
+            swap: 100.0,
+        };
+        let v = pickle::decode(&serialize(&avail_info(Some(a)))).unwrap();
+        assert_eq!(v.class_path(), Some(("dispy", "DispyNodeAvailInfo")));
+        assert_eq!(v.attr("cpu"), Some(&Value::Float(91.5)));
+        assert_eq!(v.attr("memory"), Some(&Value::Int(3 << 30)));
+        assert_eq!(v.attr("disk"), Some(&Value::Int(5 << 40)));
+        assert_eq!(v.attr("swap"), Some(&Value::Float(100.0)));
+        assert_eq!(avail_info(None), Value::None);
     }
 
     #[test]

@@ -268,7 +268,7 @@ impl Dispy {
                         "auth",
                         Value::bytes(auth::auth_code(&self.node.cfg.secret, sign).into_bytes()),
                     ),
-                    ("avail_info", Value::None),
+                    ("avail_info", messages::avail_info(self.node.avail())),
                     ("ip_addr", node_ip.clone().into()),
                     ("scheduler_ip_addr", target.clone().into()),
                 ]);
@@ -502,7 +502,7 @@ impl Dispy {
                     ("port", Value::Int(self.node.cfg.port as i64)),
                     ("cpus", Value::Int(busy as i64)),
                     ("scheduler_ip_addr", host.clone().into()),
-                    ("avail_info", Value::None),
+                    ("avail_info", messages::avail_info(self.node.avail())),
                 ]);
                 let msg = [&b"PULSE:"[..], &serialize(&msg)].concat();
                 let dispy = self.clone();

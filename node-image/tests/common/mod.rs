@@ -302,6 +302,18 @@ pub async fn collect(
     done
 }
 
+/// The body of an HTTP/1.0 GET (the node's metrics server).
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+}
+
 pub fn finished(r: &JobResult) -> &str {
     assert_eq!(r.status, JobStatus::Finished, "job not Finished: {:?}", r);
     r.result.as_deref().unwrap_or("null")
