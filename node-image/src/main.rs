@@ -337,7 +337,7 @@ async fn console(node: Arc<Node>, dispy: Arc<dispy::Dispy>) {
                     info.port,
                     info.cpus,
                     all,
-                    node.cfg.service.describe(),
+                    node.window().describe(),
                     info.busy,
                     info.queued,
                     info.computations

@@ -106,6 +106,10 @@ struct State {
     offered: u32,
     /// Where the day is in the service window.
     service: crate::service::Phase,
+    /// The service window (`--service_*`, changed by dispy's admin `SERVICE_TIME`).
+    window: crate::service::Window,
+    /// `--serve` (changed by the admin's `SERVE_CLIENTS`).
+    serve: Option<u64>,
     comps: HashMap<ComputationId, Comp>,
     queue: VecDeque<(ComputationId, JobId)>,
     running: u32,
@@ -235,13 +239,15 @@ impl Node {
         )?;
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = Metrics::new(cfg.cpus);
-        let cpus = cfg.cpus;
+        let (cpus, window, serve) = (cfg.cpus, cfg.service, cfg.serve);
         let node = Arc::new(Node {
             cfg,
             metrics,
             state: Mutex::new(State {
                 offered: cpus,
                 service: crate::service::Phase::Open,
+                window,
+                serve,
                 comps: HashMap::new(),
                 queue: VecDeque::new(),
                 running: 0,
@@ -336,17 +342,39 @@ impl Node {
         self.update_gauges(&st);
     }
 
-    /// Follows `--service_start/stop/end` for the node's lifetime.
+    /// Follows the service window for the node's lifetime.
     pub async fn keep_service_window(self: Arc<Self>) {
-        let window = self.cfg.service;
-        if window.is_always_open() {
-            return;
+        let window = self.window();
+        if !window.is_always_open() {
+            tracing::info!("service window: {}", window.describe());
         }
-        tracing::info!("service window: {}", window.describe());
         loop {
-            self.set_service(window.phase(crate::service::local_minute()));
+            let phase = self.window().phase(crate::service::local_minute());
+            self.set_service(phase);
             tokio::time::sleep(std::time::Duration::from_secs(15)).await;
         }
+    }
+
+    pub fn window(&self) -> crate::service::Window {
+        self.state.lock().unwrap().window
+    }
+
+    /// A new service window (dispy's admin); takes effect at once.
+    pub fn set_window(self: &Arc<Self>, window: crate::service::Window) {
+        self.state.lock().unwrap().window = window;
+        tracing::info!("service window now {}", window.describe());
+        self.set_service(window.phase(crate::service::local_minute()));
+    }
+
+    /// How many computations the node serves before it exits (`--serve`); `None`: no limit.
+    pub fn serve_limit(&self) -> Option<u64> {
+        self.state.lock().unwrap().serve
+    }
+
+    pub fn set_serve_limit(&self, serve: Option<u64>) {
+        self.state.lock().unwrap().serve = serve;
+        tracing::info!(?serve, "computations to serve");
+        self.check_serve_limit();
     }
 
     pub fn compute(
@@ -385,7 +413,7 @@ impl Node {
                 "the node is shutting down",
             ));
         }
-        if let Some(limit) = self.cfg.serve {
+        if let Some(limit) = st.serve {
             if st.served + st.comps.len() as u64 >= limit {
                 return Err(NodeError::new(
                     ErrorCode::Closing,
@@ -937,8 +965,8 @@ impl Node {
     /// With `--serve N`: shuts the node down once N computations were served. Called after
     /// the close was answered, so the client hears the answer before the shutdown notice.
     pub fn check_serve_limit(&self) {
-        if let Some(limit) = self.cfg.serve {
-            let st = self.state.lock().unwrap();
+        let st = self.state.lock().unwrap();
+        if let Some(limit) = st.serve {
             if st.served >= limit && st.comps.is_empty() {
                 tracing::info!("served {limit} computation(s) (--serve); shutting down");
                 self.shutdown.send_replace(true);

@@ -58,6 +58,10 @@ impl Window {
         Ok(w)
     }
 
+    pub fn times(&self) -> (Option<u32>, Option<u32>, Option<u32>) {
+        (self.start, self.stop, self.end)
+    }
+
     pub fn is_always_open(&self) -> bool {
         self.stop.is_none() && self.end.is_none()
     }
@@ -95,6 +99,16 @@ impl Window {
 
 fn hhmm(minute: u32) -> String {
     format!("{:02}:{:02}", minute / 60, minute % 60)
+}
+
+/// `minute` of today as Unix time, as dispy's admin shows service times.
+pub fn today_at(minute: u32) -> f64 {
+    let now = local_minute();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let midnight = secs - secs % 60 - now as u64 * 60;
+    (midnight + minute as u64 * 60) as f64
 }
 
 /// Minutes after local midnight now.

@@ -97,6 +97,32 @@ pub async fn serve(
             conn.reply_value(&status).await;
             Ok(())
         }
+        // dispyadmin asks for the sign first (it is public: in every PING), then proves
+        // `--admin_secret` over it.
+        ("NODE_INFO", _) if !(authorized || admin) => {
+            conn.reply(dispy.sign.as_bytes()).await;
+            Ok(())
+        }
+        ("NODE_INFO", _) => {
+            conn.reply_value(&dispy.node_info()).await;
+            Ok(())
+        }
+        ("SET_CPUS" | "SERVICE_TIME" | "SERVE_CLIENTS", _) if admin => {
+            let answer = match deserialize(command, body, dispy.node.cfg.max_frame) {
+                Ok(info) => dispy.admin(command, &info),
+                Err(e) => Err(e),
+            };
+            let reply = answer.clone().unwrap_or(Value::Int(-1));
+            conn.reply_value(&reply).await;
+            answer.map(|_| ())
+        }
+        ("SET_CPUS" | "SERVICE_TIME" | "SERVE_CLIENTS", _) => {
+            dispy.node.metrics.auth_failures.inc();
+            conn.reply_value(&Value::Int(-1)).await;
+            Err(format!(
+                "dispy admin request {command} refused: it needs this node's --admin_secret"
+            ))
+        }
         (_, false) => {
             dispy.node.metrics.auth_failures.inc();
             conn.reply(
@@ -172,7 +198,7 @@ impl Dispy {
             ("busy", Value::Int(busy as i64)),
             (
                 "serve",
-                Value::Int(self.node.cfg.serve.map_or(-1, |n| n as i64)),
+                Value::Int(self.node.serve_limit().map_or(-1, |n| n as i64)),
             ),
             ("clients_done", Value::Int(0)),
             ("jobs_done", Value::Int(0)),
@@ -183,6 +209,81 @@ impl Dispy {
             ),
             ("avail_info", avail_info(self.node.avail())),
         ])
+    }
+
+    /// `NODE_INFO` for dispy's admin: the status, the node's name, cpus and service times.
+    fn node_info(&self) -> Value {
+        let Value::Dict(mut info) = self.status() else {
+            unreachable!("status() is a dict")
+        };
+        let (start, stop, end) = self.node.window().times();
+        let at = |t: Option<u32>| t.map(crate::service::today_at).into();
+        let (busy, cpus, _) = self.node.load();
+        for (k, v) in [
+            ("name", self.node.cfg.name.clone().into()),
+            ("service_start", at(start)),
+            ("service_stop", at(stop)),
+            ("service_end", at(end)),
+            ("cpus", Value::Int(cpus.saturating_sub(busy) as i64)),
+            ("max_cpus", Value::Int(self.node.cfg.cpus as i64)),
+        ] {
+            info.push((k.into(), v));
+        }
+        Value::Dict(info)
+    }
+
+    /// dispy's admin requests that change the node, answered as dispynode.py answers them.
+    fn admin(self: &Arc<Self>, command: &str, info: &Value) -> Result<Value, String> {
+        match command {
+            "SET_CPUS" => {
+                let n = info
+                    .attr("cpus")
+                    .and_then(Value::as_int)
+                    .ok_or("SET_CPUS names no cpus")?;
+                let all = self.node.cfg.cpus as i64;
+                let cpus = if n < 0 { all + n } else { n };
+                let cpus = u32::try_from(cpus)
+                    .ok()
+                    .filter(|c| *c as i64 <= all)
+                    .ok_or_else(|| {
+                        format!("SET_CPUS {n}: give a number from -{} to {all}", all - 1)
+                    })?;
+                self.node.set_cpus(cpus)?;
+                Ok(dict([("cpus", Value::Int(cpus as i64))]))
+            }
+            "SERVE_CLIENTS" => {
+                let serve = info
+                    .attr("serve")
+                    .and_then(Value::as_int)
+                    .ok_or("SERVE_CLIENTS names no serve count")?;
+                self.node.set_serve_limit(u64::try_from(serve).ok());
+                Ok(dict([("serve", Value::Int(serve))]))
+            }
+            _ => {
+                // {control: start_time | stop_time | end_time, time: "HH:MM", or "0" for none}
+                let control = info.attr("control").and_then(Value::as_str).unwrap_or("");
+                let minute = match info.attr("time").and_then(Value::as_str) {
+                    None => Some(crate::service::local_minute()),
+                    Some("0") => None,
+                    Some(t) => Some(crate::config::parse_time_of_day(t)?),
+                };
+                let (mut start, mut stop, mut end) = self.node.window().times();
+                match control {
+                    "start_time" => start = minute,
+                    "stop_time" => stop = minute,
+                    "end_time" => end = minute,
+                    other => return Err(format!("SERVICE_TIME: unknown control {other:?}")),
+                }
+                let window = crate::service::Window::new(start, stop, end)?;
+                self.node.set_window(window);
+                let at = |t: Option<u32>| t.map(crate::service::today_at).into();
+                Ok(dict([
+                    ("service_start", at(start)),
+                    ("service_stop", at(stop)),
+                    ("service_end", at(end)),
+                ]))
+            }
+        }
     }
 
     /// The node computation of a dispy computation, checking its `auth` when given.

@@ -45,3 +45,84 @@ report(name=cluster.submit()())
 cluster.close()
 ''')
     assert r["name"] == "from-py"
+
+
+def admin_request(auth, msg):
+    """One request to the node the way dispyadmin.py sends it: auth prefix, one frame."""
+    import socket
+    import struct
+    s = socket.create_connection(("127.0.0.1", 9701), timeout=10)
+    try:
+        s.sendall(auth + struct.pack(">L", len(msg)) + msg)
+        head = b""
+        while len(head) < 4:
+            chunk = s.recv(4 - len(head))
+            if not chunk:
+                return None
+            head += chunk
+        (n,) = struct.unpack(">L", head)
+        body = b""
+        while len(body) < n:
+            body += s.recv(n - len(body))
+        return body
+    finally:
+        s.close()
+
+
+def test_dispyadmin_messages_set_cpus_and_a_service_window_the_node_keeps(nodes, client, tmp_path):
+    import hashlib
+    import pickle
+    import time
+    nodes.start("127.0.0.1", "--admin_secret", "adm", "-s", "s3cret")
+    sign = admin_request(b"x" * 40, b"NODE_INFO:" + pickle.dumps({"sign": "admin"}))
+    assert len(sign) == 40, sign
+    admin = hashlib.sha1(b"adm" + sign).hexdigest().encode()
+    info = pickle.loads(admin_request(admin, b"NODE_INFO:" + pickle.dumps({"sign": "admin"})))
+    assert info["max_cpus"] == 2 and info["name"], info
+    # The node's own token (any client's) is not the admin's.
+    token = hashlib.sha1(b"s3cret" + sign).hexdigest().encode()
+    assert pickle.loads(admin_request(token, b"SET_CPUS:" + pickle.dumps({"cpus": 1}))) == -1
+    assert pickle.loads(admin_request(admin, b"SET_CPUS:" + pickle.dumps({"cpus": 1}))) == {"cpus": 1}
+    assert pickle.loads(admin_request(admin, b"NODE_INFO:" + pickle.dumps({})))["cpus"] == 1
+
+    ready, closed, opened = tmp_path / "ready", tmp_path / "closed", tmp_path / "opened"
+    proc = client.popen('''
+def compute():
+    return 7
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.05)
+cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], host='127.0.0.1', secret='s3cret',
+                           loglevel=dispy.logger.WARNING)
+wait_nodes(cluster, 1)
+open(%r, "w").close()
+wait_for(%r)
+job = cluster.submit()
+wait_for(%r)
+result = job()
+report(result=result, start=job.start_time, status=job.status)
+cluster.close()
+''' % (str(ready), str(closed), str(opened)))
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), nodes.log()
+    later = time.localtime(time.time() + 3600)
+    start = "%02d:%02d" % (later.tm_hour, later.tm_min)
+    window = pickle.loads(admin_request(admin, b"SERVICE_TIME:" + pickle.dumps({"control": "start_time", "time": start})))
+    assert window["service_start"] is not None, window
+    later = time.localtime(time.time() + 7200)
+    end = "%02d:%02d" % (later.tm_hour, later.tm_min)
+    admin_request(admin, b"SERVICE_TIME:" + pickle.dumps({"control": "end_time", "time": end}))
+    closed.touch()
+    time.sleep(3)
+    status = pickle.loads(admin_request(admin, b"NODE_STATUS:"))
+    assert status["busy"] == 0, status
+    opened_at = time.time()
+    for control in ("start_time", "end_time"):
+        admin_request(admin, b"SERVICE_TIME:" + pickle.dumps({"control": control, "time": "0"}))
+    opened.touch()
+    out, err = proc.communicate(timeout=60)
+    from conftest import result_of
+    r = result_of(proc.returncode, out, err)
+    assert r["result"] == 7 and r["start"] >= opened_at - 1, (r, opened_at)
