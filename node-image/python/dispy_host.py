@@ -157,6 +157,20 @@ DISPYNODE_MODULES = (
 )
 
 
+def dispynode_logger():
+    """dispynode.py's `dispynode_logger`, which its jobs may log with: here its lines go to the
+    host's stderr, which the node logs."""
+    import logging
+
+    logger = logging.getLogger("dispynode")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger
+
+
 class PickleCodec:
     """dispy's own clients (pickle, as dispy 4.15's node). The node sends setup arguments as
     the hex of a pickled tuple, and each call as a pickle of {a: pickled args, k: pickled
@@ -177,6 +191,7 @@ class PickleCodec:
         # Only for dispy's clients: each module is heap that every forked job copies.
         for name in DISPYNODE_MODULES:
             self.globals.setdefault(name, __import__(name))
+        self.globals.setdefault("dispynode_logger", dispynode_logger())
 
     def decode_setup_args(self, value):
         return self.pickle.loads(bytes.fromhex(value)) if value else ()

@@ -377,12 +377,15 @@ impl Node {
         self.check_serve_limit();
     }
 
+    /// Registers a computation. Its directory is `<prefix>/<its name>`, or `dir` (a relative
+    /// path under the prefix, which other computations may share, as dispy's `dest_path`).
     pub fn compute(
         &self,
         session: SessionId,
         outbox: &Outbox,
         owner: Owner,
         req: ComputeRequest,
+        dir: Option<&str>,
     ) -> NodeResult<()> {
         let id = req.computation.clone();
         if id.is_empty() {
@@ -427,7 +430,10 @@ impl Node {
                 format!("computation {id:?} already exists on this node; close it or attach to it"),
             ));
         }
-        let dir = self.cfg.dest_path_prefix.join(dir_name(&id));
+        let dir = match dir {
+            None => self.cfg.dest_path_prefix.join(dir_name(&id)),
+            Some(d) => self.cfg.dest_path_prefix.join(safe_relative(d)?),
+        };
         std::fs::create_dir_all(&dir).map_err(|e| {
             NodeError::new(
                 ErrorCode::Internal,

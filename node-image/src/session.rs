@@ -271,7 +271,7 @@ async fn handle(
         ClientMsg::Pulse => return,
         ClientMsg::NodeInfo => Ok(Reply::NodeInfo(node.info(Some(&caller.owner)))),
         ClientMsg::Compute(c) => node
-            .compute(session, outbox, caller.owner.clone(), c)
+            .compute(session, outbox, caller.owner.clone(), c, None)
             .map(|_| Reply::Ok),
         ClientMsg::FileCheck { computation, meta } => node
             .check_file(&computation, &meta)

@@ -349,7 +349,13 @@ impl Dispy {
             spec: spec(&compute, None, &self.node.cfg.python),
             keep_files: compute.keep_files,
         };
-        if let Err(e) = self.node.compute(session, &outbox, self.owner.clone(), req) {
+        if let Err(e) = self.node.compute(
+            session,
+            &outbox,
+            self.owner.clone(),
+            req,
+            compute.dir().as_deref(),
+        ) {
             conn.reply(e.message.as_bytes()).await;
             return Err(format!("dispy COMPUTE refused: {}", e.message));
         }

@@ -95,6 +95,9 @@ pub struct Compute {
     pub job_result_port: u16,
     pub pulse_interval: Option<f64>,
     pub client_reply_addr: Option<(String, u16)>,
+    /// The client's `dest_path=`: a directory (relative) that outlives the computation when
+    /// its files are kept, so a later run finds them and skips sending them again.
+    pub dest_path: Option<String>,
 }
 
 impl Compute {
@@ -154,7 +157,20 @@ impl Compute {
             job_result_port: port("job_result_port")?,
             pulse_interval: v.attr("pulse_interval").and_then(Value::as_float),
             client_reply_addr,
+            dest_path: opt_str(v, "dest_path").filter(|d| !d.trim().is_empty()),
         })
+    }
+
+    /// The computation's directory under the node's prefix, as dispynode.py lays it out:
+    /// `<client address>/<dest_path>`; `None` without a `dest_path` (a directory of its own).
+    pub fn dir(&self) -> Option<String> {
+        let dest = self.dest_path.as_deref()?;
+        let parts: Vec<&str> = dest
+            .split(['/', '\\'])
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
+        let client = self.scheduler_ip_addr.replace([':', '/', '\\'], "_");
+        Some(format!("{client}/{}", parts.join("/")))
     }
 
     /// Where job replies go.

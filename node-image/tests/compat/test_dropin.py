@@ -126,3 +126,51 @@ cluster.close()
     from conftest import result_of
     r = result_of(proc.returncode, out, err)
     assert r["result"] == 7 and r["start"] >= opened_at - 1, (r, opened_at)
+
+
+DEST_PATH_CLIENT = '''
+def compute():
+    seen = os.path.exists("left-by-job")
+    open("left-by-job", "w").write("x")
+    return seen, os.getcwd()
+cluster = dispy.JobCluster(compute, depends=["data.bin"], dest_path="keep", cleanup=False,
+                           nodes=['127.0.0.1'], host='127.0.0.1', loglevel=dispy.logger.WARNING)
+seen, cwd = cluster.submit()()
+report(seen=seen, cwd=cwd)
+cluster.close()
+'''
+
+
+def test_dest_path_keeps_files_for_the_next_run_which_skips_sending_them(nodes, client, tmp_path):
+    nodes.start()
+    (tmp_path / "data.bin").write_bytes(b"d" * (5 << 20))
+    first = client.run(DEST_PATH_CLIENT)
+    kept = tmp_path / "node0" / "127.0.0.1" / "keep" / "data.bin"
+    inode = os.stat(kept).st_ino
+    second = client.run(DEST_PATH_CLIENT)
+    assert first["cwd"] == second["cwd"] == str(kept.parent), (first, second)
+    assert (first["seen"], second["seen"]) == (False, True)
+    assert os.stat(kept).st_ino == inode, "the kept file was sent again"
+
+
+def test_force_cleanup_removes_a_dest_path_the_client_asked_to_keep(nodes, client, tmp_path):
+    nodes.start("127.0.0.1", "--force_cleanup")
+    (tmp_path / "data.bin").write_bytes(b"d" * 1024)
+    first = client.run(DEST_PATH_CLIENT)
+    second = client.run(DEST_PATH_CLIENT)
+    assert (first["seen"], second["seen"]) == (False, False)
+    assert not (tmp_path / "node0" / "127.0.0.1" / "keep").exists()
+
+
+def test_jobs_log_with_dispynode_logger_into_the_node_log(nodes, client):
+    nodes.start()
+    r = client.run('''
+def compute(n):
+    dispynode_logger.info("job %d says hello", n)
+    return time.time() > 0
+cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], host='127.0.0.1', loglevel=dispy.logger.WARNING)
+report(result=cluster.submit(5)())
+cluster.close()
+''')
+    assert r["result"] is True
+    assert "job 5 says hello" in nodes.log(), nodes.log()
