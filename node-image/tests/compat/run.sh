@@ -35,9 +35,11 @@ timeout 1800 unshare -n bash -c "
   ip link set lo up
   cd $HERE
   $VENV/bin/python -m pytest -p no:cacheprovider -q -rfE $* ." 2>&1 | tee /tmp/dispy-compat.log || status=$?
-line=$(grep -Eo '[0-9]+ passed' /tmp/dispy-compat.log | tail -1 || true)
-passed=${line%% *}
-failed=$( { grep -Eo '[0-9]+ (failed|error)' /tmp/dispy-compat.log || true; } | awk '{s+=$1} END {print s+0}')
+# pytest's closing summary ("1 failed, 40 passed in 236.88s"), not other counts in the log
+# (node logs and client output are in it too, some of it binary).
+summary=$(grep -aE '^=* ?[0-9]+ (passed|failed|errors?|deselected)[^=]* in [0-9.]+s' /tmp/dispy-compat.log | tail -1 || true)
+passed=$( { echo "$summary" | grep -Eo '[0-9]+ passed' || true; } | awk '{print $1}')
+failed=$( { echo "$summary" | grep -Eo '[0-9]+ (failed|errors?)' || true; } | awk '{s+=$1} END {print s+0}')
 if [ "$status" -ne 0 ] && [ "${failed:-0}" -eq 0 ]; then failed=1; fi
 echo "${passed:-0} passed, ${failed:-0} failed"
 exit $status
