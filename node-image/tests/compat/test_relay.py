@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import client_env, sh, wait_port
+from conftest import client_env, result_of, sh, wait_port
 
 RELAY = os.environ.get("DISPYNETRELAY", "")
 R_NS, N_NS = "drelay-r-%d" % os.getpid(), "drelay-n-%d" % os.getpid()
@@ -151,3 +151,21 @@ def test_dispys_own_relay_brings_the_client_to_our_node(subnets, procs, client, 
     wait_log(relay, "version:")
     r = run_client(client, RELAY_NODE_SIDE)
     assert r["out"] == [[NODE_IP, i] for i in range(20)]
+
+
+def test_a_node_that_starts_after_the_client_is_announced_to_it_by_our_relay(subnets, procs, client, tmp_path):
+    relay = procs.start("relay", R_NS, [RELAY, "--daemon", "-s", SECRET])
+    wait_log(relay, "dispynetrelay relaying")
+    proc = client.popen(CLIENT % {"relay": RELAY_CLIENT_SIDE, "client": CLIENT_IP, "secret": SECRET})
+    try:
+        # The client's ping is relayed while no node is up; the node's start-up announcement,
+        # heard by the relay on the client port, is what brings the client to it.
+        wait_log(relay, "relaying a dispy client's ping")
+        start_node(procs, tmp_path)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = result_of(proc.returncode, out, err)
+    assert r["out"] == [[NODE_IP, i] for i in range(20)]
+    assert "forwarding a dispy node's announcement" in relay.log_path.read_text()

@@ -289,6 +289,38 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 impl DispyClients {
+    /// Hands a node's announcement to a dispy client over TCP, as a node's own announcement
+    /// to a relayed ping goes: a client's UDP socket is bound to its subnet's broadcast
+    /// address (dispy on Linux), so a unicast datagram would not reach it.
+    async fn announce(&self, to: SocketAddrV4, announcement: &[u8]) -> Result<(), String> {
+        let work = async {
+            let tcp = TcpStream::connect(to)
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            let framed = frame(announcement);
+            match &self.tls {
+                None => {
+                    let mut tcp = tcp;
+                    tcp.write_all(&framed).await.map_err(|e| e.to_string())?;
+                    let _ = tcp.shutdown().await;
+                }
+                Some(tls) => {
+                    let name = dispy_core::tls::server_name(&to.ip().to_string())?;
+                    let mut s = tls
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| format!("TLS failed: {e}"))?;
+                    s.write_all(&framed).await.map_err(|e| e.to_string())?;
+                    let _ = s.shutdown().await;
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(MSG_TIMEOUT, work)
+            .await
+            .map_err(|_| format!("not sent within {MSG_TIMEOUT:?}"))?
+    }
+
     async fn ask(&self, to: SocketAddrV4, msg: &[u8]) -> Result<Vec<u8>, String> {
         let work = async {
             let tcp = TcpStream::connect(to)
@@ -620,11 +652,18 @@ async fn run(args: Args) -> i32 {
                             vec![]
                         }
                         (Heard::Scheduler, Ok(Message::Node(n))) => {
-                            let a = relay.on_dispy_announcement(from, &datagram);
-                            if !a.is_empty() {
-                                tracing::info!(node = %format!("{}:{}", n.ip_addr, n.port), "forwarding a dispy node's announcement");
+                            let node = format!("{}:{}", n.ip_addr, n.port);
+                            for a in relay.on_dispy_announcement(from, &datagram) {
+                                let Action::Forward { to: SocketAddr::V4(to), datagram } = a else { continue };
+                                tracing::info!(%node, client = %to, "forwarding a dispy node's announcement");
+                                let clients = clients.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = clients.announce(to, &datagram).await {
+                                        tracing::warn!(client = %to, "cannot forward a node's announcement: {e}");
+                                    }
+                                });
                             }
-                            a
+                            vec![]
                         }
                         (_, Err(e)) => {
                             tracing::debug!(%from, "{e}");

@@ -273,8 +273,8 @@ impl Relay {
     }
 
     /// A dispy node's announcement (`PING:` on the client port) from `from`: forwarded as it
-    /// is to the scheduler nodes and to the latest dispy client, unless on the node's subnet.
-    /// The receiver treats it as a node broadcast heard on its own subnet.
+    /// is to the scheduler nodes and to the latest dispy client, unless on the node's subnet
+    /// (the I/O side sends it over TCP, where dispy's client takes a node's announcement).
     pub fn on_dispy_announcement(&self, from: SocketAddrV4, datagram: &[u8]) -> Vec<Action> {
         let mut to = self.schedulers.clone();
         if let Some(c) = self.dispy_client.filter(|c| !to.contains(c)) {
