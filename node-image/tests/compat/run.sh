@@ -27,8 +27,9 @@ if ! "$VENV/bin/python" -c "import dispy, pytest; assert dispy.__version__ == '$
 fi
 command -v openssl >/dev/null || { apt-get update -q; DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; }
 
-cargo build -q -p dispynode --bin dispynode
+cargo build -q -p dispynode --bin dispynode --bin dispynetrelay
 export DISPYNODE=$ROOT/target/debug/dispynode
+export DISPYNETRELAY=$ROOT/target/debug/dispynetrelay
 
 status=0
 timeout 1800 unshare -n bash -c "
