@@ -50,6 +50,8 @@ op_log_tail() { local p; p=$(op_pod) && k -n $OP_NS logs "$p" --tail="${1:-30}";
 
 # --- the examples ----------------------------------------------------------------------------
 
+jc_columns_ready() { jk get jc checksums | grep -Eq '^checksums +2/2 +4 +0 +4 +0 +Ready '; }
+
 t_op_examples() {
   local f out
   for f in checksums program raises pinned; do
@@ -80,8 +82,10 @@ t_op_examples() {
   out=$(jk get dispyjobs) && echo "$out"
   grep -Eq '^checksums-md5 +checksums +Finished +checksums-node-[01] +4d1951894d6260f544437f811c7384a4 ' <<<"$out" ||
     fail "dispyjob columns" || return 1
-  out=$(jk get jc checksums) && echo "$out"
-  grep -Eq '^checksums +2/2 +4 +0 +4 +0 +Ready ' <<<"$out" || fail "jobcluster columns" || return 1
+  # The jobs may all have run on the first node pod before the second is Ready.
+  wait_for 60 "jobcluster checksums 2/2 Ready in its columns" jc_columns_ready ||
+    { jk get jc checksums; return 1; }
+  jk get jc checksums
   out=$(jk get dispy -o name)
   grep -q '^jobcluster.dispy.io/divide$' <<<"$out" && grep -q '^dispyjob.dispy.io/divide-ok$' <<<"$out" ||
     fail "kubectl get dispy lists both kinds" || return 1
