@@ -238,6 +238,31 @@ pub fn decode_with_limits(data: &[u8], limits: &Limits) -> Result<Value, DecodeE
     Ok(m.materialize(root))
 }
 
+/// A hostile pickle, for tests of the decoder's budget: a list of `refs` references to one
+/// memoized string of `len` bytes (each after the first a `BINGET`), `len × refs` bytes
+/// once every reference is a copy, in about `len + 2 × refs` bytes of input.
+pub fn memo_bomb(len: usize, refs: usize) -> Vec<u8> {
+    memo_bomb_with(op::BINUNICODE, len, refs, &[op::BINGET, 0])
+}
+
+/// [`memo_bomb`] with the leaf's opcode (`X` str, `B` bytes) and the reference's (`h\0`,
+/// `j\0\0\0\0`) given.
+fn memo_bomb_with(leaf: u8, len: usize, refs: usize, get: &[u8]) -> Vec<u8> {
+    let mut p = vec![op::PROTO, 4, op::EMPTY_LIST, op::MARK, leaf];
+    p.extend(
+        u32::try_from(len)
+            .expect("a leaf under 4 GiB")
+            .to_le_bytes(),
+    );
+    p.resize(p.len() + len, b'a');
+    p.push(op::MEMOIZE);
+    for _ in 1..refs {
+        p.extend(get);
+    }
+    p.extend([op::APPENDS, op::STOP]);
+    p
+}
+
 /// Writes `value` as a protocol-4 pickle (without frames, which are optional).
 pub fn encode(value: &Value) -> Result<Vec<u8>, EncodeError> {
     let mut e = Encoder {
@@ -2035,25 +2060,11 @@ mod tests {
         );
     }
 
-    /// PROTO 4, then a list of `refs` references to one memoized `leaf` opcode (`X` str or
-    /// `B` bytes) of `len` bytes, each reference after the first a `get` (`h\0` or `j\0\0\0\0`).
-    fn memo_bomb(leaf: u8, len: usize, refs: usize, get: &[u8]) -> Vec<u8> {
-        let mut p = vec![op::PROTO, 4, op::EMPTY_LIST, op::MARK, leaf];
-        p.extend(u32::try_from(len).unwrap().to_le_bytes());
-        p.resize(p.len() + len, b'a');
-        p.push(op::MEMOIZE);
-        for _ in 1..refs {
-            p.extend(get);
-        }
-        p.extend([op::APPENDS, op::STOP]);
-        p
-    }
-
     #[test]
     fn memo_bomb_is_refused_by_the_budget() {
         // 1 MB fetched 100,000 times would be 100 GB; the pickle itself is 1.2 MB.
         for (leaf, get) in [(op::BINUNICODE, &b"h\0"[..]), (op::BINBYTES, b"j\0\0\0\0")] {
-            let bomb = memo_bomb(leaf, 1 << 20, 100_000, get);
+            let bomb = memo_bomb_with(leaf, 1 << 20, 100_000, get);
             let started = std::time::Instant::now();
             let err = decode_within(&bomb, 16 << 20).unwrap_err();
             assert_eq!(err, DecodeError::OverBudget { budget: 16 << 20 });
@@ -2065,7 +2076,7 @@ mod tests {
             "pickle too large: it would materialize more than 16777216 bytes (the decode budget)"
         );
         // The default budget is a default frame's worth.
-        let bomb = memo_bomb(op::BINUNICODE, 1 << 20, 100, b"h\0");
+        let bomb = memo_bomb_with(op::BINUNICODE, 1 << 20, 100, b"h\0");
         assert_eq!(
             decode(&bomb),
             Err(DecodeError::OverBudget {
@@ -2076,7 +2087,7 @@ mod tests {
 
     #[test]
     fn repeated_small_memo_refs_within_the_budget_decode() {
-        let pickle = memo_bomb(op::BINUNICODE, 3, 1000, b"h\0");
+        let pickle = memo_bomb_with(op::BINUNICODE, 3, 1000, b"h\0");
         let v = decode_within(&pickle, 1 << 20).unwrap();
         assert_eq!(v, list(vec![s("aaa"); 1000]));
         // The list, and 1000 strs of 3 bytes.

@@ -44,15 +44,8 @@ static ALLOCATOR: Counting = Counting;
 
 #[test]
 fn memo_bomb_is_refused_within_a_few_times_its_input() {
-    // PROTO 4, [ MARK BINUNICODE(8 MB) MEMOIZE, BINGET 0 × 999,999, APPENDS ], STOP
-    let mut bomb = vec![0x80, 4, b']', b'(', b'X'];
-    bomb.extend((8u32 << 20).to_le_bytes());
-    bomb.resize(bomb.len() + (8 << 20), b'a');
-    bomb.push(0x94);
-    for _ in 1..1_000_000 {
-        bomb.extend([b'h', 0]);
-    }
-    bomb.extend([b'e', b'.']);
+    // An 8 MB string and 999,999 BINGETs of it.
+    let bomb = dispy_core::pickle::memo_bomb(8 << 20, 1_000_000);
 
     let before = LIVE.load(Relaxed);
     PEAK.store(before, Relaxed);

@@ -25,7 +25,8 @@ pub const PREAUTH_BUDGET: usize = 64 * 1024;
 pub struct Gate {
     per_source: usize,
     total: usize,
-    waiting: Mutex<HashMap<IpAddr, usize>>,
+    /// Per source, and in all.
+    waiting: Mutex<(HashMap<IpAddr, usize>, usize)>,
 }
 
 /// A connection's place in the gate, given back when it authenticates or closes.
@@ -47,21 +48,22 @@ impl Gate {
         Arc::new(Gate {
             per_source,
             total,
-            waiting: Mutex::new(HashMap::new()),
+            waiting: Mutex::new((HashMap::new(), 0)),
         })
     }
 
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, GateFull> {
-        let mut waiting = self.waiting.lock().unwrap();
-        let all: usize = waiting.values().sum();
-        if all >= self.total {
-            return Err(GateFull::Total(all));
+        let mut guard = self.waiting.lock().unwrap();
+        let (per_source, all) = &mut *guard;
+        if *all >= self.total {
+            return Err(GateFull::Total(*all));
         }
-        let mine = waiting.entry(ip).or_insert(0);
+        let mine = per_source.entry(ip).or_insert(0);
         if *mine >= self.per_source {
             return Err(GateFull::Source(*mine));
         }
         *mine += 1;
+        *all += 1;
         Ok(Permit {
             gate: self.clone(),
             ip,
@@ -71,17 +73,19 @@ impl Gate {
     /// Connections waiting to authenticate now.
     #[cfg(test)]
     pub fn waiting(&self) -> usize {
-        self.waiting.lock().unwrap().values().sum()
+        self.waiting.lock().unwrap().1
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut waiting = self.gate.waiting.lock().unwrap();
-        if let Some(n) = waiting.get_mut(&self.ip) {
+        let mut guard = self.gate.waiting.lock().unwrap();
+        let (per_source, all) = &mut *guard;
+        if let Some(n) = per_source.get_mut(&self.ip) {
             *n -= 1;
+            *all -= 1;
             if *n == 0 {
-                waiting.remove(&self.ip);
+                per_source.remove(&self.ip);
             }
         }
     }

@@ -423,35 +423,32 @@ impl PyHost {
     }
 }
 
-const TOO_LARGE: &str = "the job's reply is";
-
-fn too_large(len: usize, max: usize) -> JobResult {
-    too_large_result(format!("{TOO_LARGE} {len} bytes, over the {max} bytes the node reads of one reply (--max-frame and --max-output set it): return less, or write large data to a file"))
+/// A job's reply the node did not take: the job is Terminated with why.
+fn unread(reason: String) -> JobResult {
+    JobResult::failed(JobStatus::Terminated, reason)
 }
 
-fn too_large_result(reason: String) -> JobResult {
-    JobResult::failed(JobStatus::Terminated, reason)
+fn too_large(len: usize, max: usize) -> JobResult {
+    unread(format!("the job's reply is {len} bytes, over the {max} bytes the node reads of one reply (--max-frame and --max-output set it): return less, or write large data to a file"))
 }
 
 /// A reply the host wrote to a file (too large for one pipe write): read from the spill
 /// directory only, and only up to `max`; the file is removed either way.
-async fn read_spilled(dir: &Path, name: &[u8], max: usize) -> Result<Vec<u8>, String> {
+async fn read_spilled(dir: &Path, name: &[u8], max: usize) -> Result<Vec<u8>, JobResult> {
     let path = PathBuf::from(String::from_utf8_lossy(name).into_owned());
     if path.parent() != Some(dir) {
-        return Err(format!(
+        return Err(unread(format!(
             "a spilled reply outside the host's spill directory: {}",
             path.display()
-        ));
+        )));
     }
-    let size = tokio::fs::metadata(&path)
-        .await
-        .map_err(|e| e.to_string())?
-        .len() as usize;
+    let unreadable =
+        |e: std::io::Error| unread(format!("unreadable job reply from the Python host: {e}"));
+    let size = tokio::fs::metadata(&path).await.map_err(unreadable)?.len() as usize;
     let data = if size > max {
-        let e = too_large(size, max);
-        Err(e.exception.unwrap_or_default())
+        Err(too_large(size, max))
     } else {
-        tokio::fs::read(&path).await.map_err(|e| e.to_string())
+        tokio::fs::read(&path).await.map_err(unreadable)
     };
     let _ = tokio::fs::remove_file(&path).await;
     data
@@ -571,15 +568,10 @@ async fn read_replies(
                 } else {
                     read_spilled(&spill_dir, &body[8..], max_reply).await
                 };
-                let result = match json
-                    .and_then(|j| serde_json::from_slice::<Reply>(&j).map_err(|e| e.to_string()))
-                {
-                    Ok(reply) => reply.into_result(),
-                    Err(e) if e.starts_with(TOO_LARGE) => too_large_result(e),
-                    Err(e) => JobResult::failed(
-                        JobStatus::Terminated,
-                        format!("unreadable job reply from the Python host: {e}"),
-                    ),
+                let result = match json.map(|j| serde_json::from_slice::<Reply>(&j)) {
+                    Ok(Ok(reply)) => reply.into_result(),
+                    Ok(Err(e)) => unread(format!("unreadable job reply from the Python host: {e}")),
+                    Err(refused) => refused,
                 };
                 let _ = outcomes.send(Outcome::Job { run, result });
             }

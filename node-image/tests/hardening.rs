@@ -47,6 +47,53 @@ async fn next_message(listener: &TcpListener, within: Duration) -> Option<Vec<u8
     read_frame(&mut s, 1 << 20).await.ok().flatten()
 }
 
+/// A stand-in dispy client on 127.0.0.1: it pings by UDP, and the node answers on its port.
+struct Pinger {
+    port: TcpListener,
+    udp: UdpSocket,
+}
+
+impl Pinger {
+    async fn new() -> Pinger {
+        Pinger {
+            port: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            udp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        }
+    }
+
+    /// A ping signed `sign`, asking for the answer at this client's port.
+    fn ping(&self, sign: &str) -> Vec<u8> {
+        dispy_ping(sign, "127.0.0.1", self.port.local_addr().unwrap().port())
+    }
+
+    async fn send(&self, node: &NodeProc, sign: &str) {
+        self.udp
+            .send_to(&self.ping(sign), node.addr())
+            .await
+            .unwrap();
+    }
+
+    /// The next message the node sends here, if one comes within `within`.
+    async fn answer(&self, within: Duration) -> Option<Vec<u8>> {
+        next_message(&self.port, within).await
+    }
+
+    async fn pong(&self) -> Value {
+        pong_fields(&self.answer(T).await.expect("a pong"))
+    }
+}
+
+/// The node's sign, from its answer to a ping.
+async fn node_sign(node: &NodeProc) -> String {
+    let pinger = Pinger::new().await;
+    pinger.send(node, &"e".repeat(40)).await;
+    let pong = pinger.pong().await;
+    pong.attr("sign")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string()
+}
+
 fn pong_fields(msg: &[u8]) -> Value {
     let body = msg.strip_prefix(b"PONG:").expect("a PONG");
     pickle::decode(body).unwrap()
@@ -68,16 +115,12 @@ async fn dispy_request(node: &NodeProc, auth: &[u8], msg: &[u8]) -> Option<Vec<u
 #[tokio::test]
 async fn the_pong_token_leak_gets_nothing_usable_and_replayed_tokens_are_refused() {
     let node = NodeProc::start_with(&[], Some(SECRET)).await;
-    let client_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = client_port.local_addr().unwrap().port();
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client = Pinger::new().await;
 
     // A made-up sign gets a PONG: dispy clients check its auth, so the node still signs it.
     let made_up = "f".repeat(40);
-    udp.send_to(&dispy_ping(&made_up, "127.0.0.1", port), node.addr())
-        .await
-        .unwrap();
-    let pong = pong_fields(&next_message(&client_port, T).await.expect("a pong"));
+    client.send(&node, &made_up).await;
+    let pong = client.pong().await;
     let node_sign = pong
         .attr("sign")
         .and_then(Value::as_str)
@@ -94,15 +137,10 @@ async fn the_pong_token_leak_gets_nothing_usable_and_replayed_tokens_are_refused
     );
 
     // The same ping carrying the node's own sign, by UDP and by TCP: no answer at all.
-    udp.send_to(&dispy_ping(&node_sign, "127.0.0.1", port), node.addr())
-        .await
-        .unwrap();
-    let replay = dispy_ping(&node_sign, "127.0.0.1", port);
-    dispy_request(&node, &[b'x'; 40], &replay).await;
+    client.send(&node, &node_sign).await;
+    dispy_request(&node, &[b'x'; 40], &client.ping(&node_sign)).await;
     assert!(
-        next_message(&client_port, Duration::from_secs(3))
-            .await
-            .is_none(),
+        client.answer(Duration::from_secs(3)).await.is_none(),
         "the node answered a ping carrying its own sign"
     );
 
@@ -131,21 +169,10 @@ async fn the_pong_token_leak_gets_nothing_usable_and_replayed_tokens_are_refused
     );
 }
 
-/// `PING:` + an 8 MB string memoized once and referenced a million times (10 MB on the wire,
-/// 8 TB once every reference is a copy).
+/// `prefix` + an 8 MB string memoized once and referenced a million times (10 MB on the
+/// wire, 8 TB once every reference is a copy).
 fn memo_bomb(prefix: &[u8]) -> Vec<u8> {
-    let leaf = 8 << 20;
-    let mut p = prefix.to_vec();
-    p.extend_from_slice(&[0x80, 4, b'X']);
-    p.extend_from_slice(&(leaf as u32).to_le_bytes());
-    p.extend(std::iter::repeat_n(b'a', leaf));
-    p.push(0x94); // MEMOIZE
-    p.extend_from_slice(b"]("); // EMPTY_LIST, MARK
-    for _ in 0..1_000_000 {
-        p.extend_from_slice(&[b'h', 0]); // BINGET 0
-    }
-    p.extend_from_slice(b"e."); // APPENDS, STOP
-    p
+    [prefix, &pickle::memo_bomb(8 << 20, 1_000_001)].concat()
 }
 
 #[tokio::test]
@@ -164,15 +191,7 @@ async fn the_memo_bomb_is_refused_before_and_after_auth_and_the_node_then_serves
     assert!(rest.is_empty(), "the node answered the bomb");
 
     // After auth: the whole frame is read, and the decoder's budget refuses it.
-    let client_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = client_port.local_addr().unwrap().port();
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    udp.send_to(&dispy_ping(&"e".repeat(40), "127.0.0.1", port), node.addr())
-        .await
-        .unwrap();
-    let pong = pong_fields(&next_message(&client_port, T).await.expect("a pong"));
-    let sign = pong.attr("sign").and_then(Value::as_str).unwrap();
-    let token = sha1_hex(&format!("{SECRET}{sign}"));
+    let token = sha1_hex(&format!("{SECRET}{}", node_sign(&node).await));
     let answer = dispy_request(&node, token.as_bytes(), &memo_bomb(b"COMPUTE:"))
         .await
         .unwrap();
@@ -387,15 +406,9 @@ async fn no_dispy_serves_only_the_native_protocol() {
     let node = NodeProc::start(&["--no-dispy"]).await;
     let answer = dispy_request(&node, &[b'x'; 40], b"NODE_STATUS:").await;
     assert_eq!(answer, None, "a dispy request was answered");
-    let client_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = client_port.local_addr().unwrap().port();
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    udp.send_to(&dispy_ping(&"a".repeat(40), "127.0.0.1", port), node.addr())
-        .await
-        .unwrap();
-    assert!(next_message(&client_port, Duration::from_secs(2))
-        .await
-        .is_none());
+    let client = Pinger::new().await;
+    client.send(&node, &"a".repeat(40)).await;
+    assert!(client.answer(Duration::from_secs(2)).await.is_none());
     assert!(node.log().contains("--no-dispy"), "{}", node.log());
     let (client, _events) = connect(&node).await;
     let started = Instant::now();
@@ -412,15 +425,7 @@ async fn no_dispy_serves_only_the_native_protocol() {
 #[tokio::test]
 async fn the_admin_secret_opens_node_status_and_nothing_else() {
     let node = NodeProc::start_with(&["--admin_secret", "adm"], Some(SECRET)).await;
-    let client_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = client_port.local_addr().unwrap().port();
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    udp.send_to(&dispy_ping(&"d".repeat(40), "127.0.0.1", port), node.addr())
-        .await
-        .unwrap();
-    let pong = pong_fields(&next_message(&client_port, T).await.expect("a pong"));
-    let sign = pong.attr("sign").and_then(Value::as_str).unwrap();
-    let admin = sha1_hex(&format!("adm{sign}"));
+    let admin = sha1_hex(&format!("adm{}", node_sign(&node).await));
     let status = dispy_request(&node, admin.as_bytes(), b"NODE_STATUS:")
         .await
         .unwrap();

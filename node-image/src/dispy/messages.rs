@@ -632,14 +632,7 @@ mod tests {
     #[test]
     fn a_memo_bomb_in_a_job_is_refused_as_too_large() {
         // A 64 KiB str memoized once and fetched 20,000 times: 1.3 GB once expanded.
-        let mut bomb = vec![0x80, 4, b']', b'(', b'X'];
-        bomb.extend((64u32 << 10).to_le_bytes());
-        bomb.resize(bomb.len() + (64 << 10), b'a');
-        bomb.push(0x94);
-        for _ in 1..20_000 {
-            bomb.extend([b'h', 0]);
-        }
-        bomb.extend([b'e', b'.']);
+        let bomb = dispy_core::pickle::memo_bomb(64 << 10, 20_000);
         let msg = [&b"JOB:"[..], &bomb].concat();
         let (command, body) = split(&msg);
         let err = deserialize(command, body, 16 << 20).unwrap_err();

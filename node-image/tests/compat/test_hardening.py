@@ -107,6 +107,18 @@ cluster.close()
     assert (r["size"], r["digest"]) == (200 << 20, h.hexdigest()), r
 
 
+def assert_the_next_client_is_served(nodes, client):
+    """A new client's job runs on the node: no earlier client holds it."""
+    r = client.run('''
+def compute(n):
+    return n + 1
+cluster = dispy.JobCluster(compute, %s, nodes=['127.0.0.1'])
+report(result=cluster.submit(1)())
+cluster.close()
+''' % LO, timeout=120)
+    assert r["result"] == 2, nodes.log()
+
+
 def partial_files(root):
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".partial")]
 
@@ -134,14 +146,7 @@ time.sleep(600)
     while partial_files(prefix) and time.time() < deadline:
         time.sleep(0.1)
     assert not partial_files(prefix), partial_files(prefix)
-    r = client.run('''
-def compute(n):
-    return n + 1
-cluster = dispy.JobCluster(compute, %s, nodes=['127.0.0.1'])
-report(result=cluster.submit(1)())
-cluster.close()
-''' % LO, timeout=120)
-    assert r["result"] == 2, nodes.log()
+    assert_the_next_client_is_served(nodes, client)
 
 
 def test_a_client_killed_during_setup_frees_the_node(nodes, client, tmp_path):
@@ -165,14 +170,7 @@ time.sleep(600)
     assert started.exists(), nodes.log()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    r = client.run('''
-def compute(n):
-    return n + 1
-cluster = dispy.JobCluster(compute, %s, nodes=['127.0.0.1'])
-report(result=cluster.submit(1)())
-cluster.close()
-''' % LO, timeout=120)
-    assert r["result"] == 2, nodes.log()
+    assert_the_next_client_is_served(nodes, client)
     # The abandoned setup runs to its end; then the node closes that computation.
     deadline = time.time() + 20
     while "hung up before its setup finished" not in nodes.log() and time.time() < deadline:
