@@ -387,6 +387,54 @@ EOF
   jk delete dj chatty-1 too-slow --wait=true --timeout=60s >/dev/null
 }
 
+# --- what a running job sends: provisional results and files --------------------------------
+
+t_op_provisional_and_sent_files() {
+  local cm lines
+  jk apply -f "$REPO_DIR/docs/examples/progress.yaml" >/dev/null || fail "apply progress.yaml" || return 1
+  jk apply -f - <<'EOF' || return 1
+apiVersion: dispy.io/v1alpha1
+kind: JobCluster
+metadata: {name: halfway}
+spec:
+  computation:
+    python:
+      source: |
+        import time
+        def work(seconds):
+            dispy_provisional_result({"stage": "halfway"})
+            time.sleep(seconds)
+            return "done"
+      function: work
+  nodes: {replicas: 1, cpus: 1}
+---
+apiVersion: dispy.io/v1alpha1
+kind: DispyJob
+metadata: {name: halfway-1}
+spec: {cluster: halfway, args: [8]}
+EOF
+  wait_for 90 "halfway-1 ProvisionalResult while it runs" job_is halfway-1 ProvisionalResult || { op_log_tail; return 1; }
+  [[ $(job_field halfway-1 '{.status.provisionalResult.stage}') == halfway ]] ||
+    fail "provisionalResult: $(job_field halfway-1 '{.status.provisionalResult}')" || return 1
+  wait_for 60 "halfway-1 Finished" job_is halfway-1 Finished || return 1
+  wait_for 90 "progress-primes Finished" job_is progress-primes Finished || { op_log_tail; return 1; }
+  [[ $(job_field progress-primes '{.status.result}') == 1229 ]] || fail "progress-primes result" || return 1
+  [[ $(job_field progress-primes '{.status.provisionalResult.checked}') == 7500 ]] ||
+    fail "provisionalResult: $(job_field progress-primes '{.status.provisionalResult}')" || return 1
+  [[ $(job_field progress-primes '{.status.sentFiles[0].name} {.status.sentFiles[0].savedAs}') == "primes.txt primes.txt" ]] ||
+    fail "sentFiles: $(job_field progress-primes '{.status.sentFiles}')" || return 1
+  cm=$(job_field progress-primes '{.status.filesConfigMap}')
+  [[ $cm == progress-primes-files ]] || fail "filesConfigMap: '$cm'" || return 1
+  lines=$(jk get configmap "$cm" -o jsonpath='{.binaryData.primes\.txt}' | base64 -d | wc -l)
+  [[ $lines == 1229 ]] || fail "the files ConfigMap's primes.txt has $lines lines, not 1229" || return 1
+  [[ $(jk get configmap "$cm" -o jsonpath='{.metadata.ownerReferences[0].name}') == progress-primes ]] ||
+    fail "the files ConfigMap is not owned by its job" || return 1
+  jk delete -f "$REPO_DIR/docs/examples/progress.yaml" --wait=true --timeout=60s >/dev/null
+  jk delete jc halfway --wait=true --timeout=60s >/dev/null
+  jk delete dj halfway-1 --wait=true --timeout=60s >/dev/null
+  wait_for 60 "the files ConfigMap goes with its job" none_left_ns $JOBS_NS configmaps dispy.io/job=progress-primes || return 1
+}
+
 # --- leader election: a standby takes over -----------------------------------------------
 
 lease_holder() { k -n $OP_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}'; }

@@ -1027,6 +1027,7 @@ if [[ $LOCAL == 1 ]]; then
   run_test "operator: a JobCluster without computation is a node pool with its addresses in status" t_op_node_pool
   run_test "operator: /metrics, /readyz, Lease held" t_op_metrics
   run_test "operator: suspend holds jobs; big output bounded with its ConfigMap; activeDeadlineSeconds; cleanup on delete" t_op_suspend_output_deadline_cleanup
+  run_test "operator: a running job's provisional result in status (ProvisionalResult), its sent file in a ConfigMap it owns" t_op_provisional_and_sent_files
   run_test "operator: spec.tls — node pods serve TLS with the Secret, the operator pins it, a job runs" t_op_tls
   run_test "operator: two replicas, the leader's pod deleted: the standby takes the Lease and runs jobs" t_op_leader_failover
   run_test "operator from the chart: uninstalled" t_op_uninstall

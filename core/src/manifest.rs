@@ -367,11 +367,56 @@ pub struct DispyJobStatus {
     /// part of it: keys `result`, `stdout`, `stderr`, `exception`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_config_map: Option<String>,
+    /// The latest value the job passed to `dispy_provisional_result` (the status reads
+    /// `ProvisionalResult` while it runs on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_value")]
+    pub provisional_result: Option<serde_json::Value>,
+    /// Files the job sent with `dispy_send_file`, in the order it sent them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent_files: Vec<SentFileStatus>,
+    /// The ConfigMap (owned by the job) holding the files it sent, under `sentFiles[].savedAs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_config_map: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
 
+/// A file a job sent, and where it was kept.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SentFileStatus {
+    /// Its path relative to the job's working directory (or its base name).
+    pub name: String,
+    pub size: u64,
+    /// Where it is: with `dispy run` the path written; on Kubernetes its key in
+    /// `filesConfigMap`. None when it was not kept (`message` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_as: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 impl DispyJobStatus {
+    /// Takes a running job's provisional result (JSON text) into the status.
+    pub fn record_provisional(&mut self, text: &str) {
+        if self.status.is_terminal() {
+            return;
+        }
+        self.status = JobStatus::ProvisionalResult;
+        self.provisional_result = Some(
+            serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.into())),
+        );
+    }
+
+    /// Records a sent file, replacing an earlier one of the same name.
+    pub fn record_sent_file(&mut self, file: SentFileStatus) {
+        match self.sent_files.iter_mut().find(|f| f.name == file.name) {
+            Some(earlier) => *earlier = file,
+            None => self.sent_files.push(file),
+        }
+    }
+
     /// Takes a node's terminal result into the status (whole: bounding is the caller's).
     pub fn record_result(&mut self, r: &crate::job::JobResult) {
         self.status = r.status;

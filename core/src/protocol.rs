@@ -289,6 +289,36 @@ pub enum JobEventKind {
     },
     /// Terminal: Finished, Terminated or Cancelled. Resent until acknowledged.
     Done(JobResult),
+    /// The running job called `dispy_provisional_result(value)`: JSON text of the value. Sent
+    /// to the connected client only (not resent); the job goes on.
+    Provisional {
+        result: String,
+    },
+    /// The running job called `dispy_send_file(path)`. Sent before the job's `Done`, to the
+    /// connected client only (not resent); one frame, so at most `--max-frame` less headers.
+    File(SentFile),
+}
+
+/// `name` as a relative path that stays inside the directory it is joined to: not empty, no
+/// NUL, no root, no `.` or `..` component. Names from the network go through this.
+pub fn relative_path(name: &str) -> Option<&std::path::Path> {
+    let path = std::path::Path::new(name);
+    let inside = !name.is_empty()
+        && !name.contains('\0')
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    inside.then_some(path)
+}
+
+/// A file a job sent to its client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SentFile {
+    /// Relative path: under the job's working directory when the file was there, else its
+    /// base name. Never absolute, never with `..` (the node checks).
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Copy)]

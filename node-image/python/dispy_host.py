@@ -15,6 +15,11 @@ job processes and its workers can share the pipe:
   I  init done JSON {ok, error}
   R  job reply 8-byte run token, JSON {s, r, o, e, x, t0, t1, od, ed}
   F  job reply too large for one write: 8-byte run token, path of a file holding the JSON
+  P  provisional result (native computations' dispy_provisional_result): 8-byte run token,
+               JSON of the value
+  Q  provisional result too large for one write: 8-byte run token, path of a file holding it
+  S  sent file (native computations' dispy_send_file): 8-byte run token, JSON {path, name}:
+               a copy of the file in the sent directory, and the name the client saves it as
   X  process gone 8-byte run token, 4-byte wait status of the process that ran that job;
                after its reply this is stale, without one it says how the job died
   W  worker gone 4-byte worker index, 4-byte wait status (a fresh worker replaces it)
@@ -113,12 +118,70 @@ SPARE_BATCH = 6
 
 
 class JsonCodec:
-    """Arguments and results as JSON: the native protocol's codec. A call is [args, kwargs]."""
+    """Arguments and results as JSON: the native protocol's codec. A call is [args, kwargs].
+    Jobs may call dispy_provisional_result(value) and dispy_send_file(path), which go to the
+    client through the node (frames P, Q and S), on the connection the client already has."""
 
     rehearsal_call = b"[[0], {}]"  # a call with one argument (see Host.rehearse)
 
     def __init__(self, host):
-        pass
+        self.host = host
+        host.globals.update(dispy_provisional_result=self.provisional_result, dispy_send_file=self.send_file)
+
+    def provisional_result(self, result, relay=False, timeout=10):
+        """Sends a provisional result of the running job to its client; 0 when the node has
+        it, -1 when it cannot be sent (the reason goes to the job's stderr)."""
+        run = self.host.current[0]
+        if not run:
+            sys.stderr.write("dispy_provisional_result: only a running job has a result\n")
+            return -1
+        try:
+            body = json.dumps(result).encode()
+        except (TypeError, ValueError) as e:
+            sys.stderr.write("dispy_provisional_result: the value cannot be sent as JSON: %s\n" % e)
+            return -1
+        self.host.send_job_frame(ord("P"), ord("Q"), run, body)
+        return 0
+
+    def send_file(self, path, relay=False, timeout=10):
+        """Sends a file to the job's client, which saves it under its path relative to the
+        job's working directory (or its base name when it is elsewhere). The contents are
+        taken now. 0 when the node has them, -1 when the file cannot be sent (the reason goes
+        to the job's stderr): missing, not a regular file, or over what a job may send."""
+        host, current = self.host, self.host.current
+        run = current[0]
+        if not run:
+            sys.stderr.write("dispy_send_file: only a running job can send files\n")
+            return -1
+        try:
+            full = os.path.abspath(path)
+            cwd = os.getcwd()
+            name = full[len(cwd) + 1 :] if full.startswith(cwd + os.sep) else os.path.basename(full)
+            if not name or len(name) > 1024:
+                raise ValueError("the name %r cannot be sent (empty or over 1024 characters)" % name)
+            if not os.path.isfile(full):  # a FIFO would block the job
+                raise ValueError("%s is not a regular file" % full)
+            with open(full, "rb") as f:
+                left = host.cfg.get("max_sent_file", 1 << 20) - current[1]
+                data = f.read(left + 1)
+            if len(data) > left:
+                raise ValueError("%s is over the %d bytes a job may send in files (--max_file_size and --max_frame set it)" % (full, host.cfg.get("max_sent_file")))
+            os.makedirs(host.sent_dir, exist_ok=True)
+            current[2] += 1
+            spool = os.path.join(host.sent_dir, "%d-%d" % (run, current[2]))
+            with open(spool, "wb") as f:
+                f.write(data)
+        except (OSError, ValueError) as e:
+            sys.stderr.write("dispy_send_file: %s\n" % e)
+            return -1
+        frame = RUN.pack(run) + json.dumps({"path": spool, "name": name}).encode()
+        if HEADER.size + len(frame) > PIPE_BUF:  # jobs share the pipe: one write each
+            os.unlink(spool)
+            sys.stderr.write("dispy_send_file: the path of %s is too long to send\n" % full)
+            return -1
+        current[1] += len(data)
+        host.send(ord("S"), frame)
+        return 0
 
     def decode_setup_args(self, value):
         return value or []
@@ -314,6 +377,9 @@ class Host:
         self.pidfds = {}  # pidfd -> pid of every process we forked
         self.inbuf = bytearray()
         self.spill_dir = os.path.join(os.getcwd(), ".dispy-replies")
+        self.sent_dir = os.path.join(os.getcwd(), ".dispy-sent")
+        # The job this process runs: its run token, and the bytes and files it has sent.
+        self.current = [0, 0, 0]
         self.spares = []  # fork per job: [(pid, job write fd)] ready for one job each
         self.running = {}  # fork per job: pid -> run token
         self.run_pid = {}  # fork per job: run token -> pid
@@ -337,13 +403,24 @@ class Host:
     def send_json(self, kind, obj):
         self.send(kind, json.dumps(obj).encode())
 
-    def spill_reply(self, run, body):
-        """Sends a job's reply (JSON) too large for one atomic write through a file."""
+    def send_job_frame(self, kind, spilled_kind, run, body):
+        """Sends a frame about a job: in one write when the pipe keeps it whole (jobs share the
+        pipe), else through a file, as `spilled_kind`."""
+        if HEADER.size + RUN.size + len(body) <= PIPE_BUF:
+            self.send(kind, RUN.pack(run) + body)
+        else:
+            self.spill(run, body, spilled_kind)
+
+    def spill(self, run, body, kind=ord("F")):
+        """Sends a job's reply (or provisional result) too large for one atomic write through
+        a file."""
         os.makedirs(self.spill_dir, exist_ok=True)
-        path = os.path.join(self.spill_dir, "%d.json" % run)
+        # Unique for as long as the node may not have read it: run token and frame count.
+        self.current[2] += 1
+        path = os.path.join(self.spill_dir, "%d-%d.json" % (run, self.current[2]))
         with open(path, "wb") as f:
             f.write(body)
-        self.send(ord("F"), RUN.pack(run) + path.encode())
+        self.send(kind, RUN.pack(run) + path.encode())
 
     # --- input --------------------------------------------------------------------------
     def frames(self, fd):
@@ -431,11 +508,12 @@ class Host:
         what it uses bound beforehand: in a fresh fork every object the job's path touches is
         a page copied, and methods, a reply dict and its encoder touched ~30 more per job."""
         call, clock, quote = self.codec.caller(func), time.time, _json.encode_basestring_ascii
-        limit, spill, write = self.max_output, self.spill_reply, os.write
+        limit, spill, write, current = self.max_output, self.spill, os.write, self.current
         reply_max, kind = PIPE_BUF - HEADER.size - RUN.size, ord("R")
 
         def run(run, body, out, err):
             t0 = clock()
+            current[0], current[1], current[2] = run, 0, 0
             # Left in place after the job: a spare exits, a worker's next job brings its own.
             sys.stdout, sys.stderr = out, err
             try:

@@ -8,7 +8,7 @@
 //! - a computation whose client is gone longer than the zombie interval is closed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -29,6 +29,11 @@ pub enum Outcome {
     Job {
         run: u64,
         result: JobResult,
+    },
+    /// A running job's news for its client: a provisional result or a file it sent.
+    News {
+        run: u64,
+        news: JobEventKind,
     },
     /// A Python host ended; `host` (its pid) tells it from the computation's next host.
     HostExited {
@@ -198,18 +203,14 @@ fn unknown_computation(id: &str) -> NodeError {
 
 /// A client-supplied file name as a path inside the computation's directory.
 pub fn safe_relative(name: &str) -> NodeResult<PathBuf> {
-    let p = Path::new(name);
-    let ok = !name.is_empty()
-        && !name.contains('\0')
-        && p.components().all(|c| matches!(c, Component::Normal(_)));
-    if ok {
-        Ok(p.to_path_buf())
-    } else {
-        Err(NodeError::new(
-            ErrorCode::BadRequest,
-            format!("file name {name:?} must be a relative path without '..'"),
-        ))
-    }
+    dispy_core::protocol::relative_path(name)
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            NodeError::new(
+                ErrorCode::BadRequest,
+                format!("file name {name:?} must be a relative path without '..'"),
+            )
+        })
 }
 
 /// A computation's directory name: one path component that cannot be `.`, `..` or hidden.
@@ -667,6 +668,7 @@ impl Node {
             // Room for the result (checked exactly against --max-frame later) and for stdout
             // and stderr as JSON, whose escapes can take six bytes for one.
             max_reply: self.cfg.max_frame.saturating_mul(2) + 12 * self.cfg.max_output + (64 << 10),
+            max_sent_file: self.max_sent_file(),
             codec: codec.name(),
             env,
         };
@@ -999,49 +1001,72 @@ impl Node {
         self.update_gauges(st);
     }
 
+    /// The most bytes a job may send in files: `--max_file_size` (when set), and what one
+    /// frame to the client carries.
+    pub fn max_sent_file(&self) -> usize {
+        let frame = self.cfg.max_frame.saturating_sub(64 << 10);
+        match self.cfg.max_file_size {
+            0 => frame,
+            limit => frame.min(usize::try_from(limit).unwrap_or(usize::MAX)),
+        }
+    }
+
     /// Handles what job processes and hosts report; runs for the node's lifetime.
     pub async fn run_outcomes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
         while let Some(outcome) = rx.recv().await {
             let mut st = self.state.lock().unwrap();
-            match outcome {
-                Outcome::Job { run, result } => self.job_ended(&mut st, run, result),
-                Outcome::HostExited {
-                    computation,
-                    host,
-                    reason,
-                } => {
-                    let Some(comp) = st.comps.get_mut(&computation) else {
-                        continue;
-                    };
-                    let current =
-                        matches!(&comp.runner, Some(Runner::Python(h)) if h.pid() == host);
-                    // A host closed on purpose, or one a new setup has replaced, broke nothing.
-                    if comp.phase == Phase::Closing || !current {
-                        continue;
-                    }
-                    tracing::error!(%computation, "{reason}; its jobs are terminated");
-                    comp.broken = Some(reason.clone());
-                    if let Some(Runner::Python(host)) = &comp.runner {
-                        let host = host.clone();
-                        tokio::spawn(async move { host.reap().await });
-                    }
-                    let runs: Vec<u64> = comp
-                        .jobs
-                        .values()
-                        .filter_map(|j| j.run.as_ref().map(|r| r.run))
-                        .collect();
-                    for run in runs {
-                        let result = JobResult::failed(JobStatus::Terminated, reason.clone());
-                        self.job_ended(&mut st, run, result);
-                    }
-                }
-            }
-            // Drain whatever else is ready before giving the lock back.
-            while let Ok(Outcome::Job { run, result }) = rx.try_recv() {
-                self.job_ended(&mut st, run, result);
+            self.take_outcome(&mut st, outcome);
+            // Take whatever else is ready before giving the lock back.
+            while let Ok(outcome) = rx.try_recv() {
+                self.take_outcome(&mut st, outcome);
             }
             self.pump(&mut st);
             self.update_gauges(&st);
+        }
+    }
+
+    fn take_outcome(self: &Arc<Self>, st: &mut State, outcome: Outcome) {
+        match outcome {
+            Outcome::Job { run, result } => self.job_ended(st, run, result),
+            Outcome::News { run, news } => {
+                // Only a job still running has news; its client gets it if connected.
+                let Some((id, job)) = st.runs.get(&run) else {
+                    return;
+                };
+                let subscriber = st.comps.get(id).and_then(|c| c.subscriber.as_ref());
+                if let Some((_, outbox)) = subscriber {
+                    let _ = outbox.send(event(id, *job, news));
+                }
+            }
+            Outcome::HostExited {
+                computation,
+                host,
+                reason,
+            } => {
+                let Some(comp) = st.comps.get_mut(&computation) else {
+                    return;
+                };
+                let current = matches!(&comp.runner, Some(Runner::Python(h)) if h.pid() == host);
+                // A host closed on purpose, or one a new setup has replaced, broke nothing.
+                if comp.phase == Phase::Closing || !current {
+                    return;
+                }
+                tracing::error!(%computation, "{reason}; its jobs are terminated");
+                comp.broken = Some(reason.clone());
+                if let Some(Runner::Python(host)) = &comp.runner {
+                    let host = host.clone();
+                    tokio::spawn(async move { host.reap().await });
+                }
+                let runs: Vec<u64> = comp
+                    .jobs
+                    .values()
+                    .filter_map(|j| j.run.as_ref().map(|r| r.run))
+                    .collect();
+                for run in runs {
+                    let result = JobResult::failed(JobStatus::Terminated, reason.clone());
+                    self.job_ended(st, run, result);
+                }
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dispy_core::job::{JobResult, JobStatus};
-use dispy_core::protocol::PythonComputation;
+use dispy_core::protocol::{JobEventKind, PythonComputation, SentFile};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
@@ -94,6 +94,8 @@ pub struct HostSettings<'a> {
     pub max_output: usize,
     /// The largest job reply the node reads from the host; a larger one is refused unread.
     pub max_reply: usize,
+    /// The most bytes a job may send in files (`dispy_send_file`), all its files together.
+    pub max_sent_file: usize,
     /// The host's codec for calls and results (`CODECS` in the script).
     pub codec: &'static str,
     pub env: serde_json::Value,
@@ -257,6 +259,7 @@ impl PyHost {
             "reuse_workers": py.reuse_workers,
             "workers": settings.workers,
             "max_output": settings.max_output,
+            "max_sent_file": settings.max_sent_file,
             "codec": settings.codec,
             "sys_path": sys_path,
             "worker_fds": worker_fds,
@@ -304,10 +307,11 @@ impl PyHost {
             computation.to_string(),
             child.id(),
             // As the host names it: from its working directory, which has no symlinks.
-            std::fs::canonicalize(settings.dir)
-                .unwrap_or_else(|_| settings.dir.to_path_buf())
-                .join(".dispy-replies"),
-            settings.max_reply,
+            HostFiles::in_dir(
+                &std::fs::canonicalize(settings.dir).unwrap_or_else(|_| settings.dir.to_path_buf()),
+                settings.max_reply,
+                settings.max_sent_file,
+            ),
             stdout,
             runs.clone(),
             init_tx,
@@ -432,25 +436,92 @@ fn too_large(len: usize, max: usize) -> JobResult {
     unread(format!("the job's reply is {len} bytes, over the {max} bytes the node reads of one reply (--max-frame and --max-output set it): return less, or write large data to a file"))
 }
 
-/// A reply the host wrote to a file (too large for one pipe write): read from the spill
-/// directory only, and only up to `max`; the file is removed either way.
-async fn read_spilled(dir: &Path, name: &[u8], max: usize) -> Result<Vec<u8>, JobResult> {
-    let path = PathBuf::from(String::from_utf8_lossy(name).into_owned());
-    if path.parent() != Some(dir) {
-        return Err(unread(format!(
-            "a spilled reply outside the host's spill directory: {}",
-            path.display()
-        )));
+/// Where the host passes what does not fit one pipe write, and how much the node reads of it.
+struct HostFiles {
+    /// Replies and provisional results too large for one write.
+    spill_dir: PathBuf,
+    /// Copies of the files jobs send (`dispy_send_file`).
+    sent_dir: PathBuf,
+    max_reply: usize,
+    max_sent_file: usize,
+}
+
+impl HostFiles {
+    fn in_dir(dir: &Path, max_reply: usize, max_sent_file: usize) -> HostFiles {
+        HostFiles {
+            spill_dir: dir.join(".dispy-replies"),
+            sent_dir: dir.join(".dispy-sent"),
+            max_reply,
+            max_sent_file,
+        }
     }
-    let unreadable =
-        |e: std::io::Error| unread(format!("unreadable job reply from the Python host: {e}"));
-    let size = tokio::fs::metadata(&path).await.map_err(unreadable)?.len() as usize;
+
+    /// A reply the host wrote to a file (too large for one pipe write): read from the spill
+    /// directory only, and only up to `max_reply`; the file is removed either way.
+    async fn spilled(&self, name: &[u8]) -> Result<Vec<u8>, JobResult> {
+        let path = PathBuf::from(String::from_utf8_lossy(name).into_owned());
+        read_within(&self.spill_dir, &path, self.max_reply)
+            .await
+            .map_err(|e| match e {
+                Unread::TooLarge(size) => too_large(size, self.max_reply),
+                Unread::Outside => unread(format!(
+                    "a spilled reply outside the host's spill directory: {}",
+                    path.display()
+                )),
+                Unread::Io(e) => unread(format!("unreadable job reply from the Python host: {e}")),
+            })
+    }
+
+    /// A file a job sent (`S`: JSON `{path, name}`), read from the sent directory only and
+    /// only up to `max_sent_file`; the copy is removed either way.
+    async fn sent(&self, body: &[u8]) -> Result<SentFile, String> {
+        #[derive(Deserialize)]
+        struct Sent {
+            path: PathBuf,
+            name: String,
+        }
+        let sent: Sent = serde_json::from_slice(body)
+            .map_err(|e| format!("an unreadable sent-file frame from the Python host: {e}"))?;
+        let data = read_within(&self.sent_dir, &sent.path, self.max_sent_file)
+            .await
+            .map_err(|e| match e {
+                Unread::TooLarge(size) => format!(
+                    "{} is {size} bytes, over the {} bytes a job may send",
+                    sent.name, self.max_sent_file
+                ),
+                Unread::Outside => format!(
+                    "a sent file outside the host's sent directory: {}",
+                    sent.path.display()
+                ),
+                Unread::Io(e) => format!("cannot read the sent file {}: {e}", sent.name),
+            })?;
+        crate::node::safe_relative(&sent.name).map_err(|e| e.message)?;
+        Ok(SentFile {
+            name: sent.name,
+            data,
+        })
+    }
+}
+
+enum Unread {
+    Outside,
+    TooLarge(usize),
+    Io(std::io::Error),
+}
+
+/// Reads a file the host wrote into `dir` (and nowhere else), at most `max` bytes of it, and
+/// removes it.
+async fn read_within(dir: &Path, path: &Path, max: usize) -> Result<Vec<u8>, Unread> {
+    if path.parent() != Some(dir) {
+        return Err(Unread::Outside);
+    }
+    let size = tokio::fs::metadata(path).await.map_err(Unread::Io)?.len() as usize;
     let data = if size > max {
-        Err(too_large(size, max))
+        Err(Unread::TooLarge(size))
     } else {
-        tokio::fs::read(&path).await.map_err(unreadable)
+        tokio::fs::read(path).await.map_err(Unread::Io)
     };
-    let _ = tokio::fs::remove_file(&path).await;
+    let _ = tokio::fs::remove_file(path).await;
     data
 }
 
@@ -498,13 +569,14 @@ async fn log_host_output(computation: String, mut stderr: ChildStderr) {
 }
 
 /// A reply over `max_reply` is dropped without being held in memory, and its job is Terminated
-/// with the size; a spilled reply is read only from the host's spill directory.
+/// with the size; a spilled reply is read only from the host's spill directory. A job's news
+/// (provisional results, sent files) goes out in the order the host wrote it, so before the
+/// job's reply.
 #[allow(clippy::too_many_arguments)]
 async fn read_replies(
     computation: String,
     host: Option<u32>,
-    spill_dir: PathBuf,
-    max_reply: usize,
+    files: HostFiles,
     stdout: ChildStdout,
     runs: Arc<Mutex<Runs>>,
     init_tx: oneshot::Sender<Control>,
@@ -520,7 +592,7 @@ async fn read_replies(
             break "the Python host exited".to_string();
         }
         let len = u32::from_be_bytes(header) as usize;
-        if len > max_reply {
+        if len > files.max_reply {
             let mut head = [0u8; 9];
             let skipped = async {
                 r.read_exact(&mut head).await?;
@@ -534,8 +606,10 @@ async fn read_replies(
                 let run = u64::from_be_bytes(head[1..9].try_into().unwrap());
                 let _ = outcomes.send(Outcome::Job {
                     run,
-                    result: too_large(len, max_reply),
+                    result: too_large(len, files.max_reply),
                 });
+            } else {
+                tracing::warn!(%computation, "a {len}-byte frame from the Python host dropped unread (over {} bytes)", files.max_reply);
             }
             continue;
         }
@@ -566,7 +640,7 @@ async fn read_replies(
                 let json = if kind == b'R' {
                     Ok(body[8..].to_vec())
                 } else {
-                    read_spilled(&spill_dir, &body[8..], max_reply).await
+                    files.spilled(&body[8..]).await
                 };
                 let result = match json.map(|j| serde_json::from_slice::<Reply>(&j)) {
                     Ok(Ok(reply)) => reply.into_result(),
@@ -574,6 +648,38 @@ async fn read_replies(
                     Err(refused) => refused,
                 };
                 let _ = outcomes.send(Outcome::Job { run, result });
+            }
+            b'P' | b'Q' if body.len() >= 8 => {
+                let run = run();
+                let json = if kind == b'P' {
+                    Ok(body[8..].to_vec())
+                } else {
+                    files.spilled(&body[8..]).await
+                };
+                match json.map(String::from_utf8) {
+                    Ok(Ok(result)) => {
+                        let news = JobEventKind::Provisional { result };
+                        let _ = outcomes.send(Outcome::News { run, news });
+                    }
+                    Ok(Err(_)) => {
+                        tracing::warn!(%computation, "a provisional result that is not UTF-8 dropped")
+                    }
+                    Err(refused) => tracing::warn!(
+                        %computation,
+                        "a provisional result dropped: {}",
+                        refused.exception.unwrap_or_default()
+                    ),
+                }
+            }
+            b'S' if body.len() >= 8 => {
+                let run = run();
+                match files.sent(&body[8..]).await {
+                    Ok(file) => {
+                        let news = JobEventKind::File(file);
+                        let _ = outcomes.send(Outcome::News { run, news });
+                    }
+                    Err(why) => tracing::warn!(%computation, "a sent file dropped: {why}"),
+                }
             }
             b'X' if body.len() >= 12 => {
                 let run = run();

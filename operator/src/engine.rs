@@ -112,6 +112,8 @@ pub enum Input {
     Written {
         key: JobKey,
         terminal: bool,
+        /// The sent files the write carried, by key and event number.
+        files: Vec<(String, u64)>,
         result: Result<(), String>,
     },
     /// Reply once no status write is in flight or waiting (graceful shutdown).
@@ -186,8 +188,12 @@ struct Conn {
 struct View {
     info: Arc<JobInfo>,
     status: DispyJobStatus,
-    /// The whole output, when the status holds only part of it.
+    /// The whole output, when the status holds only part of it (until it is stored).
     output: Option<BTreeMap<String, String>>,
+    /// Sent files not stored yet, by their key in the files ConfigMap, with the number of the
+    /// event that brought each (a newer copy under the same key is not taken for stored).
+    unsaved_files: BTreeMap<String, (u64, Vec<u8>)>,
+    files_received: u64,
     /// The node to acknowledge the result to once the terminal status is stored.
     ack: Option<NodeId>,
     waiting: Option<(String, String)>,
@@ -304,8 +310,9 @@ impl Engine {
             Input::Written {
                 key,
                 terminal,
+                files,
                 result,
-            } => self.written(key, terminal, result),
+            } => self.written(key, terminal, files, result),
             Input::Drain { reply } => self.drain_waiters.push(reply),
         }
         if !self.drain_waiters.is_empty() && self.in_flight.is_empty() && self.pending.is_empty() {
@@ -737,6 +744,8 @@ impl Engine {
                 info: Arc::new(info),
                 status: stored,
                 output: None,
+                unsaved_files: BTreeMap::new(),
+                files_received: 0,
                 ack: None,
                 waiting,
             },
@@ -850,6 +859,19 @@ impl Engine {
                         }
                         self.handle(Event::JobStarted { key, node });
                     }
+                    JobEventKind::Provisional { result } => {
+                        if self.runs_on(&key, &node) {
+                            if let Some(v) = self.jobs.get_mut(&key) {
+                                crate::status::record_provisional_bounded(&mut v.status, &result);
+                                self.write(&key);
+                            }
+                        }
+                    }
+                    JobEventKind::File(file) => {
+                        if self.runs_on(&key, &node) {
+                            self.sent_file(&key, file);
+                        }
+                    }
                     JobEventKind::Done(result) => self.done(node, key, result),
                 }
             }
@@ -875,6 +897,39 @@ impl Engine {
             }
             ClientEvent::Pulse { .. } => {}
         }
+    }
+
+    /// Whether `node` runs the job now (news from an earlier attempt's node is stale).
+    fn runs_on(&self, key: &JobKey, node: &str) -> bool {
+        self.sched
+            .job(key)
+            .and_then(|r| r.node().map(String::as_str))
+            == Some(node)
+    }
+
+    /// A file the running job sent: into its files ConfigMap with its next status write, or
+    /// listed as not kept when the ConfigMap has no room for it.
+    fn sent_file(&mut self, key: &JobKey, file: dispy_core::protocol::SentFile) {
+        let Some(v) = self.jobs.get_mut(key) else {
+            return;
+        };
+        match crate::status::record_sent_file(&mut v.status, &file) {
+            Some(cm_key) => {
+                v.status.files_config_map = Some(crate::writer::files_name(&v.info.name));
+                v.files_received += 1;
+                v.unsaved_files
+                    .insert(cm_key, (v.files_received, file.data));
+            }
+            None => {
+                let note = format!(
+                    "the sent file {} ({} bytes) does not fit in the job's files ConfigMap",
+                    file.name,
+                    file.data.len()
+                );
+                self.writer.event(&v.info, "FileNotKept", note, true);
+            }
+        }
+        self.write(key);
     }
 
     fn node_names(&self, cluster: &str, node: &str) -> (String, Option<String>) {
@@ -1070,8 +1125,19 @@ impl Engine {
             name: v.info.name.clone(),
             uid: v.info.uid.clone(),
             status: v.status.clone(),
-            output: v.output.take(),
+            // Kept until stored: a failed write is retried with them.
+            output: v.output.clone(),
+            files: v
+                .unsaved_files
+                .iter()
+                .map(|(k, (_, data))| (k.clone(), data.clone()))
+                .collect(),
         };
+        let files: Vec<(String, u64)> = v
+            .unsaved_files
+            .iter()
+            .map(|(k, (n, _))| (k.clone(), *n))
+            .collect();
         let terminal = v.status.status.is_terminal();
         if terminal {
             let (word, note) = (v.status.status.as_str(), v.status.message.clone());
@@ -1091,6 +1157,7 @@ impl Engine {
             let _ = tx.send(Input::Written {
                 key,
                 terminal,
+                files,
                 result,
             });
         });
@@ -1104,10 +1171,24 @@ impl Engine {
         }
     }
 
-    fn written(&mut self, key: JobKey, terminal: bool, result: Result<(), String>) {
+    fn written(
+        &mut self,
+        key: JobKey,
+        terminal: bool,
+        files: Vec<(String, u64)>,
+        result: Result<(), String>,
+    ) {
         self.in_flight.remove(&key);
         match result {
             Ok(()) => {
+                if let Some(v) = self.jobs.get_mut(&key) {
+                    v.output = None;
+                    for (k, n) in files {
+                        if v.unsaved_files.get(&k).is_some_and(|(m, _)| *m == n) {
+                            v.unsaved_files.remove(&k);
+                        }
+                    }
+                }
                 if terminal {
                     if let Some(node) = self.jobs.get_mut(&key).and_then(|v| v.ack.take()) {
                         self.ack(&node, &key);

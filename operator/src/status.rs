@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use dispy_core::job::{JobId, JobResult, JobStatus};
-use dispy_core::manifest::{Condition, DispyJobStatus};
+use dispy_core::manifest::{summary, Condition, DispyJobStatus, SentFileStatus};
+use dispy_core::protocol::SentFile;
 
 /// Most bytes of each of `result`, `stdout`, `stderr` and `exception` kept in the status. Four
 /// of them stay far below etcd's 1.5 MiB object limit; the whole output goes to a ConfigMap.
@@ -95,6 +96,82 @@ pub fn record_bounded(
         budget = budget.saturating_sub(value.len());
     }
     Some(whole)
+}
+
+/// A provisional result (JSON text) taken into the status, cut to a summary when it is over
+/// [`FIELD_LIMIT`].
+pub fn record_provisional_bounded(status: &mut DispyJobStatus, text: &str) {
+    status.record_provisional(text);
+    if text.len() > FIELD_LIMIT {
+        if let Some(value) = status.provisional_result.as_mut() {
+            *value = serde_json::Value::String(format!("{} (cut)", summary(value)));
+        }
+    }
+}
+
+/// Takes a sent file into the status. Returns the key to store it under in the job's files
+/// ConfigMap, or None when it does not fit there (all the job's files together stay within
+/// [`CONFIG_MAP_LIMIT`]; its entry then says so). A file sent again under the same name
+/// replaces the earlier one and keeps its key.
+pub fn record_sent_file(status: &mut DispyJobStatus, file: &SentFile) -> Option<String> {
+    let earlier = status.sent_files.iter().find(|f| f.name == file.name);
+    let key = earlier
+        .and_then(|f| f.saved_as.clone())
+        .unwrap_or_else(|| file_key(&file.name, status));
+    let kept: usize = status
+        .sent_files
+        .iter()
+        .filter(|f| f.name != file.name && f.saved_as.is_some())
+        .map(|f| f.size as usize + f.saved_as.as_ref().map_or(0, String::len))
+        .sum();
+    let size = file.data.len();
+    let fits = kept + size + key.len() <= CONFIG_MAP_LIMIT;
+    status.record_sent_file(SentFileStatus {
+        name: file.name.clone(),
+        size: size as u64,
+        saved_as: fits.then(|| key.clone()),
+        message: (!fits).then(|| {
+            format!(
+                "not kept: {size} bytes over what is left of the {CONFIG_MAP_LIMIT} bytes the job's files ConfigMap holds ({} bytes)",
+                CONFIG_MAP_LIMIT.saturating_sub(kept)
+            )
+        }),
+    });
+    fits.then_some(key)
+}
+
+/// A ConfigMap key (`[-._a-zA-Z0-9]+`, at most 253 characters) for a sent file's name, not
+/// used yet by another of the job's files.
+fn file_key(name: &str, status: &DispyJobStatus) -> String {
+    let base: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(240)
+        .collect();
+    let base = if base.chars().all(|c| c == '.') {
+        format!("file{base}")
+    } else {
+        base
+    };
+    let taken = |k: &str| {
+        status
+            .sent_files
+            .iter()
+            .any(|f| f.saved_as.as_deref() == Some(k))
+    };
+    let mut key = base.clone();
+    let mut n = 1;
+    while taken(&key) {
+        n += 1;
+        key = format!("{base}-{n}");
+    }
+    key
 }
 
 /// `Complete` and `Failed` as Kubernetes Jobs have them, so `kubectl wait
@@ -227,6 +304,79 @@ mod tests {
         let whole = record_bounded(&mut DispyJobStatus::default(), &r).unwrap();
         let total: usize = whole.values().map(String::len).sum();
         assert!(total <= CONFIG_MAP_LIMIT + 200, "{total}");
+    }
+
+    fn sent(name: &str, size: usize) -> SentFile {
+        SentFile {
+            name: name.into(),
+            data: vec![b'x'; size],
+        }
+    }
+
+    #[test]
+    fn sent_files_get_config_map_keys_that_do_not_collide() {
+        let mut s = DispyJobStatus::default();
+        assert_eq!(
+            record_sent_file(&mut s, &sent("out/a.txt", 3)).as_deref(),
+            Some("out_a.txt")
+        );
+        assert_eq!(
+            record_sent_file(&mut s, &sent("out_a.txt", 3)).as_deref(),
+            Some("out_a.txt-2")
+        );
+        assert_eq!(
+            record_sent_file(&mut s, &sent("..", 1)).as_deref(),
+            Some("file..")
+        );
+        assert_eq!(s.sent_files.len(), 3);
+    }
+
+    #[test]
+    fn a_file_sent_again_replaces_the_earlier_one_under_its_key() {
+        let mut s = DispyJobStatus::default();
+        record_sent_file(&mut s, &sent("progress.log", 10));
+        assert_eq!(
+            record_sent_file(&mut s, &sent("progress.log", 20)).as_deref(),
+            Some("progress.log")
+        );
+        assert_eq!(s.sent_files.len(), 1);
+        assert_eq!(s.sent_files[0].size, 20);
+    }
+
+    #[test]
+    fn sent_files_over_the_config_map_budget_are_listed_but_not_kept() {
+        let mut s = DispyJobStatus::default();
+        assert!(record_sent_file(&mut s, &sent("a", CONFIG_MAP_LIMIT / 2)).is_some());
+        assert!(record_sent_file(&mut s, &sent("b", CONFIG_MAP_LIMIT / 2)).is_none());
+        let b = &s.sent_files[1];
+        assert_eq!((b.name.as_str(), b.saved_as.as_deref()), ("b", None));
+        assert!(
+            b.message.as_deref().unwrap().starts_with("not kept:"),
+            "{b:?}"
+        );
+        // What was not kept takes no room: a small one still fits.
+        assert!(record_sent_file(&mut s, &sent("c", 100)).is_some());
+    }
+
+    #[test]
+    fn a_provisional_result_is_shown_until_the_job_ends_and_cut_when_large() {
+        let mut s = DispyJobStatus {
+            status: JobStatus::Running,
+            ..Default::default()
+        };
+        record_provisional_bounded(&mut s, "[1, 2]");
+        assert_eq!(s.status, JobStatus::ProvisionalResult);
+        assert_eq!(s.provisional_result, Some(serde_json::json!([1, 2])));
+        record_provisional_bounded(&mut s, &format!("\"{}\"", "p".repeat(FIELD_LIMIT)));
+        let shown = s.provisional_result.as_ref().unwrap().as_str().unwrap();
+        assert!(shown.ends_with("(cut)") && shown.len() < 100, "{shown}");
+        s.status = JobStatus::Finished;
+        record_provisional_bounded(&mut s, "3");
+        assert_eq!(
+            s.status,
+            JobStatus::Finished,
+            "a late provisional result changes nothing"
+        );
     }
 
     #[test]

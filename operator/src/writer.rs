@@ -12,8 +12,9 @@ use std::time::Instant;
 
 use dispy_core::manifest::{DispyJobResource, DispyJobStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::ByteString;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 use tokio::sync::{mpsc, Semaphore};
@@ -30,11 +31,18 @@ pub struct Write {
     pub status: DispyJobStatus,
     /// The whole output, for the job's output ConfigMap.
     pub output: Option<BTreeMap<String, String>>,
+    /// Sent files to add to the job's files ConfigMap, by key.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// The name of a job's output ConfigMap.
 pub fn output_name(job: &str) -> String {
     format!("{job}-output")
+}
+
+/// The name of the ConfigMap holding the files a job sent.
+pub fn files_name(job: &str) -> String {
+    format!("{job}-files")
 }
 
 #[derive(Clone)]
@@ -132,9 +140,58 @@ impl Writer {
                 .await
                 .map_err(|e| describe(&e, "output ConfigMap"))?;
         }
+        if !w.files.is_empty() {
+            self.add_files(&w)
+                .await
+                .map_err(|e| describe(&e, "files ConfigMap"))?;
+        }
         let result = apply_job_status(&self.client, &w.namespace, &w.name, &w.status).await;
         self.metrics.status_writes.inc();
         result.map_err(|e| describe(&e, "status"))
+    }
+
+    /// Adds files to the job's files ConfigMap (a merge: the files stored before stay),
+    /// creating it the first time.
+    async fn add_files(&self, w: &Write) -> Result<(), kube::Error> {
+        let name = files_name(&w.name);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(w.namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    (
+                        "app.kubernetes.io/managed-by".to_string(),
+                        MANAGER.to_string(),
+                    ),
+                    ("dispy.io/job".to_string(), w.name.clone()),
+                ])),
+                owner_references: Some(vec![owner(&w.name, &w.uid)]),
+                ..Default::default()
+            },
+            binary_data: Some(
+                w.files
+                    .iter()
+                    .map(|(k, data)| (k.clone(), ByteString(data.clone())))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &w.namespace);
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&cm))
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            other => return other.map(|_| ()),
+        }
+        match api.create(&PostParams::default(), &cm).await {
+            // Created meanwhile: merge into it.
+            Err(kube::Error::Api(e)) if e.code == 409 => api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&cm))
+                .await
+                .map(|_| ()),
+            other => other.map(|_| ()),
+        }
     }
 
     /// An Event on a DispyJob (best effort; a Normal one only within the budget).

@@ -45,6 +45,10 @@ enum Cmd {
         /// No progress output.
         #[arg(short, long)]
         quiet: bool,
+        /// Where files that jobs send (`dispy_send_file`) are saved: DIR/JOB/NAME (DIR/NAMESPACE/JOB/NAME
+        /// outside the default namespace).
+        #[arg(long, default_value = ".")]
+        files_dir: PathBuf,
     },
     /// List reachable nodes: cpus, busy, version.
     Nodes {
@@ -97,6 +101,7 @@ fn main() {
                     },
                 pulse_interval,
                 quiet,
+                files_dir,
             } => {
                 let plan = match load::load(&files) {
                     Ok(p) => p,
@@ -112,6 +117,7 @@ fn main() {
                     secret,
                     pulse_interval: Duration::from_secs(pulse_interval.max(1)),
                     quiet,
+                    files_dir,
                 };
                 match run::run(&plan, &opts).await {
                     Ok(outcomes) => {

@@ -7,8 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dispy_core::job::{JobId, JobStatus};
-use dispy_core::manifest::{rfc3339, DispyJobStatus};
-use dispy_core::protocol::{ComputeRequest, JobEventKind, JobRequest};
+use dispy_core::manifest::{rfc3339, DispyJobStatus, SentFileStatus};
+use dispy_core::protocol::{ComputeRequest, JobEventKind, JobRequest, SentFile};
 use dispy_core::scheduler::{Action, ClusterPolicy, Event, JobKey, JobSpec, Scheduler};
 use dispy_core::{ClientConfig, ClientEvent, NodeClient};
 use tokio::sync::mpsc;
@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub secret: String,
     pub pulse_interval: Duration,
     pub quiet: bool,
+    /// Where sent files are saved (see [`save_sent_file`]).
+    pub files_dir: PathBuf,
 }
 
 /// One job's end state, for the table and the YAML/JSON output.
@@ -496,6 +498,29 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
                         }
                         actions.extend(scheduler.handle(now(), Event::JobStarted { key, node }));
                     }
+                    JobEventKind::Provisional { result } => {
+                        if is_current(&scheduler, &key, &node) {
+                            views[j].status.record_provisional(&result);
+                        }
+                    }
+                    JobEventKind::File(file) => {
+                        if is_current(&scheduler, &key, &node) {
+                            let job = &plan.jobs[j];
+                            let dir = job_files_dir(
+                                &opts.files_dir,
+                                &plan.clusters[job.cluster].namespace,
+                                &job.name,
+                            );
+                            let saved = save_sent_file(&dir, &file);
+                            if let Some(why) = &saved.message {
+                                progress.note(&format!(
+                                    "{}: a sent file was not saved: {why}",
+                                    job.name
+                                ));
+                            }
+                            views[j].status.record_sent_file(saved);
+                        }
+                    }
                     JobEventKind::Done(result) => {
                         let current = scheduler.job(&key).and_then(|r| r.node().cloned());
                         if current.as_deref() == Some(node.as_str()) && !views[j].done {
@@ -567,6 +592,49 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
             submitted: started,
         })
         .collect())
+}
+
+/// Whether `node` runs the job now (news from an earlier attempt's node is stale).
+fn is_current(scheduler: &Scheduler, key: &JobKey, node: &str) -> bool {
+    scheduler
+        .job(key)
+        .and_then(|r| r.node().map(String::as_str))
+        == Some(node)
+}
+
+/// Where a job's sent files go: `base/JOB`, or `base/NAMESPACE/JOB` outside `default`.
+fn job_files_dir(base: &std::path::Path, namespace: &str, job: &str) -> PathBuf {
+    if namespace == "default" {
+        base.join(job)
+    } else {
+        base.join(namespace).join(job)
+    }
+}
+
+/// Saves a file a job sent under `dir`, if its name (from the network) stays inside it.
+fn save_sent_file(dir: &std::path::Path, file: &SentFile) -> SentFileStatus {
+    let mut status = SentFileStatus {
+        name: file.name.clone(),
+        size: file.data.len() as u64,
+        ..Default::default()
+    };
+    let Some(relative) = dispy_core::protocol::relative_path(&file.name) else {
+        status.message = Some(format!(
+            "{:?} is not a relative path inside the job's directory",
+            file.name
+        ));
+        return status;
+    };
+    let path = dir.join(relative);
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&path, &file.data));
+    match written {
+        Ok(()) => status.saved_as = Some(path.display().to_string()),
+        Err(e) => status.message = Some(format!("cannot write {}: {e}", path.display())),
+    }
+    status
 }
 
 /// Sends the jobs' own files, then the jobs in one request; reports each refused job.
@@ -676,4 +744,42 @@ fn node_list(names: &HashMap<String, String>) -> String {
     let mut list: Vec<_> = names.iter().map(|(a, n)| format!("{n} at {a}")).collect();
     list.sort();
     list.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(name: &str) -> SentFile {
+        SentFile {
+            name: name.into(),
+            data: b"data".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_sent_file_is_saved_under_the_job_s_directory_only() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = job_files_dir(base.path(), "default", "j");
+        let ok = save_sent_file(&dir, &sent("out/a.txt"));
+        assert_eq!(std::fs::read(dir.join("out/a.txt")).unwrap(), b"data");
+        assert_eq!(
+            ok.saved_as,
+            Some(dir.join("out/a.txt").display().to_string())
+        );
+        // Names come from the node: none may leave the job's directory.
+        for bad in ["../escape", "/etc/passwd-dispy", "out/../../x", ""] {
+            let refused = save_sent_file(&dir, &sent(bad));
+            assert_eq!(refused.saved_as, None, "{bad:?}");
+            assert!(
+                refused.message.unwrap().contains("not a relative path"),
+                "{bad:?}"
+            );
+        }
+        assert!(!base.path().join("escape").exists());
+        assert_eq!(
+            job_files_dir(base.path(), "team", "j"),
+            base.path().join("team/j")
+        );
+    }
 }

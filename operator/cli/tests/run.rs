@@ -381,6 +381,49 @@ fn nodes_lists_cpus_busy_and_version() {
 }
 
 #[test]
+fn provisional_results_and_sent_files_of_the_progress_example_reach_the_status_and_files_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    let out = dispy(&[
+        "run",
+        "-f",
+        "docs/examples/progress.yaml",
+        "-o",
+        "json",
+        "-q",
+        "--files-dir",
+        files.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let items = json_items(&out);
+    let s = status_of(&items, "progress-primes");
+    assert_eq!(s["status"], "Finished", "{s}");
+    assert_eq!(s["result"], 1229, "primes below 10000");
+    // The last of the four provisional results: 9999 is not a multiple of 2500.
+    assert_eq!(
+        s["provisionalResult"],
+        serde_json::json!({"checked": 7500, "primes": 950}),
+        "{s}"
+    );
+    let saved = files.join("progress-primes").join("primes.txt");
+    assert_eq!(s["sentFiles"][0]["name"], "primes.txt", "{s}");
+    assert_eq!(
+        s["sentFiles"][0]["savedAs"],
+        saved.display().to_string(),
+        "{s}"
+    );
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert_eq!(text.lines().count(), 1229);
+    assert_eq!(s["sentFiles"][0]["size"], text.len());
+    assert!(text.ends_with("9973\n"), "{}", &text[text.len() - 20..]);
+}
+
+#[test]
 fn active_deadline_seconds_terminates_a_job_that_runs_too_long() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("deadline.yaml");
