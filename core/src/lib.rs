@@ -1,9 +1,11 @@
 //! Shared core of dispy on Kubernetes: the job model, the native wire protocol between
-//! clients and `dispynode`, and a client for it. No Kubernetes and no process management here.
+//! clients and `dispynode`, a client for it, and the scheduler with what drives it. No
+//! Kubernetes and no process management here.
 
 pub mod auth;
 pub mod client;
 pub mod discovery;
+pub mod driver;
 pub mod frame;
 pub mod job;
 pub mod manifest;

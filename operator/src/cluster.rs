@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispy_core::manifest::{JobClusterResource, JobClusterStatus, NodeSummary};
-use dispy_core::scheduler::ClusterPolicy;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -19,7 +18,7 @@ use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::{Client, ResourceExt};
 
 use crate::build::{self, BuildError, CLUSTER_LABEL, INDEX_LABEL, SECRET_KEY};
-use crate::engine::{ClusterInfo, ClusterStats, File, Input};
+use crate::engine::{ClusterInfo, ClusterStats, File, Request};
 use crate::{Ctx, MANAGER};
 
 /// Held until the computation is closed on every node.
@@ -66,11 +65,10 @@ fn random_secret() -> String {
 /// The computation's name on the nodes: a re-created JobCluster of the same name is another.
 pub fn computation_id(jc: &JobClusterResource) -> String {
     let uid = jc.metadata.uid.as_deref().unwrap_or("");
-    format!(
-        "{}/{}/{}",
-        jc.namespace().unwrap_or_else(|| "default".into()),
-        jc.name_any(),
-        &uid[..uid.len().min(8)]
+    dispy_core::driver::computation_id(
+        &jc.namespace().unwrap_or_else(|| "default".into()),
+        &jc.name_any(),
+        &uid[..uid.len().min(8)],
     )
 }
 
@@ -97,7 +95,7 @@ async fn cleanup(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, E
     let closed = ctx
         .engine
         .ask(
-            |reply| Input::ClusterGone {
+            |reply| Request::ClusterGone {
                 id: id.clone(),
                 reply,
             },
@@ -259,13 +257,7 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
         uid: jc.metadata.uid.clone().unwrap_or_default(),
         computation,
         files,
-        policy: ClusterPolicy {
-            reentrant: jc.spec.reentrant,
-            backoff_limit: jc
-                .spec
-                .backoff_limit
-                .unwrap_or(ClusterPolicy::default().backoff_limit),
-        },
+        policy: dispy_core::driver::policy(&jc.spec),
         suspended: jc.spec.suspend,
         secret,
         tls_cert,
@@ -273,7 +265,7 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
         nodes,
     };
     let pool = info.computation.is_none();
-    ctx.engine.send(Input::Cluster(Box::new(info.clone())));
+    ctx.engine.send(Request::Cluster(Box::new(info.clone())));
 
     let desired_nodes = desired + jc.spec.nodes.external.len() as u32;
     let stats = if pool {

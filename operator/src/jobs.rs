@@ -16,7 +16,7 @@ use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::ResourceExt;
 
 use crate::cluster::{computation_id, depends_files};
-use crate::engine::{Input, JobInfo};
+use crate::engine::{JobInfo, Request};
 use crate::status::{conditions, job_id};
 use crate::Ctx;
 
@@ -94,7 +94,7 @@ async fn cleanup(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Er
     let stopped = ctx
         .engine
         .ask(
-            |reply| Input::JobGone { key, reply },
+            |reply| Request::JobGone { key, reply },
             Duration::from_secs(30),
         )
         .await;
@@ -163,7 +163,7 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
         deadline: job.spec.active_deadline_seconds.map(Duration::from_secs),
         stored,
     };
-    ctx.engine.send(Input::Job(Box::new(info)));
+    ctx.engine.send(Request::Job(Box::new(info)));
     Ok(Action::await_change())
 }
 

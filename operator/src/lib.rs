@@ -181,7 +181,7 @@ pub async fn run(
     // until the next instance attaches.
     let drained = engine
         .ask(
-            |reply| engine::Input::Drain { reply },
+            |reply| engine::Request::Drain { reply },
             Duration::from_secs(10),
         )
         .await;

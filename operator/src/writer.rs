@@ -19,11 +19,19 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::engine::{ClusterInfo, JobInfo};
 use crate::metrics::Metrics;
 use crate::MANAGER;
 
+/// Why a status write failed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreError {
+    /// The DispyJob is gone (deleted without waiting for the engine).
+    Gone,
+    Failed(String),
+}
+
 /// One status to store.
+#[derive(Debug, Clone)]
 pub struct Write {
     pub namespace: String,
     pub name: String,
@@ -118,9 +126,8 @@ impl Writer {
         }
     }
 
-    /// Stores a status (and first the output ConfigMap, when there is one). An error whose text
-    /// starts with `NotFound` means the DispyJob is gone.
-    pub async fn store(&self, w: Write) -> Result<(), String> {
+    /// Stores a status (and first the output and files ConfigMaps, when there are any).
+    pub async fn store(&self, w: Write) -> Result<(), StoreError> {
         let _permit = self.permits.acquire().await.expect("never closed");
         let apply = PatchParams::apply(MANAGER).force();
         if let Some(output) = &w.output {
@@ -147,7 +154,10 @@ impl Writer {
         }
         let result = apply_job_status(&self.client, &w.namespace, &w.name, &w.status).await;
         self.metrics.status_writes.inc();
-        result.map_err(|e| describe(&e, "status"))
+        result.map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 404 => StoreError::Gone,
+            e => describe(&e, "status"),
+        })
     }
 
     /// Adds files to the job's files ConfigMap (a merge: the files stored before stay),
@@ -194,25 +204,13 @@ impl Writer {
         }
     }
 
-    /// An Event on a DispyJob (best effort; a Normal one only within the budget).
-    pub fn event(&self, job: &JobInfo, reason: &str, note: String, warning: bool) {
-        if !warning && !self.budget.lock().unwrap().take(Instant::now()) {
+    /// A routine Event (a job's Normal one): published only within the budget.
+    pub fn routine_event(&self, reference: ObjectReference, reason: &str, note: String) {
+        if !self.budget.lock().unwrap().take(Instant::now()) {
             self.metrics.events_skipped.inc();
             return;
         }
-        let reference = reference("DispyJob", &job.namespace, &job.name, &job.uid);
-        self.publish(reference, reason, note, warning);
-    }
-
-    /// An Event on a JobCluster (best effort).
-    pub fn cluster_event(&self, cluster: &ClusterInfo, reason: &str, note: String, warning: bool) {
-        let reference = reference(
-            "JobCluster",
-            &cluster.namespace,
-            &cluster.name,
-            &cluster.uid,
-        );
-        self.publish(reference, reason, note, warning);
+        self.publish(reference, reason, note, false);
     }
 
     pub fn publish(&self, reference: ObjectReference, reason: &str, note: String, warning: bool) {
@@ -286,11 +284,10 @@ fn owner(name: &str, uid: &str) -> OwnerReference {
     }
 }
 
-fn describe(e: &kube::Error, what: &str) -> String {
-    match e {
-        kube::Error::Api(s) if s.code == 404 => format!("NotFound: {what}: {e}"),
-        _ => format!("{what}: {e}"),
-    }
+/// A failed write of anything but the status itself (a missing ConfigMap's namespace, say)
+/// is retried; only the DispyJob's own absence means it is gone.
+fn describe(e: &kube::Error, what: &str) -> StoreError {
+    StoreError::Failed(format!("{what}: {e}"))
 }
 
 #[cfg(test)]
