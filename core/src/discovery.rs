@@ -72,12 +72,28 @@ pub fn interfaces() -> Vec<Interface> {
         .collect()
 }
 
+/// The broadcast address of each interface (with the interface's own address), of only the
+/// interface with address `bound` unless it is unspecified. Loopback has none.
+pub fn interface_broadcasts(bound: std::net::IpAddr) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    let std::net::IpAddr::V4(bound) = bound else {
+        return vec![];
+    };
+    if bound.is_loopback() {
+        return vec![];
+    }
+    interfaces()
+        .into_iter()
+        .filter(|i| bound.is_unspecified() || i.ip == bound)
+        .filter_map(|i| i.broadcast.map(|b| (i.ip, b)))
+        .collect()
+}
+
 /// Where a client pings to find nodes on its networks: each interface's broadcast address
 /// and the limited broadcast, at `port`.
-pub fn broadcast_targets(port: u16) -> Vec<SocketAddr> {
-    let mut targets: Vec<SocketAddr> = interfaces()
+pub fn ping_targets(port: u16) -> Vec<SocketAddr> {
+    let mut targets: Vec<SocketAddr> = interface_broadcasts(Ipv4Addr::UNSPECIFIED.into())
         .into_iter()
-        .filter_map(|i| i.broadcast)
+        .map(|(_, b)| b)
         .chain([Ipv4Addr::BROADCAST])
         .map(|b| SocketAddr::V4(SocketAddrV4::new(b, port)))
         .collect();
@@ -100,7 +116,7 @@ pub fn with_port(addr: &str) -> String {
 /// Nodes that answer a discovery ping on this host's networks (their broadcast addresses,
 /// dispy's node port), as `host:port`.
 pub async fn discover_nodes(timeout: std::time::Duration) -> Result<Vec<String>, String> {
-    let targets = broadcast_targets(crate::protocol::DEFAULT_NODE_PORT);
+    let targets = ping_targets(crate::protocol::DEFAULT_NODE_PORT);
     let found = discover("0.0.0.0:0".parse().expect("valid"), &targets, timeout)
         .await
         .map_err(|e| format!("UDP discovery failed: {e}"))?;

@@ -8,13 +8,14 @@ mod hardening;
 mod host_output;
 mod limits;
 mod metrics;
+mod native;
 mod node;
+mod outcome;
 mod process;
 mod procfs;
 mod pyhost;
 mod server;
 mod service;
-mod session;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -162,7 +163,7 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
     if let Some(addr) = cfg.metrics_addr {
         let node = node.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, node).await {
+            if let Err(e) = metrics::serve(addr, move || node.metrics.render()).await {
                 tracing::error!(%addr, "metrics server failed: {e}");
             }
         });

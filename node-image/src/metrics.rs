@@ -1,7 +1,6 @@
 //! Prometheus metrics of the node, served with /healthz on `--metrics-addr`.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use dispy_core::job::JobStatus;
 use dispy_core::protocol::AvailInfo;
@@ -139,18 +138,18 @@ impl Metrics {
 /// Serves `/metrics` and `/healthz` until the process ends.
 pub async fn serve(
     addr: std::net::SocketAddr,
-    node: Arc<crate::node::Node>,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     use axum::routing::get;
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
-                let node = node.clone();
+                let text = render();
                 async move {
                     (
                         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                        node.metrics.render(),
+                        text,
                     )
                 }
             }),

@@ -20,28 +20,9 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
+use crate::outcome::Outcome;
 use crate::process::{resolve_program, signal_group, spawn_program, ProgramJob};
 use crate::pyhost::{HostSettings, PyHost};
-
-/// What job processes and Python hosts report.
-#[derive(Debug)]
-pub enum Outcome {
-    Job {
-        run: u64,
-        result: JobResult,
-    },
-    /// A running job's news for its client: a provisional result or a file it sent.
-    News {
-        run: u64,
-        news: JobEventKind,
-    },
-    /// A Python host ended; `host` (its pid) tells it from the computation's next host.
-    HostExited {
-        computation: String,
-        host: Option<u32>,
-        reason: String,
-    },
-}
 
 pub type SessionId = u64;
 

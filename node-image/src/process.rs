@@ -16,7 +16,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use crate::children;
-use crate::node::Outcome;
+use crate::outcome::Outcome;
 
 /// How long after a program's exit its output may still take to end. What the program wrote
 /// is in the pipes when it exits, so this only bounds a process it left running that holds

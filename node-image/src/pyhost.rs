@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::children;
 use crate::host_output::{self, Entry, HostOutput};
-use crate::node::Outcome;
+use crate::outcome::Outcome;
 use crate::process::describe_wait_status;
 
 /// The host script, shipped inside the binary.
@@ -50,35 +50,50 @@ struct Control {
     error: Option<String>,
 }
 
+/// A job's reply as the host writes it: short keys on the pipe (`REPLY` in the script, which
+/// writes it by hand on every job's path), full names here.
 #[derive(Debug, Deserialize)]
-struct Reply {
-    s: String,
-    r: Option<String>,
-    o: String,
-    e: String,
-    x: Option<String>,
-    t0: f64,
-    t1: f64,
-    od: u64,
-    ed: u64,
+struct HostReply {
+    /// "Finished" or "Terminated".
+    #[serde(rename = "s")]
+    status: String,
+    /// JSON text (or, for dispy's clients, the hex of a pickle) of the return value.
+    #[serde(rename = "r")]
+    result: Option<String>,
+    #[serde(rename = "o")]
+    stdout: String,
+    #[serde(rename = "e")]
+    stderr: String,
+    /// The traceback, when the job raised.
+    #[serde(rename = "x")]
+    exception: Option<String>,
+    #[serde(rename = "t0")]
+    start_time: f64,
+    #[serde(rename = "t1")]
+    end_time: f64,
+    /// Bytes of stdout and stderr cut at `max_output`.
+    #[serde(rename = "od")]
+    stdout_dropped: u64,
+    #[serde(rename = "ed")]
+    stderr_dropped: u64,
 }
 
-impl Reply {
+impl HostReply {
     fn into_result(self) -> JobResult {
         JobResult {
-            status: if self.s == "Finished" {
+            status: if self.status == "Finished" {
                 JobStatus::Finished
             } else {
                 JobStatus::Terminated
             },
-            result: self.r,
-            stdout: self.o,
-            stderr: self.e,
-            exception: self.x,
-            start_time: Some(self.t0),
-            end_time: Some(self.t1),
-            stdout_dropped: self.od,
-            stderr_dropped: self.ed,
+            result: self.result,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            exception: self.exception,
+            start_time: Some(self.start_time),
+            end_time: Some(self.end_time),
+            stdout_dropped: self.stdout_dropped,
+            stderr_dropped: self.stderr_dropped,
         }
     }
 }
@@ -495,7 +510,12 @@ impl HostFiles {
                 ),
                 Unread::Io(e) => format!("cannot read the sent file {}: {e}", sent.name),
             })?;
-        crate::node::safe_relative(&sent.name).map_err(|e| e.message)?;
+        if dispy_core::protocol::relative_path(&sent.name).is_none() {
+            return Err(format!(
+                "a sent file named {:?}, not a relative path inside the job's directory",
+                sent.name
+            ));
+        }
         Ok(SentFile {
             name: sent.name,
             data,
@@ -642,7 +662,7 @@ async fn read_replies(
                 } else {
                     files.spilled(&body[8..]).await
                 };
-                let result = match json.map(|j| serde_json::from_slice::<Reply>(&j)) {
+                let result = match json.map(|j| serde_json::from_slice::<HostReply>(&j)) {
                     Ok(Ok(reply)) => reply.into_result(),
                     Ok(Err(e)) => unread(format!("unreadable job reply from the Python host: {e}")),
                     Err(refused) => refused,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispy_core::client::Stream;
-use dispy_core::discovery::interfaces;
+use dispy_core::discovery::{interface_broadcasts, interfaces};
 use dispy_core::frame::frame;
 use dispy_core::protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,7 +69,7 @@ pub async fn accept_loop(node: Arc<Node>, dispy: Arc<Dispy>, listener: TcpListen
             let opened = tokio::time::timeout(SNIFF_TIMEOUT, sniff(&node, tcp, tls)).await;
             match opened {
                 Ok(Ok(Opened::Native(stream))) => {
-                    crate::session::serve(node, stream, peer, permit).await
+                    crate::native::serve(node, stream, peer, permit).await
                 }
                 Ok(Ok(Opened::Dispy(stream, first, local))) => {
                     let _ = crate::dispy::serve(dispy, stream, peer, local, first, permit).await;
@@ -180,22 +180,6 @@ fn local_addr_for(bound: IpAddr, peer: IpAddr) -> IpAddr {
         .unwrap_or(bound)
 }
 
-/// Where a node bound to `bound` announces itself: the broadcast address of each interface it
-/// is bound to. A node bound to loopback announces nowhere.
-pub fn broadcast_targets(bound: IpAddr) -> Vec<(Ipv4Addr, Ipv4Addr)> {
-    let IpAddr::V4(bound) = bound else {
-        return vec![];
-    };
-    if bound.is_loopback() {
-        return vec![];
-    }
-    interfaces()
-        .into_iter()
-        .filter(|i| bound.is_unspecified() || i.ip == bound)
-        .filter_map(|i| i.broadcast.map(|b| (i.ip, b)))
-        .collect()
-}
-
 pub async fn udp_loop(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>, bound: IpAddr) {
     // A datagram over this is cut, and then fails to decode.
     let mut buf = vec![0u8; crate::limits::PREAUTH_MAX];
@@ -242,7 +226,9 @@ pub async fn announce(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>
         return;
     }
     loop {
-        let mut targets: Vec<(IpAddr, IpAddr)> = broadcast_targets(bound)
+        // Where a node bound to `bound` announces itself: the broadcast address of each interface
+        // it is bound to (bound to loopback: nowhere).
+        let mut targets: Vec<(IpAddr, IpAddr)> = interface_broadcasts(bound)
             .into_iter()
             .map(|(ip, bcast)| (IpAddr::V4(ip), IpAddr::V4(bcast)))
             .collect();

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
@@ -13,24 +14,30 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Every event of job `id` up to and including its `Done`, in the order they came.
-async fn job_events(events: &mut UnboundedReceiver<ClientEvent>, id: u64) -> Vec<JobEventKind> {
-    let mut seen = Vec::new();
-    loop {
+/// Every event of each of `ids` up to and including its `Done`, in the order they came.
+async fn jobs_events(
+    events: &mut UnboundedReceiver<ClientEvent>,
+    ids: &[u64],
+) -> HashMap<u64, Vec<JobEventKind>> {
+    let mut seen: HashMap<u64, Vec<JobEventKind>> = HashMap::new();
+    let mut left = ids.len();
+    while left > 0 {
         match tokio::time::timeout(T, events.recv()).await {
-            Ok(Some(ClientEvent::Job(ev))) if ev.job == id => {
-                let done = matches!(ev.kind, JobEventKind::Done(_));
-                seen.push(ev.kind);
-                if done {
-                    return seen;
-                }
+            Ok(Some(ClientEvent::Job(ev))) if ids.contains(&ev.job) => {
+                left -= usize::from(matches!(ev.kind, JobEventKind::Done(_)));
+                seen.entry(ev.job).or_default().push(ev.kind);
             }
             Ok(Some(ClientEvent::Disconnected { reason, .. })) => panic!("disconnected: {reason}"),
             Ok(Some(_)) => {}
             Ok(None) => panic!("event channel closed"),
-            Err(_) => panic!("job {id} not done within {T:?}; saw {seen:?}"),
+            Err(_) => panic!("jobs {ids:?} not done within {T:?}; saw {seen:?}"),
         }
     }
+    seen
+}
+
+async fn job_events(events: &mut UnboundedReceiver<ClientEvent>, id: u64) -> Vec<JobEventKind> {
+    jobs_events(events, &[id]).await.remove(&id).unwrap()
 }
 
 const SOURCE: &str = r#"
@@ -134,16 +141,23 @@ async fn a_job_sends_at_most_the_limit_in_files_all_together() {
     let node = NodeProc::start(&["--max_file_size", "100k"]).await;
     let (client, mut events) = connect(&node).await;
     let src = r#"
-def f():
-    with open("part", "wb") as fh:
+def f(name):
+    with open(name, "wb") as fh:
         fh.write(b"p" * 40000)
-    return [dispy_send_file("part") for _ in range(3)]
+    return [dispy_send_file(name) for _ in range(3)]
 "#;
     open(&client, "cap", Computation::Python(python(src, "f")), &[]).await;
-    client.submit("cap", job(1, json!([]))).await.unwrap();
-    client.submit("cap", job(2, json!([]))).await.unwrap();
+    client
+        .submit("cap", job(1, json!(["part-1"])))
+        .await
+        .unwrap();
+    client
+        .submit("cap", job(2, json!(["part-2"])))
+        .await
+        .unwrap();
+    let mut all = jobs_events(&mut events, &[1, 2]).await;
     for id in [1, 2] {
-        let seen = job_events(&mut events, id).await;
+        let seen = all.remove(&id).unwrap();
         let sent = seen
             .iter()
             .filter(|k| matches!(k, JobEventKind::File(_)))

@@ -436,7 +436,7 @@ impl Dispy {
             told.push((host, port));
         }
         for (socket, bound) in udp {
-            for (ip, bcast) in crate::server::broadcast_targets(*bound) {
+            for (ip, bcast) in dispy_core::discovery::interface_broadcasts(*bound) {
                 let to = SocketAddr::from((bcast, self.node.cfg.client_port));
                 let _ = socket
                     .send_to(&terminated(self.node_addr(IpAddr::V4(ip))), to)

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use dispy_core::driver::{NodeNames, NodeNews, Outgoing};
 use dispy_core::job::{JobId, JobStatus};
 use dispy_core::manifest::{rfc3339, DispyJobStatus, SentFileStatus};
-use dispy_core::protocol::{ComputeRequest, JobEventKind, JobRequest, SentFile};
-use dispy_core::scheduler::{Action, ClusterPolicy, Event, JobKey, JobSpec, Scheduler};
+use dispy_core::protocol::{JobRequest, SentFile};
+use dispy_core::scheduler::{Action, Event, JobKey, JobSpec, Scheduler};
 use dispy_core::{ClientConfig, ClientEvent, NodeClient};
 use tokio::sync::mpsc;
 
@@ -114,270 +115,302 @@ fn start_local_nodes(count: usize, cpus: u32, secret: &str) -> Result<Vec<LocalN
         .collect()
 }
 
-/// A file as (name, contents).
-type File = (String, Vec<u8>);
-/// A job ready to submit: its key, the request and its own files.
-type Outgoing = (JobKey, JobRequest, Vec<File>);
-
 enum Input {
-    Node(String, ClientEvent),
-    Submitted {
+    Node(String, NodeNews),
+    Refused {
         key: JobKey,
         node: String,
-        error: Option<String>,
+        reason: String,
     },
     Interrupt,
 }
 
-/// What the run loop knows of one job.
+/// What the run knows of one job.
 struct JobView {
     status: DispyJobStatus,
     done: bool,
 }
 
+/// Connects to the nodes, ships each computation, submits the jobs, follows them to the end
+/// and closes the computations (cleanup runs on each node); local nodes are stopped last.
 pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String> {
-    let started = Instant::now();
-    let config = ClientConfig {
-        secret: opts.secret.clone(),
-        name: format!("dispy run (pid {})", std::process::id()),
-        pulse_interval: opts.pulse_interval,
-        ..Default::default()
-    };
+    let (addrs, local) = nodes_to_use(plan, opts).await?;
+    let mut run = Run::new(plan, opts);
+    run.connect(&addrs, local.is_empty()).await?;
+    let setup_errors = run.set_up().await?;
+    run.submit(&setup_errors);
+    run.follow().await?;
+    run.close().await;
+    drop(local);
+    Ok(run.outcomes())
+}
 
-    // Nodes: given, listed in the clusters, discovered, or started here.
+/// The nodes given, listed in the clusters or discovered; else local ones started for the run.
+async fn nodes_to_use(
+    plan: &Plan,
+    opts: &RunOptions,
+) -> Result<(Vec<String>, Vec<LocalNode>), String> {
     let mut addrs: Vec<String> = opts.nodes.iter().map(|a| with_port(a)).collect();
     for c in &plan.clusters {
         addrs.extend(c.spec.nodes.external.iter().map(|a| with_port(a)));
     }
-    let discover = opts.discover || plan.clusters.iter().any(|c| c.spec.nodes.discover);
-    if discover {
+    if opts.discover || plan.clusters.iter().any(|c| c.spec.nodes.discover) {
         addrs.extend(discover_nodes().await?);
     }
     addrs.sort();
     addrs.dedup();
-    let local = if addrs.is_empty() {
-        let cpus = plan
-            .clusters
-            .iter()
-            .filter_map(|c| c.spec.nodes.cpus)
-            .max()
-            .unwrap_or(0);
-        let nodes = start_local_nodes(opts.local_nodes.max(1), cpus, &opts.secret)?;
-        addrs = nodes.iter().map(|n| n.addr.clone()).collect();
-        nodes
-    } else {
-        Vec::new()
-    };
-    if addrs.is_empty() {
-        return Err("no nodes: give --node, list spec.nodes.external, or use --discover".into());
+    if !addrs.is_empty() {
+        return Ok((addrs, Vec::new()));
     }
-
-    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
-    let mut clients: HashMap<String, NodeClient> = HashMap::new();
-    let mut names: HashMap<String, String> = HashMap::new();
-    let mut scheduler = Scheduler::new();
-    let now = || started.elapsed();
-    let mut actions = Vec::new();
-    let comp_id = |i: usize| {
-        format!(
-            "{}/{}/{}",
-            plan.clusters[i].namespace,
-            plan.clusters[i].name,
-            std::process::id()
-        )
-    };
-    for (i, c) in plan.clusters.iter().enumerate() {
-        let policy = ClusterPolicy {
-            reentrant: c.spec.reentrant,
-            backoff_limit: c
-                .spec
-                .backoff_limit
-                .unwrap_or(ClusterPolicy::default().backoff_limit),
-        };
-        actions.extend(scheduler.handle(
-            now(),
-            Event::ClusterAdded {
-                cluster: comp_id(i),
-                policy,
-            },
-        ));
-        if c.spec.suspend {
-            actions.extend(scheduler.handle(
-                now(),
-                Event::SuspendCluster {
-                    cluster: comp_id(i),
-                    suspended: true,
-                },
-            ));
-        }
-    }
-
-    for addr in &addrs {
-        let connect = connect_node(addr, &config, local.is_empty()).await;
-        let (client, mut events) = match connect {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("dispy: skipping node {addr}: {e}");
-                continue;
-            }
-        };
-        names.insert(addr.clone(), client.info().name.clone());
-        let (tx, node) = (tx.clone(), addr.clone());
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if tx.send(Input::Node(node.clone(), ev)).is_err() {
-                    return;
-                }
-            }
-        });
-        actions.extend(scheduler.handle(
-            now(),
-            Event::NodeUp {
-                node: addr.clone(),
-                cpus: client.info().cpus,
-            },
-        ));
-        clients.insert(addr.clone(), client);
-    }
-    if clients.is_empty() {
-        return Err(format!(
-            "none of the nodes could be reached: {}",
-            addrs.join(", ")
-        ));
-    }
-
-    // Ship every computation to every node, in parallel.
-    let mut setups = Vec::new();
-    for (addr, client) in &clients {
-        for (i, c) in plan.clusters.iter().enumerate() {
-            let (client, addr, id) = (client.clone(), addr.clone(), comp_id(i));
-            let (computation, files) = (c.computation.clone(), c.files.clone());
-            setups.push(tokio::spawn(async move {
-                let result = async {
-                    client
-                        .compute(ComputeRequest {
-                            computation: id.clone(),
-                            spec: computation,
-                            keep_files: false,
-                        })
-                        .await?;
-                    for (name, data) in &files {
-                        client.send_file(&id, name, data, 0o644, None).await?;
-                    }
-                    client.setup(&id).await
-                }
-                .await;
-                (i, addr, result)
-            }));
-        }
-    }
-    let mut setup_errors: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for s in setups {
-        let (i, addr, result) = s.await.map_err(|e| e.to_string())?;
-        match result {
-            Ok(_) => actions.extend(scheduler.handle(
-                now(),
-                Event::ClusterReady {
-                    cluster: comp_id(i),
-                    node: addr,
-                },
-            )),
-            Err(e) => {
-                eprintln!(
-                    "dispy: JobCluster {}: setup on {addr} failed: {e}",
-                    plan.clusters[i].name
-                );
-                setup_errors.entry(i).or_default().push(e.to_string());
-            }
-        }
-    }
-
-    let mut views: Vec<JobView> = plan
-        .jobs
+    let cpus = plan
+        .clusters
         .iter()
-        .map(|_| JobView {
-            status: DispyJobStatus::default(),
-            done: false,
-        })
-        .collect();
-    let key_of = |j: usize| JobKey::new(comp_id(plan.jobs[j].cluster), j as JobId);
-    let mut progress = Progress::new(plan.jobs.len(), opts.quiet);
-    let mut finals: Vec<(usize, JobStatus, String)> = Vec::new();
-    for (j, job) in plan.jobs.iter().enumerate() {
-        let cluster = job.cluster;
-        let failed_everywhere = setup_errors
-            .get(&cluster)
-            .is_some_and(|e| e.len() == clients.len());
-        if failed_everywhere {
-            let why = format!("setup failed on every node: {}", setup_errors[&cluster][0]);
-            finals.push((j, JobStatus::Abandoned, why));
-            continue;
+        .filter_map(|c| c.spec.nodes.cpus)
+        .max()
+        .unwrap_or(0);
+    let local = start_local_nodes(opts.local_nodes.max(1), cpus, &opts.secret)?;
+    let addrs = local.iter().map(|n| n.addr.clone()).collect();
+    Ok((addrs, local))
+}
+
+/// One run: core's scheduler, the connections, and what is known of each job (job `j` of the
+/// plan has id `j` in its cluster's computation).
+struct Run<'a> {
+    plan: &'a Plan,
+    opts: &'a RunOptions,
+    started: Instant,
+    scheduler: Scheduler,
+    /// The scheduler's actions not carried out yet.
+    actions: Vec<Action>,
+    clients: HashMap<String, NodeClient>,
+    /// Node address -> the name it reports.
+    names: HashMap<String, String>,
+    views: Vec<JobView>,
+    progress: Progress,
+    tx: mpsc::UnboundedSender<Input>,
+    rx: mpsc::UnboundedReceiver<Input>,
+    interrupted: bool,
+}
+
+impl<'a> Run<'a> {
+    fn new(plan: &'a Plan, opts: &'a RunOptions) -> Run<'a> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut run = Run {
+            plan,
+            opts,
+            started: Instant::now(),
+            scheduler: Scheduler::new(),
+            actions: Vec::new(),
+            clients: HashMap::new(),
+            names: HashMap::new(),
+            views: plan
+                .jobs
+                .iter()
+                .map(|_| JobView {
+                    status: DispyJobStatus::default(),
+                    done: false,
+                })
+                .collect(),
+            progress: Progress::new(plan.jobs.len(), opts.quiet),
+            tx,
+            rx,
+            interrupted: false,
+        };
+        for (i, c) in plan.clusters.iter().enumerate() {
+            let cluster = run.comp_id(i);
+            let policy = dispy_core::driver::policy(&c.spec);
+            run.handle(Event::ClusterAdded {
+                cluster: cluster.clone(),
+                policy,
+            });
+            if c.spec.suspend {
+                run.handle(Event::SuspendCluster {
+                    cluster,
+                    suspended: true,
+                });
+            }
         }
-        let pinned = match &job.spec.node {
-            None => None,
-            Some(want) => match resolve_node(want, &names) {
-                Some(addr) => Some(addr),
-                None => {
-                    let why = format!(
-                        "node {want:?} is not one of the nodes in use ({})",
-                        node_list(&names)
-                    );
-                    finals.push((j, JobStatus::Abandoned, why));
+        run
+    }
+
+    fn handle(&mut self, event: Event) {
+        let actions = self.scheduler.handle(self.started.elapsed(), event);
+        self.actions.extend(actions);
+    }
+
+    /// Cluster `i`'s computation on the nodes: unique to this run.
+    fn comp_id(&self, i: usize) -> String {
+        let c = &self.plan.clusters[i];
+        dispy_core::driver::computation_id(&c.namespace, &c.name, &std::process::id().to_string())
+    }
+
+    fn key_of(&self, j: usize) -> JobKey {
+        JobKey::new(self.comp_id(self.plan.jobs[j].cluster), j as JobId)
+    }
+
+    /// The job a key names, if it is one of this run's.
+    fn job_of(&self, key: &JobKey) -> Option<usize> {
+        let j = key.job as usize;
+        (j < self.views.len() && *key == self.key_of(j)).then_some(j)
+    }
+
+    /// Connects to every node (a local one may still be starting); their events come in as
+    /// [`Input::Node`].
+    async fn connect(&mut self, addrs: &[String], external: bool) -> Result<(), String> {
+        let config = ClientConfig {
+            secret: self.opts.secret.clone(),
+            name: format!("dispy run (pid {})", std::process::id()),
+            pulse_interval: self.opts.pulse_interval,
+            ..Default::default()
+        };
+        for addr in addrs {
+            let (client, mut events) = match connect_node(addr, &config, external).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("dispy: skipping node {addr}: {e}");
                     continue;
                 }
-            },
-        };
-        let spec = JobSpec {
-            key: key_of(j),
-            node: pinned,
-            active_deadline: job.spec.active_deadline_seconds.map(Duration::from_secs),
-        };
-        actions.extend(scheduler.handle(now(), Event::JobSubmitted(spec)));
-    }
-    for (j, status, why) in finals {
-        finish(
-            &mut views[j],
-            status,
-            why,
-            &mut progress,
-            &plan.jobs[j].name,
-        );
+            };
+            self.names.insert(addr.clone(), client.info().name.clone());
+            let (tx, node) = (self.tx.clone(), addr.clone());
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    if tx
+                        .send(Input::Node(node.clone(), NodeNews::of(ev)))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            let cpus = client.info().cpus;
+            self.handle(Event::NodeUp {
+                node: addr.clone(),
+                cpus,
+            });
+            self.clients.insert(addr.clone(), client);
+        }
+        if self.clients.is_empty() {
+            return Err(format!(
+                "none of the nodes could be reached: {}",
+                addrs.join(", ")
+            ));
+        }
+        Ok(())
     }
 
-    let interrupt_tx = tx.clone();
-    tokio::spawn(async move {
-        while tokio::signal::ctrl_c().await.is_ok() {
-            if interrupt_tx.send(Input::Interrupt).is_err() {
-                return;
+    /// Ships every computation to every node, in parallel. Returns the setup errors by cluster.
+    async fn set_up(&mut self) -> Result<BTreeMap<usize, Vec<String>>, String> {
+        let mut setups = Vec::new();
+        for (addr, client) in &self.clients {
+            for (i, c) in self.plan.clusters.iter().enumerate() {
+                let (client, addr, id) = (client.clone(), addr.clone(), self.comp_id(i));
+                let (computation, files) = (c.computation.clone(), c.files.clone());
+                setups.push(tokio::spawn(async move {
+                    let result =
+                        dispy_core::driver::set_up(&client, &id, &computation, &files).await;
+                    (i, addr, result)
+                }));
             }
         }
-    });
-    let mut ticker = tokio::time::interval(Duration::from_millis(500));
-    let mut interrupted = false;
+        let mut errors: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for s in setups {
+            let (i, node, result) = s.await.map_err(|e| e.to_string())?;
+            match result {
+                Ok(_) => {
+                    let cluster = self.comp_id(i);
+                    self.handle(Event::ClusterReady { cluster, node });
+                }
+                Err(e) => {
+                    eprintln!(
+                        "dispy: JobCluster {}: setup on {node} failed: {e}",
+                        self.plan.clusters[i].name
+                    );
+                    errors.entry(i).or_default().push(e);
+                }
+            }
+        }
+        Ok(errors)
+    }
 
-    loop {
-        // Jobs dispatched together to one node go in one request.
+    /// Every job to the scheduler, except those that cannot run: their cluster's setup failed
+    /// on every node, or they are pinned to a node not in use.
+    fn submit(&mut self, setup_errors: &BTreeMap<usize, Vec<String>>) {
+        let nodes: Vec<NodeNames<'_>> = self
+            .names
+            .iter()
+            .map(|(addr, name)| NodeNames {
+                addr,
+                names: vec![name.as_str()],
+            })
+            .collect();
+        let mut submitted = Vec::new();
+        let mut refused = Vec::new();
+        for (j, job) in self.plan.jobs.iter().enumerate() {
+            let errors = setup_errors.get(&job.cluster);
+            if errors.is_some_and(|e| e.len() == self.clients.len()) {
+                refused.push((
+                    j,
+                    format!("setup failed on every node: {}", errors.unwrap()[0]),
+                ));
+                continue;
+            }
+            let node = match &job.spec.node {
+                None => None,
+                Some(want) => match dispy_core::driver::resolve_node(want, &nodes) {
+                    Some(addr) => Some(addr.to_string()),
+                    None => {
+                        let list = dispy_core::driver::node_list(&nodes);
+                        refused.push((
+                            j,
+                            format!("node {want:?} is not one of the nodes in use ({list})"),
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let active_deadline = job.spec.active_deadline_seconds.map(Duration::from_secs);
+            submitted.push(JobSpec {
+                key: self.key_of(j),
+                node,
+                active_deadline,
+            });
+        }
+        drop(nodes);
+        for spec in submitted {
+            self.handle(Event::JobSubmitted(spec));
+        }
+        for (j, why) in refused {
+            self.finish(j, JobStatus::Abandoned, why);
+        }
+    }
+
+    /// Carries out the scheduler's actions; jobs dispatched together to one node go in one
+    /// request.
+    fn act(&mut self) {
         let mut batches: BTreeMap<(String, String), Vec<Outgoing>> = BTreeMap::new();
-        for action in std::mem::take(&mut actions) {
+        for action in std::mem::take(&mut self.actions) {
             match action {
                 Action::Dispatch { key, node, attempt } => {
                     let j = key.job as usize;
-                    views[j].status.attempts = attempt;
-                    let job = &plan.jobs[j];
+                    self.views[j].status.attempts = attempt;
+                    let job = &self.plan.jobs[j];
                     let request = JobRequest {
                         id: key.job,
                         args: job.args.clone(),
                         kwargs: job.kwargs.clone(),
                         depends: job.files.iter().map(|(n, _)| n.clone()).collect(),
                     };
-                    batches
-                        .entry((node, key.cluster.clone()))
-                        .or_default()
-                        .push((key, request, job.files.clone()));
+                    let batch = batches.entry((node, key.cluster.clone())).or_default();
+                    batch.push(Outgoing {
+                        key,
+                        request,
+                        files: job.files.clone(),
+                    });
                 }
                 Action::Terminate { key, node, reason } => {
-                    views[key.job as usize].status.message = Some(reason);
-                    if let Some(client) = clients.get(&node).cloned() {
+                    self.views[key.job as usize].status.message = Some(reason);
+                    if let Some(client) = self.clients.get(&node).cloned() {
                         tokio::spawn(async move {
                             let _ = client.cancel(&key.cluster, key.job).await;
                         });
@@ -388,218 +421,227 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String>
                     attempt,
                     reason,
                 } => {
-                    let v = &mut views[key.job as usize];
-                    v.status.attempts = attempt;
-                    v.status.status = JobStatus::Created;
-                    v.status.message = Some(format!("requeued: {reason}"));
-                    progress.note(&format!(
+                    let j = key.job as usize;
+                    let v = &mut self.views[j].status;
+                    v.attempts = attempt;
+                    v.status = JobStatus::Created;
+                    v.message = Some(format!("requeued: {reason}"));
+                    self.progress.note(&format!(
                         "job {} requeued: {reason}",
-                        plan.jobs[key.job as usize].name
+                        self.plan.jobs[j].name
                     ));
                 }
                 Action::Finalize {
                     key,
                     status,
                     reason,
-                } => {
-                    let j = key.job as usize;
-                    finish(
-                        &mut views[j],
-                        status,
-                        reason,
-                        &mut progress,
-                        &plan.jobs[j].name,
-                    );
-                }
+                } => self.finish(key.job as usize, status, reason),
             }
         }
         for ((node, cluster), jobs) in batches {
-            match clients.get(&node).cloned() {
-                Some(client) => {
-                    tokio::spawn(submit_batch(client, node, cluster, jobs, tx.clone()));
+            let (client, tx) = (self.clients.get(&node).cloned(), self.tx.clone());
+            tokio::spawn(async move {
+                let refused =
+                    dispy_core::driver::submit_batch(client.as_ref(), &cluster, jobs).await;
+                for (key, reason) in refused {
+                    let _ = tx.send(Input::Refused {
+                        key,
+                        node: node.clone(),
+                        reason,
+                    });
                 }
-                None => {
-                    for (key, _, _) in jobs {
-                        let error = Some("the node is gone".to_string());
-                        let _ = tx.send(Input::Submitted {
-                            key,
-                            node: node.clone(),
-                            error,
-                        });
-                    }
+            });
+        }
+    }
+
+    /// Until every job is done (or no node is left): actions out, inputs in.
+    async fn follow(&mut self) -> Result<(), String> {
+        let interrupt_tx = self.tx.clone();
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if interrupt_tx.send(Input::Interrupt).is_err() {
+                    return;
                 }
             }
-        }
-        progress.update(
-            &views
+        });
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            self.act();
+            let statuses: Vec<(JobStatus, bool)> = self
+                .views
                 .iter()
                 .map(|v| (v.status.status, v.done))
-                .collect::<Vec<_>>(),
-        );
-        if views.iter().all(|v| v.done) {
-            break;
-        }
-        if clients.is_empty() {
-            // Every node is gone: what is still queued cannot run.
-            for (j, v) in views.iter_mut().enumerate() {
-                if !v.done {
-                    finish(
-                        v,
-                        JobStatus::Abandoned,
-                        "no node left to run it".into(),
-                        &mut progress,
-                        &plan.jobs[j].name,
-                    );
+                .collect();
+            self.progress.update(&statuses);
+            if self.views.iter().all(|v| v.done) {
+                break;
+            }
+            if self.clients.is_empty() {
+                // Every node is gone: what is still queued cannot run.
+                for j in 0..self.views.len() {
+                    self.finish(j, JobStatus::Abandoned, "no node left to run it".into());
                 }
+                break;
             }
-            break;
-        }
-        let input = tokio::select! {
-            i = rx.recv() => i,
-            _ = ticker.tick() => {
-                actions.extend(scheduler.handle(now(), Event::Tick));
-                continue;
-            }
-        };
-        let Some(input) = input else { break };
-        match input {
-            Input::Interrupt if interrupted => return Err("interrupted twice: stopping now".into()),
-            Input::Interrupt => {
-                interrupted = true;
-                progress.note("interrupted: cancelling jobs (Ctrl-C again to stop at once)");
-                for (j, v) in views.iter().enumerate() {
-                    if !v.done {
-                        actions.extend(
-                            scheduler.handle(now(), Event::CancelRequested { key: key_of(j) }),
-                        );
-                    }
-                }
-            }
-            Input::Submitted { key, node, error } => {
-                if let Some(reason) = error {
-                    actions.extend(
-                        scheduler.handle(now(), Event::DispatchFailed { key, node, reason }),
-                    );
-                }
-            }
-            Input::Node(node, ClientEvent::Job(ev)) => {
-                let key = JobKey::new(ev.computation.clone(), ev.job);
-                let j = ev.job as usize;
-                if j >= views.len() || key != key_of(j) {
+            let input = tokio::select! {
+                i = self.rx.recv() => i,
+                _ = ticker.tick() => {
+                    self.handle(Event::Tick);
                     continue;
                 }
-                match ev.kind {
-                    JobEventKind::Running { start_time } => {
-                        if !views[j].done {
-                            let v = &mut views[j].status;
-                            v.status = JobStatus::Running;
-                            v.node = names.get(&node).cloned();
-                            v.start_time = Some(rfc3339(start_time));
-                        }
-                        actions.extend(scheduler.handle(now(), Event::JobStarted { key, node }));
-                    }
-                    JobEventKind::Provisional { result } => {
-                        if is_current(&scheduler, &key, &node) {
-                            views[j].status.record_provisional(&result);
-                        }
-                    }
-                    JobEventKind::File(file) => {
-                        if is_current(&scheduler, &key, &node) {
-                            let job = &plan.jobs[j];
-                            let dir = job_files_dir(
-                                &opts.files_dir,
-                                &plan.clusters[job.cluster].namespace,
-                                &job.name,
-                            );
-                            let saved = save_sent_file(&dir, &file);
-                            if let Some(why) = &saved.message {
-                                progress.note(&format!(
-                                    "{}: a sent file was not saved: {why}",
-                                    job.name
-                                ));
-                            }
-                            views[j].status.record_sent_file(saved);
-                        }
-                    }
-                    JobEventKind::Done(result) => {
-                        let current = scheduler.job(&key).and_then(|r| r.node().cloned());
-                        if current.as_deref() == Some(node.as_str()) && !views[j].done {
-                            let v = &mut views[j];
-                            v.status.record_result(&result);
-                            v.status.node = names.get(&node).cloned();
-                            v.done = true;
-                            progress.job_done(&plan.jobs[j].name, &v.status);
-                        }
-                        actions.extend(scheduler.handle(
-                            now(),
-                            Event::JobDone {
-                                key: key.clone(),
-                                node: node.clone(),
-                                status: result.status,
-                            },
-                        ));
-                        if let Some(client) = clients.get(&node).cloned() {
-                            tokio::spawn(async move {
-                                let _ = client.ack(&key.cluster, vec![key.job]).await;
-                            });
-                        }
-                    }
+            };
+            match input {
+                None => break,
+                Some(input) => self.input(input)?,
+            }
+        }
+        self.progress.finish();
+        Ok(())
+    }
+
+    fn input(&mut self, input: Input) -> Result<(), String> {
+        match input {
+            Input::Interrupt if self.interrupted => {
+                return Err("interrupted twice: stopping now".into())
+            }
+            Input::Interrupt => {
+                self.interrupted = true;
+                self.progress
+                    .note("interrupted: cancelling jobs (Ctrl-C again to stop at once)");
+                let open: Vec<usize> = (0..self.views.len())
+                    .filter(|j| !self.views[*j].done)
+                    .collect();
+                for j in open {
+                    let key = self.key_of(j);
+                    self.handle(Event::CancelRequested { key });
                 }
             }
-            Input::Node(node, ClientEvent::Disconnected { reason, .. }) => {
-                clients.remove(&node);
-                progress.note(&format!(
-                    "node {} lost: {reason}",
-                    names.get(&node).unwrap_or(&node)
-                ));
-                actions.extend(scheduler.handle(now(), Event::NodeLost { node, reason }));
+            Input::Refused { key, node, reason } => {
+                self.handle(Event::DispatchFailed { key, node, reason })
             }
-            Input::Node(_, ClientEvent::Pulse { .. }) => {}
+            Input::Node(node, NodeNews::Lost { reason }) => {
+                self.clients.remove(&node);
+                let name = self.names.get(&node).unwrap_or(&node);
+                self.progress.note(&format!("node {name} lost: {reason}"));
+                self.handle(Event::NodeLost { node, reason });
+            }
+            Input::Node(_, NodeNews::Pulse) => {}
+            Input::Node(node, news) => self.job_news(node, news),
+        }
+        Ok(())
+    }
+
+    /// What a node says of one of the run's jobs.
+    fn job_news(&mut self, node: String, news: NodeNews) {
+        let key = match &news {
+            NodeNews::Started { key, .. }
+            | NodeNews::Done { key, .. }
+            | NodeNews::Provisional { key, .. }
+            | NodeNews::File { key, .. } => key.clone(),
+            NodeNews::Lost { .. } | NodeNews::Pulse => return,
+        };
+        let Some(j) = self.job_of(&key) else {
+            return;
+        };
+        // News from a node that no longer runs the job (an earlier attempt's) is stale.
+        let current = self
+            .scheduler
+            .job(&key)
+            .and_then(|r| r.node())
+            .map(String::as_str)
+            == Some(node.as_str());
+        let name = self.names.get(&node).cloned();
+        let v = &mut self.views[j];
+        match news {
+            NodeNews::Started { start_time, .. } => {
+                if !v.done {
+                    v.status.status = JobStatus::Running;
+                    v.status.node = name;
+                    v.status.start_time = Some(rfc3339(start_time));
+                }
+                self.handle(Event::JobStarted { key, node });
+            }
+            NodeNews::Provisional { result, .. } if current => v.status.record_provisional(&result),
+            NodeNews::File { file, .. } if current => {
+                let job = &self.plan.jobs[j];
+                let dir = job_files_dir(
+                    &self.opts.files_dir,
+                    &self.plan.clusters[job.cluster].namespace,
+                    &job.name,
+                );
+                let saved = save_sent_file(&dir, &file);
+                if let Some(why) = &saved.message {
+                    self.progress
+                        .note(&format!("{}: a sent file was not saved: {why}", job.name));
+                }
+                v.status.record_sent_file(saved);
+            }
+            NodeNews::Done { result, .. } => {
+                if current && !v.done {
+                    v.status.record_result(&result);
+                    v.status.node = name;
+                    v.done = true;
+                    self.progress.job_done(&self.plan.jobs[j].name, &v.status);
+                }
+                let status = result.status;
+                // Nothing is kept beyond this run: the node may forget the result at once.
+                if let Some(client) = self.clients.get(&node).cloned() {
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let _ = client.ack(&key.cluster, vec![key.job]).await;
+                    });
+                }
+                self.handle(Event::JobDone { key, node, status });
+            }
+            _ => {}
         }
     }
-    progress.finish();
 
-    // Close the computations (cleanup runs on each node), then stop local nodes.
-    let closes: Vec<_> = clients
-        .values()
-        .flat_map(|client| {
-            (0..plan.clusters.len()).map(move |i| {
-                let client = client.clone();
-                let id = comp_id(i);
-                tokio::spawn(async move { client.close(&id, true).await })
+    fn finish(&mut self, j: usize, status: JobStatus, why: String) {
+        let v = &mut self.views[j];
+        if v.done {
+            return;
+        }
+        v.status.status = status;
+        v.status.message = Some(why);
+        v.status.end_time = Some(rfc3339(dispy_core::job::now_secs()));
+        v.done = true;
+        self.progress.job_done(&self.plan.jobs[j].name, &v.status);
+    }
+
+    /// Closes every computation on every node (cleanup runs there).
+    async fn close(&mut self) {
+        let mut closes = Vec::new();
+        for client in self.clients.values() {
+            for i in 0..self.plan.clusters.len() {
+                let (client, id) = (client.clone(), self.comp_id(i));
+                closes.push(tokio::spawn(async move { client.close(&id, true).await }));
+            }
+        }
+        for c in closes {
+            if let Ok(Err(e)) = c.await {
+                if e.node_code() != Some(dispy_core::protocol::ErrorCode::UnknownComputation) {
+                    eprintln!("dispy: closing a computation failed: {e}");
+                }
+            }
+        }
+        self.clients.clear();
+    }
+
+    fn outcomes(self) -> Vec<Outcome> {
+        let (plan, started) = (self.plan, self.started);
+        plan.jobs
+            .iter()
+            .zip(self.views)
+            .map(|(job, v)| Outcome {
+                name: job.name.clone(),
+                cluster: plan.clusters[job.cluster].name.clone(),
+                namespace: plan.clusters[job.cluster].namespace.clone(),
+                status: v.status,
+                submitted: started,
             })
-        })
-        .collect();
-    for c in closes {
-        if let Ok(Err(e)) = c.await {
-            if e.node_code() != Some(dispy_core::protocol::ErrorCode::UnknownComputation) {
-                eprintln!("dispy: closing a computation failed: {e}");
-            }
-        }
+            .collect()
     }
-    drop(clients);
-    drop(local);
-
-    Ok(plan
-        .jobs
-        .iter()
-        .zip(views)
-        .map(|(job, v)| Outcome {
-            name: job.name.clone(),
-            cluster: plan.clusters[job.cluster].name.clone(),
-            namespace: plan.clusters[job.cluster].namespace.clone(),
-            status: v.status,
-            submitted: started,
-        })
-        .collect())
-}
-
-/// Whether `node` runs the job now (news from an earlier attempt's node is stale).
-fn is_current(scheduler: &Scheduler, key: &JobKey, node: &str) -> bool {
-    scheduler
-        .job(key)
-        .and_then(|r| r.node().map(String::as_str))
-        == Some(node)
 }
 
 /// Where a job's sent files go: `base/JOB`, or `base/NAMESPACE/JOB` outside `default`.
@@ -637,75 +679,6 @@ fn save_sent_file(dir: &std::path::Path, file: &SentFile) -> SentFileStatus {
     status
 }
 
-/// Sends the jobs' own files, then the jobs in one request; reports each refused job.
-async fn submit_batch(
-    client: NodeClient,
-    node: String,
-    cluster: String,
-    jobs: Vec<Outgoing>,
-    tx: mpsc::UnboundedSender<Input>,
-) {
-    let mut requests = Vec::with_capacity(jobs.len());
-    let mut keys = Vec::with_capacity(jobs.len());
-    for (key, request, files) in jobs {
-        let mut sent = Ok(());
-        for (name, data) in &files {
-            if let Err(e) = client
-                .send_file(&cluster, name, data, 0o644, Some(key.job))
-                .await
-            {
-                sent = Err(e.to_string());
-                break;
-            }
-        }
-        match sent {
-            Ok(()) => {
-                requests.push(request);
-                keys.push(key);
-            }
-            Err(error) => {
-                let _ = tx.send(Input::Submitted {
-                    key,
-                    node: node.clone(),
-                    error: Some(error),
-                });
-            }
-        }
-    }
-    match client.submit_many(&cluster, requests).await {
-        Ok(rejected) => {
-            for r in rejected {
-                let key = JobKey::new(cluster.clone(), r.job);
-                let _ = tx.send(Input::Submitted {
-                    key,
-                    node: node.clone(),
-                    error: Some(r.error.to_string()),
-                });
-            }
-        }
-        Err(e) => {
-            for key in keys {
-                let _ = tx.send(Input::Submitted {
-                    key,
-                    node: node.clone(),
-                    error: Some(e.to_string()),
-                });
-            }
-        }
-    }
-}
-
-fn finish(v: &mut JobView, status: JobStatus, why: String, progress: &mut Progress, name: &str) {
-    if v.done {
-        return;
-    }
-    v.status.status = status;
-    v.status.message = Some(why);
-    v.status.end_time = Some(rfc3339(dispy_core::job::now_secs()));
-    v.done = true;
-    progress.job_done(name, &v.status);
-}
-
 async fn connect_node(
     addr: &str,
     config: &ClientConfig,
@@ -730,20 +703,6 @@ pub use dispy_core::discovery::with_port;
 /// Nodes that answer a discovery ping on this host's networks, as `host:port`.
 pub async fn discover_nodes() -> Result<Vec<String>, String> {
     dispy_core::discovery::discover_nodes(Duration::from_secs(2)).await
-}
-
-/// A pinned job's `node`: a node name or an address.
-fn resolve_node(want: &str, names: &HashMap<String, String>) -> Option<String> {
-    names
-        .iter()
-        .find(|(addr, name)| *addr == want || *name == want || **addr == with_port(want))
-        .map(|(addr, _)| addr.clone())
-}
-
-fn node_list(names: &HashMap<String, String>) -> String {
-    let mut list: Vec<_> = names.iter().map(|(a, n)| format!("{n} at {a}")).collect();
-    list.sort();
-    list.join(", ")
 }
 
 #[cfg(test)]
