@@ -269,9 +269,103 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// What to change so that the JobCluster owns what it asks for, given its pods now.
+#[derive(Debug)]
+pub struct NodePlan {
+    pub service: Service,
+    /// Node pods to create: the indexes below `replicas` that have no pod.
+    pub create: Vec<Pod>,
+    /// Node pods to delete (by name): an index at or over `replicas`, or none, that is not
+    /// already going.
+    pub delete: Vec<String>,
+    /// The pods that stay: the cluster's nodes, ready or not.
+    pub live: Vec<Pod>,
+}
+
+/// The node pods and Service the JobCluster wants, against the `existing` pods.
+pub fn node_plan(
+    jc: &JobClusterResource,
+    existing: &[Pod],
+    image: &str,
+) -> Result<NodePlan, BuildError> {
+    let desired = jc.spec.nodes.replicas.unwrap_or(1);
+    let index_of = |p: &Pod| {
+        p.metadata
+            .labels
+            .as_ref()?
+            .get(INDEX_LABEL)?
+            .parse::<u32>()
+            .ok()
+    };
+    let going = |p: &Pod| p.metadata.deletion_timestamp.is_some();
+    let wanted = |p: &Pod| index_of(p).is_some_and(|i| i < desired);
+    let mut create = Vec::new();
+    for i in 0..desired {
+        if !existing.iter().any(|p| index_of(p) == Some(i)) {
+            create.push(node_pod(jc, i, image)?);
+        }
+    }
+    Ok(NodePlan {
+        service: headless_service(jc)?,
+        create,
+        delete: existing
+            .iter()
+            .filter(|p| !wanted(p) && !going(p))
+            .filter_map(|p| p.metadata.name.clone())
+            .collect(),
+        live: existing
+            .iter()
+            .filter(|p| wanted(p) && !going(p))
+            .cloned()
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod_at(jc: &JobClusterResource, index: u32, going: bool) -> Pod {
+        let mut pod = node_pod(jc, index, "dispy/node").unwrap();
+        if going {
+            pod.metadata.deletion_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+            );
+        }
+        pod
+    }
+
+    #[test]
+    fn the_node_plan_creates_missing_indexes_and_deletes_those_over_replicas() {
+        let jc = cluster(WORDCOUNT); // replicas: 2
+        let existing = vec![
+            pod_at(&jc, 1, false),
+            pod_at(&jc, 2, false),
+            pod_at(&jc, 3, true),
+        ];
+        let plan = node_plan(&jc, &existing, "dispy/node").unwrap();
+        let created: Vec<String> = plan
+            .create
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        assert_eq!(created, vec!["wordcount-node-0"]);
+        assert_eq!(
+            plan.delete,
+            vec!["wordcount-node-2"],
+            "index 3 is already going"
+        );
+        let live: Vec<String> = plan
+            .live
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        assert_eq!(live, vec!["wordcount-node-1"]);
+        assert_eq!(
+            plan.service.metadata.name.as_deref(),
+            Some("wordcount-nodes")
+        );
+    }
 
     fn cluster(yaml: &str) -> JobClusterResource {
         let mut jc: JobClusterResource = serde_yaml::from_str(yaml).unwrap();

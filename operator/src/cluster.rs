@@ -15,9 +15,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 
-use crate::build::{self, BuildError, CLUSTER_LABEL, INDEX_LABEL, SECRET_KEY};
+use crate::build::{self, BuildError, CLUSTER_LABEL, SECRET_KEY};
 use crate::engine::{ClusterInfo, ClusterStats, File, Request};
 use crate::{Ctx, MANAGER};
 
@@ -36,19 +36,38 @@ pub enum Error {
     },
     #[error("JobCluster {cluster}: {message}")]
     Invalid { cluster: String, message: String },
+    #[error("JobCluster {cluster}: {error}")]
+    Ref { cluster: String, error: RefError },
     #[error("JobCluster {0}: closing the computation on its nodes did not finish in time")]
     CloseTimeout(String),
     #[error("JobCluster finalizer: {0}")]
     Finalizer(String),
 }
 
-pub fn error_policy(_jc: Arc<JobClusterResource>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics.reconciled("jobcluster", false);
+impl Error {
+    /// The `error` label of the reconcile error metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Build(_) => "build",
+            Error::Kube { .. }
+            | Error::Ref {
+                error: RefError::Read { .. },
+                ..
+            } => "api",
+            Error::Invalid { .. } => "invalid",
+            Error::Ref { .. } => "reference",
+            Error::CloseTimeout(_) => "close_timeout",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+pub fn error_policy(_jc: Arc<JobClusterResource>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!("{error}");
-    match error {
-        // Fixing the JobCluster triggers a new reconcile; retry slowly meanwhile (a missing
-        // ConfigMap may appear).
-        Error::Build(_) | Error::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
+    match error.kind() {
+        // Fixing the JobCluster (or creating what it names) triggers a new reconcile; retry
+        // slowly meanwhile.
+        "build" | "invalid" | "reference" => Action::requeue(Duration::from_secs(30)),
         _ => Action::requeue(Duration::from_secs(5)),
     }
 }
@@ -82,12 +101,14 @@ pub async fn reconcile(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Act
         }
     })
     .await;
-    ctx.metrics.reconciled("jobcluster", result.is_ok());
-    result.map_err(|e| match e {
+    let result = result.map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
-    })
+    });
+    ctx.metrics
+        .reconciled("jobcluster", result.as_ref().err().map(Error::kind));
+    result
 }
 
 async fn cleanup(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -109,50 +130,25 @@ async fn cleanup(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, E
     Ok(Action::await_change())
 }
 
+/// One reconcile, as a pipeline: follow the JobCluster's references, build what it owns
+/// (pure), apply that, hand the cluster to the engine, write the status.
 async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = jc.namespace().unwrap_or_else(|| "default".into());
-    let name = jc.name_any();
-    let full = format!("{ns}/{name}");
-    let kube_err = |action: &'static str| {
-        let cluster = full.clone();
-        move |source| Error::Kube {
-            cluster,
-            action,
-            source,
-        }
-    };
-    let client = &ctx.client;
-    let apply = PatchParams::apply(MANAGER).force();
-
-    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
-    if let Some(secret) = build::generated_secret(&jc, &random_secret())? {
-        if secrets
-            .get_opt(&build::secret_name(&jc))
-            .await
-            .map_err(kube_err("read the Secret"))?
-            .is_none()
-        {
-            secrets
-                .create(&PostParams::default(), &secret)
-                .await
-                .map_err(kube_err("create the Secret"))?;
-        }
-    }
-    let secret = read_secret(&secrets, &build::secret_name(&jc))
+    let full = format!("{ns}/{}", jc.name_any());
+    ensure_secret(&ctx, &jc, &ns, &full).await?;
+    let refs = dereference(&ctx, &jc, &ns)
         .await
-        .map_err(|message| Error::Invalid {
+        .map_err(|error| Error::Ref {
             cluster: full.clone(),
-            message,
+            error,
         })?;
-
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    let existing = pods
-        .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")))
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={}", jc.name_any())))
         .await
-        .map_err(kube_err("list the node pods"))?
+        .map_err(kube_err(&full, "list the node pods"))?
         .items;
-    let port = node_port(&jc, &existing, &ctx);
     // The JobCluster with its port recorded, for the pods and the Service.
+    let port = node_port(&jc, &pods, &ctx);
     let jc = {
         let mut with_port = (*jc).clone();
         with_port
@@ -161,49 +157,296 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
             .node_port = Some(port);
         Arc::new(with_port)
     };
-    let service = build::headless_service(&jc)?;
-    Api::<Service>::namespaced(client.clone(), &ns)
+    let plan = build::node_plan(&jc, &pods, &ctx.image)?;
+    apply_plan(&ctx, &ns, &full, &plan).await?;
+    let nodes = node_addresses(&jc, &plan.live, port, &ctx.discovered.lock().unwrap());
+    let info = cluster_info(&jc, &ns, refs, nodes).map_err(|message| Error::Invalid {
+        cluster: full.clone(),
+        message,
+    })?;
+    ctx.engine.send(Request::Cluster(Box::new(info.clone())));
+    write_status(&ctx, &jc, &ns, &full, &info, &plan).await?;
+    // Pods change through the watch; nodes and jobs through the engine's notices; discovered
+    // nodes through the discovery task; external nodes need a look now and then.
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+fn kube_err(cluster: &str, action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    let cluster = cluster.to_string();
+    move |source| Error::Kube {
+        cluster,
+        action,
+        source,
+    }
+}
+
+/// What a JobCluster names in other objects, read from the API server.
+pub struct Refs {
+    /// The nodes' shared secret (the generated Secret is created first when missing).
+    pub secret: String,
+    /// `spec.tls.secretRef`'s `tls.crt`.
+    pub tls_cert: Option<Vec<u8>>,
+    /// `python.configMapRef`'s source.
+    pub source: Option<String>,
+    /// Every key of every `depends` ConfigMap, as files.
+    pub files: Vec<File>,
+}
+
+/// A reference a JobCluster makes that cannot be followed: what is missing, and which field
+/// names it.
+#[derive(Debug, thiserror::Error)]
+pub enum RefError {
+    #[error("{kind} {namespace}/{name} ({field}) does not exist")]
+    Missing {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        field: &'static str,
+    },
+    #[error("{kind} {namespace}/{name} ({field}) has no key {key:?}")]
+    NoKey {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+        field: &'static str,
+    },
+    #[error("{kind} {namespace}/{name} ({field}): key {key:?} is not UTF-8")]
+    NotUtf8 {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+        field: &'static str,
+    },
+    #[error("cannot read {kind} {namespace}/{name}: {source}")]
+    Read {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+async fn get<K>(
+    api: &Api<K>,
+    kind: &'static str,
+    ns: &str,
+    name: &str,
+    field: &'static str,
+) -> Result<K, RefError>
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let (namespace, name_s) = (ns.to_string(), name.to_string());
+    api.get_opt(name)
+        .await
+        .map_err(|source| RefError::Read {
+            kind,
+            namespace: namespace.clone(),
+            name: name_s.clone(),
+            source,
+        })?
+        .ok_or(RefError::Missing {
+            kind,
+            namespace,
+            name: name_s,
+            field,
+        })
+}
+
+/// Creates the generated node Secret when the JobCluster names none and it is missing.
+async fn ensure_secret(
+    ctx: &Ctx,
+    jc: &JobClusterResource,
+    ns: &str,
+    full: &str,
+) -> Result<(), Error> {
+    let Some(generated) = build::generated_secret(jc, &random_secret())? else {
+        return Ok(());
+    };
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let name = build::secret_name(jc);
+    if secrets
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(full, "read the Secret"))?
+        .is_none()
+    {
+        match secrets.create(&PostParams::default(), &generated).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(kube_err(full, "create the Secret")(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Follows every reference of the JobCluster: its node Secret, the TLS Secret, the source
+/// and depends ConfigMaps.
+async fn dereference(ctx: &Ctx, jc: &JobClusterResource, ns: &str) -> Result<Refs, RefError> {
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+    let secret_name = build::secret_name(jc);
+    let node_secret = get(&secrets, "Secret", ns, &secret_name, "spec.secretRef").await?;
+    let secret = secret_value(&node_secret, SECRET_KEY).map_err(|missing| {
+        RefError::NoKey {
+            kind: "Secret",
+            namespace: ns.to_string(),
+            name: secret_name.clone(),
+            key: SECRET_KEY.into(),
+            field: "spec.secretRef",
+        }
+        .or_not_utf8(missing)
+    })?;
+    let tls_cert = match &jc.spec.tls {
+        None => None,
+        Some(tls) => {
+            let name = &tls.secret_ref.name;
+            let s = get(&secrets, "Secret", ns, name, "spec.tls.secretRef").await?;
+            let cert = s.data.and_then(|d| d.get("tls.crt").map(|v| v.0.clone()));
+            Some(cert.ok_or_else(|| RefError::NoKey {
+                kind: "Secret",
+                namespace: ns.to_string(),
+                name: name.clone(),
+                key: "tls.crt".into(),
+                field: "spec.tls.secretRef",
+            })?)
+        }
+    };
+    let source_ref = jc
+        .spec
+        .computation
+        .as_ref()
+        .and_then(|c| c.python.as_ref())
+        .and_then(|p| p.config_map_ref.as_ref());
+    let source = match source_ref {
+        None => None,
+        Some(r) => {
+            let field = "spec.computation.python.configMapRef";
+            let cm = get(&config_maps, "ConfigMap", ns, &r.name, field).await?;
+            Some(
+                cm.data
+                    .and_then(|d| d.get(&r.key).cloned())
+                    .ok_or_else(|| RefError::NoKey {
+                        kind: "ConfigMap",
+                        namespace: ns.to_string(),
+                        name: r.name.clone(),
+                        key: r.key.clone(),
+                        field,
+                    })?,
+            )
+        }
+    };
+    let files = depends_files(&config_maps, ns, &jc.spec.depends).await?;
+    Ok(Refs {
+        secret,
+        tls_cert,
+        source,
+        files,
+    })
+}
+
+/// Whether a missing secret value is absent or not UTF-8.
+enum SecretValue {
+    Absent,
+    NotUtf8,
+}
+
+impl RefError {
+    fn or_not_utf8(self, missing: SecretValue) -> RefError {
+        match (self, missing) {
+            (
+                RefError::NoKey {
+                    kind,
+                    namespace,
+                    name,
+                    key,
+                    field,
+                },
+                SecretValue::NotUtf8,
+            ) => RefError::NotUtf8 {
+                kind,
+                namespace,
+                name,
+                key,
+                field,
+            },
+            (e, _) => e,
+        }
+    }
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Result<String, SecretValue> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone()).map_err(|_| SecretValue::NotUtf8);
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key).cloned())
+        .ok_or(SecretValue::Absent)
+}
+
+/// Every key of every depends ConfigMap, as files.
+pub async fn depends_files(
+    api: &Api<ConfigMap>,
+    ns: &str,
+    depends: &[dispy_core::manifest::DependsSource],
+) -> Result<Vec<File>, RefError> {
+    let mut files = Vec::new();
+    for d in depends {
+        let cm = get(api, "ConfigMap", ns, &d.config_map_ref.name, "spec.depends").await?;
+        for (k, v) in cm.data.unwrap_or_default() {
+            files.push((k, v.into_bytes()));
+        }
+        for (k, v) in cm.binary_data.unwrap_or_default() {
+            files.push((k, v.0));
+        }
+    }
+    Ok(files)
+}
+
+/// Creates the node pods the plan lacks, deletes those it no longer wants, applies the Service.
+async fn apply_plan(ctx: &Ctx, ns: &str, full: &str, plan: &build::NodePlan) -> Result<(), Error> {
+    let apply = PatchParams::apply(MANAGER).force();
+    Api::<Service>::namespaced(ctx.client.clone(), ns)
         .patch(
-            service.metadata.name.as_deref().unwrap_or_default(),
+            plan.service.metadata.name.as_deref().unwrap_or_default(),
             &apply,
-            &Patch::Apply(&service),
+            &Patch::Apply(&plan.service),
         )
         .await
-        .map_err(kube_err("apply the Service"))?;
-
-    let desired = jc.spec.nodes.replicas.unwrap_or(1);
-    let index_of = |p: &Pod| {
-        p.labels()
-            .get(INDEX_LABEL)
-            .and_then(|i| i.parse::<u32>().ok())
-    };
-    for i in 0..desired {
-        if !existing.iter().any(|p| index_of(p) == Some(i)) {
-            let pod = build::node_pod(&jc, i, &ctx.image)?;
-            match pods.create(&PostParams::default(), &pod).await {
-                Ok(_) => tracing::info!(cluster = %full, pod = %pod.name_any(), "node pod created"),
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(kube_err("create a node pod")(e)),
-            }
+        .map_err(kube_err(full, "apply the Service"))?;
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    for pod in &plan.create {
+        match pods.create(&PostParams::default(), pod).await {
+            Ok(_) => tracing::info!(cluster = %full, pod = %pod.name_any(), "node pod created"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(kube_err(full, "create a node pod")(e)),
         }
     }
-    for p in &existing {
-        if index_of(p).is_none_or(|i| i >= desired) && p.metadata.deletion_timestamp.is_none() {
-            pods.delete(&p.name_any(), &DeleteParams::default())
-                .await
-                .map_err(kube_err("delete a node pod"))?;
-            tracing::info!(cluster = %full, pod = %p.name_any(), "node pod removed (scaled down)");
-        }
+    for name in &plan.delete {
+        pods.delete(name, &DeleteParams::default())
+            .await
+            .map_err(kube_err(full, "delete a node pod"))?;
+        tracing::info!(cluster = %full, pod = %name, "node pod removed (scaled down)");
     }
+    Ok(())
+}
 
-    let live: Vec<&Pod> = existing
+/// The cluster's nodes for the engine: its ready pods, `spec.nodes.external`, and with
+/// `discover` what the discovery task last found.
+fn node_addresses(
+    jc: &JobClusterResource,
+    live: &[Pod],
+    port: u16,
+    discovered: &[String],
+) -> BTreeMap<String, Option<String>> {
+    let mut nodes: BTreeMap<String, Option<String>> = live
         .iter()
-        .filter(|p| index_of(p).is_some_and(|i| i < desired))
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
-    let ready_pods: Vec<&Pod> = live.iter().copied().filter(|p| is_ready(p)).collect();
-    let mut nodes: BTreeMap<String, Option<String>> = ready_pods
-        .iter()
+        .filter(|p| is_ready(p))
         .filter_map(|p| {
             let ip = p.status.as_ref()?.pod_ip.as_ref()?;
             Some((format!("{ip}:{port}"), Some(p.name_any())))
@@ -213,82 +456,75 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
         nodes.insert(crate::with_port(addr), None);
     }
     if jc.spec.nodes.discover {
-        for addr in crate::discovered_nodes().await {
-            nodes.entry(addr).or_insert(None);
+        for addr in discovered {
+            nodes.entry(addr.clone()).or_insert(None);
         }
     }
+    nodes
+}
 
-    let invalid = |message: String| Error::Invalid {
-        cluster: full.clone(),
-        message,
-    };
+/// The cluster as the engine takes it; fails when the computation is not valid.
+fn cluster_info(
+    jc: &JobClusterResource,
+    ns: &str,
+    refs: Refs,
+    nodes: BTreeMap<String, Option<String>>,
+) -> Result<ClusterInfo, String> {
     let computation = match &jc.spec.computation {
         None => None,
         Some(spec) => {
-            let source = match spec.python.as_ref().and_then(|p| p.config_map_ref.as_ref()) {
-                Some(r) => Some(
-                    config_map_key(client, &ns, &r.name, &r.key)
-                        .await
-                        .map_err(&invalid)?,
-                ),
-                None => None,
-            };
-            Some(
-                spec.to_protocol(|_| source.ok_or_else(|| "no source".to_string()))
-                    .map_err(&invalid)?,
-            )
+            let source = refs.source;
+            Some(spec.to_protocol(|_| source.ok_or_else(|| "no source".to_string()))?)
         }
     };
-    let tls_cert = match &jc.spec.tls {
-        None => None,
-        Some(tls) => Some(
-            tls_certificate(&secrets, &tls.secret_ref.name)
-                .await
-                .map_err(&invalid)?,
-        ),
-    };
-    let files = depends_files(client, &ns, &jc.spec.depends)
-        .await
-        .map_err(&invalid)?;
-    let info = ClusterInfo {
-        id: computation_id(&jc),
-        namespace: ns.clone(),
-        name: name.clone(),
+    Ok(ClusterInfo {
+        id: computation_id(jc),
+        namespace: ns.to_string(),
+        name: jc.name_any(),
         uid: jc.metadata.uid.clone().unwrap_or_default(),
         computation,
-        files,
+        files: refs.files,
         policy: dispy_core::driver::policy(&jc.spec),
         suspended: jc.spec.suspend,
-        secret,
-        tls_cert,
+        secret: refs.secret,
+        tls_cert: refs.tls_cert,
         pulse_interval: Duration::from_secs(jc.spec.pulse_interval.unwrap_or(10).max(1) as u64),
         nodes,
-    };
-    let pool = info.computation.is_none();
-    ctx.engine.send(Request::Cluster(Box::new(info.clone())));
+    })
+}
 
-    let desired_nodes = desired + jc.spec.nodes.external.len() as u32;
-    let stats = if pool {
-        pool_stats(&jc, &info, &live)
+async fn write_status(
+    ctx: &Ctx,
+    jc: &JobClusterResource,
+    ns: &str,
+    full: &str,
+    info: &ClusterInfo,
+    plan: &build::NodePlan,
+) -> Result<(), Error> {
+    let desired = jc.spec.nodes.replicas.unwrap_or(1) + jc.spec.nodes.external.len() as u32;
+    let live: Vec<&Pod> = plan.live.iter().collect();
+    let stats = if info.computation.is_none() {
+        pool_stats(jc, info, &live)
     } else {
-        ctx.engine.stats(&full)
+        ctx.engine.stats(full)
     };
     // A pool's node is ready with its pod; otherwise once the computation is set up on it.
     let ready = stats.nodes.iter().filter(|n| n.ready).count() as u32;
-    let status = cluster_status(&jc, ready, desired_nodes, &stats);
+    let status = cluster_status(jc, ready, desired, &stats);
     let patch = serde_json::json!({
         "apiVersion": "dispy.io/v1alpha1",
         "kind": "JobCluster",
         "status": status,
     });
-    Api::<JobClusterResource>::namespaced(client.clone(), &ns)
-        .patch_status(&name, &apply, &Patch::Apply(&patch))
+    Api::<JobClusterResource>::namespaced(ctx.client.clone(), ns)
+        .patch_status(
+            &jc.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await
-        .map_err(kube_err("update its status"))?;
-    ctx.metrics.reconciled("jobcluster", true);
-    // Pods change through the watch; nodes and jobs through the engine's notices; external
-    // and discovered nodes need a look now and then.
-    Ok(Action::requeue(Duration::from_secs(30)))
+        .map_err(kube_err(full, "update its status"))?;
+    Ok(())
 }
 
 /// The cluster's node port: `spec.nodes.port`; else the port its pods already use, the one
@@ -370,77 +606,6 @@ fn pool_stats(jc: &JobClusterResource, info: &ClusterInfo, live: &[&Pod]) -> Clu
         nodes,
         ..Default::default()
     }
-}
-
-async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<String, String> {
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("cannot read Secret {name}: {e}"))?
-        .ok_or_else(|| format!("Secret {name} (the node secret) does not exist"))?;
-    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(SECRET_KEY)) {
-        return String::from_utf8(v.0.clone())
-            .map_err(|_| format!("Secret {name}: key {SECRET_KEY:?} is not UTF-8"));
-    }
-    secret
-        .string_data
-        .as_ref()
-        .and_then(|d| d.get(SECRET_KEY).cloned())
-        .ok_or_else(|| format!("Secret {name} has no key {SECRET_KEY:?}"))
-}
-
-/// `tls.crt` of the nodes' TLS Secret (`spec.tls.secretRef`).
-async fn tls_certificate(secrets: &Api<Secret>, name: &str) -> Result<Vec<u8>, String> {
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("cannot read Secret {name}: {e}"))?
-        .ok_or_else(|| format!("Secret {name} (spec.tls.secretRef) does not exist"))?;
-    secret
-        .data
-        .and_then(|d| d.get("tls.crt").map(|v| v.0.clone()))
-        .ok_or_else(|| format!("Secret {name} (spec.tls.secretRef) has no key \"tls.crt\""))
-}
-
-async fn config_map_key(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    key: &str,
-) -> Result<String, String> {
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("cannot read ConfigMap {name}: {e}"))?
-        .ok_or_else(|| format!("ConfigMap {ns}/{name} (python.configMapRef) does not exist"))?;
-    cm.data.and_then(|d| d.get(key).cloned()).ok_or_else(|| {
-        format!("ConfigMap {ns}/{name} has no key {key:?} (python.configMapRef.key)")
-    })
-}
-
-/// Every key of every depends ConfigMap, as files.
-pub async fn depends_files(
-    client: &Client,
-    ns: &str,
-    depends: &[dispy_core::manifest::DependsSource],
-) -> Result<Vec<File>, String> {
-    let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
-    let mut files = Vec::new();
-    for d in depends {
-        let name = &d.config_map_ref.name;
-        let cm = api
-            .get_opt(name)
-            .await
-            .map_err(|e| format!("cannot read ConfigMap {name}: {e}"))?
-            .ok_or_else(|| format!("ConfigMap {ns}/{name} (in depends) does not exist"))?;
-        for (k, v) in cm.data.unwrap_or_default() {
-            files.push((k, v.into_bytes()));
-        }
-        for (k, v) in cm.binary_data.unwrap_or_default() {
-            files.push((k, v.0));
-        }
-    }
-    Ok(files)
 }
 
 fn is_ready(p: &Pod) -> bool {

@@ -39,8 +39,19 @@ pub enum Error {
     Finalizer(String),
 }
 
-pub fn error_policy(_job: Arc<DispyJobResource>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics.reconciled("dispyjob", false);
+impl Error {
+    /// The `error` label of the reconcile error metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "api",
+            Error::Invalid { .. } => "invalid",
+            Error::TerminateTimeout(_) => "terminate_timeout",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+pub fn error_policy(_job: Arc<DispyJobResource>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!("{error}");
     match error {
         Error::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
@@ -70,7 +81,8 @@ pub async fn reconcile(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Acti
                 other => Error::Finalizer(other.to_string()),
             })
         };
-    ctx.metrics.reconciled("dispyjob", result.is_ok());
+    ctx.metrics
+        .reconciled("dispyjob", result.as_ref().err().map(Error::kind));
     result
 }
 
@@ -143,9 +155,11 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
     let files = if stored.status.is_terminal() {
         Vec::new()
     } else {
-        depends_files(&ctx.client, &ns, &job.spec.depends)
+        let config_maps =
+            Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(ctx.client.clone(), &ns);
+        depends_files(&config_maps, &ns, &job.spec.depends)
             .await
-            .map_err(invalid)?
+            .map_err(|e| invalid(e.to_string()))?
     };
     let info = JobInfo {
         request: JobRequest {

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client, CustomResourceExt, ResourceExt};
 
 /// Field manager and event reporter name.
 pub const MANAGER: &str = "dispy-operator";
@@ -68,6 +68,8 @@ pub struct Ctx {
     pub clusters: Store<JobClusterResource>,
     /// Node ports assigned to JobClusters (by uid), shared by every watched namespace.
     pub ports: Arc<std::sync::Mutex<std::collections::HashMap<String, u16>>>,
+    /// Nodes the discovery task last found (for `spec.nodes.discover`), shared likewise.
+    pub discovered: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 pub struct Options {
@@ -109,6 +111,7 @@ pub async fn run(
         metrics.clone(),
     );
     let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let changed_for_discovery = changed_tx.clone();
     let engine = engine::start(writer.clone(), metrics.clone(), changed_tx);
     let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {
         vec![None]
@@ -135,6 +138,8 @@ pub async fn run(
     }
     let mut tasks = Vec::new();
     let ports = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let discovered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut stores = Vec::new();
     for (scope, notices) in scopes.into_iter().zip(notice_rxs) {
         let ns = scope.as_deref();
         let managed =
@@ -155,7 +160,9 @@ pub async fn run(
             writer: writer.clone(),
             clusters: clusters.store(),
             ports: ports.clone(),
+            discovered: discovered.clone(),
         });
+        stores.push(clusters.store());
         let jobs = Controller::new(
             api::<DispyJobResource>(&client, ns),
             watcher::Config::default(),
@@ -173,6 +180,11 @@ pub async fn run(
                 .for_each(|_| async {}),
         ));
     }
+    tokio::spawn(discover_now_and_then(
+        stores,
+        discovered,
+        changed_for_discovery,
+    ));
     metrics
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -199,6 +211,48 @@ fn tokio_stream_from<T: Send + 'static>(
 /// `host` or `host:port`, with dispy's node port when none is given.
 pub fn with_port(addr: &str) -> String {
     dispy_core::discovery::with_port(addr)
+}
+
+/// How often the discovery task pings, while some JobCluster has `spec.nodes.discover`.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// While some JobCluster has `spec.nodes.discover`, pings for nodes every
+/// [`DISCOVERY_INTERVAL`]; when what answers changes, those JobClusters are reconciled (their
+/// reconcile reads the list, and never waits for a discovery itself).
+async fn discover_now_and_then(
+    stores: Vec<Store<JobClusterResource>>,
+    found: Arc<std::sync::Mutex<Vec<String>>>,
+    changed: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+) {
+    loop {
+        let wanting: Vec<(String, String)> = stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|jc| jc.spec.nodes.discover)
+            .map(|jc| {
+                (
+                    jc.namespace().unwrap_or_else(|| "default".into()),
+                    jc.name_any(),
+                )
+            })
+            .collect();
+        if !wanting.is_empty() {
+            let mut nodes = discovered_nodes().await;
+            nodes.sort();
+            let new = {
+                let mut known = found.lock().unwrap();
+                let new = *known != nodes;
+                *known = nodes;
+                new
+            };
+            if new {
+                for cluster in wanting {
+                    let _ = changed.send(cluster);
+                }
+            }
+        }
+        tokio::time::sleep(DISCOVERY_INTERVAL).await;
+    }
 }
 
 /// Nodes that answer a discovery ping on the operator's networks (`spec.nodes.discover`).

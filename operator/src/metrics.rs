@@ -21,11 +21,18 @@ pub struct ControllerLabel {
     pub controller: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub controller: String,
+    /// What failed: `api`, `invalid`, `reference`, `build`, a timeout, `finalizer`.
+    pub error: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub jobs: Family<StatusLabel, Gauge>,
     pub scheduling_latency: Histogram,
-    pub reconcile_errors: Family<ControllerLabel, Counter>,
+    pub reconcile_errors: Family<ErrorLabel, Counter>,
     pub reconciles: Family<ControllerLabel, Counter>,
     pub nodes_up: Gauge,
     pub status_writes: Counter,
@@ -58,10 +65,10 @@ impl Metrics {
             "Time from a DispyJob entering the queue to its dispatch to a node",
             scheduling_latency.clone(),
         );
-        let reconcile_errors = Family::<ControllerLabel, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabel, Counter>::default();
         registry.register(
             "reconcile_errors",
-            "Reconciles that failed, by controller",
+            "Reconciles that failed, by controller and what failed",
             reconcile_errors.clone(),
         );
         let reconciles = Family::<ControllerLabel, Counter>::default();
@@ -127,12 +134,18 @@ impl Metrics {
         }
     }
 
-    pub fn reconciled(&self, controller: &str, ok: bool) {
+    /// One reconcile ended, with the kind of its error if it failed. Recorded once per
+    /// reconcile, by the reconcile function (not by the error policy too).
+    pub fn reconciled(&self, controller: &str, error: Option<&str>) {
         let label = ControllerLabel {
             controller: controller.into(),
         };
         self.reconciles.get_or_create(&label).inc();
-        if !ok {
+        if let Some(error) = error {
+            let label = ErrorLabel {
+                controller: controller.into(),
+                error: error.into(),
+            };
             self.reconcile_errors.get_or_create(&label).inc();
         }
     }
