@@ -67,6 +67,37 @@ def scheduler(tmp_path):
     s.stop()
 
 
+@pytest.fixture
+def spawn(client):
+    """Starts client scripts; whatever is still running at the end of the test is killed
+    (a client holds its port)."""
+    procs = []
+
+    def start(source):
+        p = client.popen(source)
+        procs.append(p)
+        return p
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def wait_line(proc, marker, timeout=30):
+    """Reads the client's stdout up to a line starting with `marker` (dispy logs to stdout)."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(marker):
+            return "".join(seen)
+        seen.append(line)
+    raise AssertionError("client never printed %r:\n%s\n%s" % (marker, "".join(seen), proc.stderr.read()[-3000:] if proc.poll() is not None else ""))
+
+
 def shared(port, extra=""):
     """The SharedJobCluster arguments of the client on `port`."""
     return ("scheduler_host=%r, host='127.0.0.1', ip_addr='127.0.0.1', client_port=%d, recover_file='recover%d', "
@@ -102,11 +133,11 @@ report(out=out, finished=dispy.DispyJob.Finished)
 '''
 
 
-def test_two_shared_clients_at_once_on_two_nodes_every_result_right(nodes, client, scheduler):
+def test_two_shared_clients_at_once_on_two_nodes_every_result_right(nodes, spawn, scheduler):
     nodes.start("127.0.0.1")
     nodes.start("127.0.0.2")
     scheduler.start()
-    procs = [client.popen(SQUARES % (shared(port), tag, 30)) for port, tag in ((9700, "a"), (9710, "b"))]
+    procs = [spawn(SQUARES % (shared(port), tag, 30)) for port, tag in ((9700, "a"), (9710, "b"))]
     ra, rb = wait_all(procs)
     for r, tag in ((ra, "a"), (rb, "b")):
         assert [o[0] for o in r["out"]] == [r["finished"]] * 30, r["out"]
@@ -115,10 +146,10 @@ def test_two_shared_clients_at_once_on_two_nodes_every_result_right(nodes, clien
     assert used == {"127.0.0.1", "127.0.0.2"}, "both nodes ran jobs"
 
 
-def test_wrong_cluster_secret_refused_with_a_clear_error(nodes, client, scheduler):
+def test_wrong_cluster_secret_refused_with_a_clear_error(nodes, spawn, scheduler):
     nodes.start("127.0.0.1")
     scheduler.start("--cluster_secret", "right", nodes=("127.0.0.1",))
-    proc = client.popen('''
+    proc = spawn('''
 def compute(n):
     return n
 try:
@@ -131,7 +162,7 @@ except Exception as e:
     assert "cluster_secret" in (r["error"] or ""), r
     assert "does not prove the cluster secret" in scheduler.log()
     # The right secret works with the same scheduler.
-    (r,) = wait_all([client.popen('''
+    (r,) = wait_all([spawn('''
 def compute(n):
     return n + 1
 cluster = dispy.SharedJobCluster(compute, secret="right", %s)
@@ -142,12 +173,12 @@ report(out=out)
     assert r["out"] == [1, 2, 3]
 
 
-def test_wrong_node_secret_node_not_used_and_logged(nodes, client, scheduler):
+def test_wrong_node_secret_node_not_used_and_logged(nodes, spawn, scheduler):
     nodes.start("127.0.0.1", "--secret", "node-right")
     nodes.start("127.0.0.2", "--secret", "node-wrong")
     scheduler.start("--node_secret", "node-right")
     scheduler.wait_log("does not prove the node secret")
-    (r,) = wait_all([client.popen('''
+    (r,) = wait_all([spawn('''
 def compute(n):
     return dispy_node_ip_addr
 cluster = dispy.SharedJobCluster(compute, %s)
@@ -157,3 +188,226 @@ report(out=out)
 ''' % shared(9700))])
     assert r["out"] == ["127.0.0.1"] * 6
     assert "node 127.0.0.2 ignored: its PONG does not prove the node secret" in scheduler.log()
+
+
+def test_cancel_of_a_queued_and_of_a_running_job(nodes, spawn, scheduler):
+    nodes.start("127.0.0.1", cpus=1)
+    scheduler.start(nodes=("127.0.0.1",))
+    (r,) = wait_all([spawn('''
+def compute(n):
+    import time
+    time.sleep(n)
+    return n
+cluster = dispy.SharedJobCluster(compute, %s)
+long = cluster.submit(60)
+deadline = time.time() + 15
+while long.status != dispy.DispyJob.Running and time.time() < deadline:
+    time.sleep(0.05)
+queued = cluster.submit(0.1)
+time.sleep(0.5)
+cancelled_queued = cluster.cancel(queued)
+queued()
+t = time.time()
+cancelled_running = cluster.cancel(long)
+long()
+took = time.time() - t
+after = cluster.submit(0.2)
+after()
+cluster.close()
+report(cq=cancelled_queued, cr=cancelled_running, queued=queued.status, long=long.status,
+       took=took, after=[after.result, after.status], C=dispy.DispyJob.Cancelled,
+       T=dispy.DispyJob.Terminated, F=dispy.DispyJob.Finished)
+''' % shared(9700))])
+    assert r["cq"] == 0 and r["queued"] == r["C"], r
+    assert r["cr"] == 0 and r["long"] == r["T"] and r["took"] < 10, r
+    assert r["after"] == [0.2, r["F"]], "the node's cpu is free again"
+
+
+def test_reentrant_jobs_finish_on_the_other_node_when_one_is_sigkilled(nodes, spawn, scheduler):
+    doomed = nodes.start("127.0.0.1", cpus=1)
+    nodes.start("127.0.0.2", cpus=1)
+    scheduler.start("--pulse_interval", "0.5")
+    proc = spawn('''
+def compute(n):
+    import time
+    time.sleep(2)
+    return [dispy_node_ip_addr, n]
+cluster = dispy.SharedJobCluster(compute, reentrant=True, %s)
+jobs = [cluster.submit(i) for i in range(4)]
+deadline = time.time() + 15
+while sum(j.status == dispy.DispyJob.Running for j in jobs) < 2 and time.time() < deadline:
+    time.sleep(0.05)
+print("RUNNING", flush=True)
+out = [[j(), j.status] for j in jobs]
+cluster.close()
+report(out=out, finished=dispy.DispyJob.Finished)
+''' % shared(9700))
+    wait_line(proc, "RUNNING")
+    time.sleep(0.5)
+    doomed.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=90)
+    r = result_of(proc.returncode, out, err)
+    assert [o[1] for o in r["out"]] == [r["finished"]] * 4, r
+    assert sorted(o[0][1] for o in r["out"]) == [0, 1, 2, 3]
+    assert {o[0][0] for o in r["out"]} == {"127.0.0.2"}, "every job finished on the live node"
+
+
+def test_a_client_killed_without_close_loses_its_computation_after_the_zombie_interval(
+        nodes, spawn, scheduler):
+    nodes.start("127.0.0.1", cpus=1)
+    # 0.05 minutes: 3 s; clients pulse every 0.6 s.
+    scheduler.start("--zombie_interval", "0.05", nodes=("127.0.0.1",))
+    doomed = spawn('''
+def compute(n):
+    import time
+    time.sleep(n)
+    return n
+cluster = dispy.SharedJobCluster(compute, %s)
+job = cluster.submit(120)
+deadline = time.time() + 15
+while job.status != dispy.DispyJob.Running and time.time() < deadline:
+    time.sleep(0.05)
+print("RUNNING", flush=True)
+time.sleep(300)
+''' % shared(9700))
+    wait_line(doomed, "RUNNING")
+    other = spawn('''
+def compute(n):
+    return n * 2
+cluster = dispy.SharedJobCluster(compute, %s)
+t = time.time()
+out = [cluster.submit(i)() for i in range(5)]
+waited = time.time() - t
+cluster.close()
+report(out=out, waited=waited)
+''' % shared(9710))
+    time.sleep(1.0)
+    doomed.kill()
+    doomed.communicate()
+    (r,) = wait_all([other], timeout=60)
+    # The only cpu was the killed client's until its computation was closed (its job
+    # terminated); then the other client's jobs ran.
+    assert r["out"] == [0, 2, 4, 6, 8]
+    assert 2.0 < r["waited"] < 30, r
+    assert "its client silent for the zombie interval" in scheduler.log()
+
+
+def test_exclusive_computation_has_the_nodes_alone(nodes, spawn, scheduler, tmp_path):
+    nodes.start("127.0.0.1")
+    nodes.start("127.0.0.2")
+    scheduler.start()
+    first = spawn('''
+def compute(n):
+    import time
+    time.sleep(0.5)
+    return dispy_node_ip_addr
+cluster = dispy.SharedJobCluster(compute, exclusive=True, %s)
+print("SCHEDULED", flush=True)
+out = [j() for j in [cluster.submit(i) for i in range(8)]]
+closed = time.time()
+cluster.close()
+report(out=out, closed=closed)
+''' % shared(9700))
+    wait_line(first, "SCHEDULED")
+    second = spawn('''
+def compute(n):
+    return n
+cluster = dispy.SharedJobCluster(compute, %s)
+scheduled = time.time()
+out = [cluster.submit(i)() for i in range(3)]
+cluster.close()
+report(out=out, scheduled=scheduled)
+''' % shared(9710))
+    out, err = first.communicate(timeout=60)
+    r1 = result_of(first.returncode, "SCHEDULED\n" + out, err)
+    (r2,) = wait_all([second])
+    assert sorted(set(r1["out"])) == ["127.0.0.1", "127.0.0.2"]
+    assert r2["out"] == [0, 1, 2]
+    assert r2["scheduled"] >= r1["closed"], "the second computation waited for the exclusive one"
+
+
+ORDER = '''
+def compute(tag, i):
+    import time
+    start = time.time()
+    time.sleep(0.4)
+    return [tag, i, start]
+cluster = dispy.SharedJobCluster(compute, %s)
+print("SCHEDULED", flush=True)
+deadline = time.time() + 15
+while "127.0.0.1" not in cluster._dispy_nodes and time.time() < deadline:
+    time.sleep(0.02)  # the scheduler's NODE_STATUS: set up on the node
+%s
+jobs = [cluster.submit(%r, i) for i in range(5)]
+open(%r, "w").close()
+out = [j() for j in jobs]
+cluster.close()
+report(out=out)
+'''
+
+
+@pytest.mark.parametrize("flag,expected", [
+    (None, "BBBBBAAAAA"),
+    ("--early_cluster_scheduler", "BAAAAABBBB"),
+    ("--fair_cluster_scheduler", "BABABABABA"),
+])
+def test_job_order_by_scheduler_policy(nodes, spawn, scheduler, flag, expected):
+    """Cluster A is created first, B submits first (while A waits), one cpu: the default
+    runs the earliest-submitted job, early_cluster A's jobs (created first), fair alternates."""
+    nodes.start("127.0.0.1", cpus=1)
+    scheduler.start(*([flag] if flag else []), nodes=("127.0.0.1",))
+    wait_b = 'while not os.path.exists("b.done"):\n    time.sleep(0.01)'
+    a = spawn(ORDER % (shared(9700), wait_b, "A", "a.done"))
+    wait_line(a, "SCHEDULED")
+    b = spawn(ORDER % (shared(9710), "", "B", "b.done"))
+    out_a, err_a = a.communicate(timeout=60)
+    ra = result_of(a.returncode, out_a, err_a)
+    (rb,) = wait_all([b])
+    runs = sorted(ra["out"] + rb["out"], key=lambda o: o[2])
+    assert "".join(o[0] for o in runs) == expected
+
+
+def test_tls_to_clients_and_to_nodes(nodes, spawn, scheduler, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=dispy-test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    nodes.start("127.0.0.1", "--certfile", str(cert), "--keyfile", str(key))
+    scheduler.start("--node_certfile", str(cert), "--node_keyfile", str(key),
+                    "--cluster_certfile", str(cert), "--cluster_keyfile", str(key),
+                    nodes=("127.0.0.1",))
+    (r,) = wait_all([spawn('''
+def compute(n):
+    return n * n
+cluster = dispy.SharedJobCluster(compute, certfile=%r, keyfile=%r, %s)
+out = [j() for j in [cluster.submit(i) for i in range(5)]]
+cluster.close()
+report(out=out)
+''' % (str(cert), str(key), shared(9700)))], timeout=60)
+    assert r["out"] == [0, 1, 4, 9, 16]
+
+
+def test_dispys_own_dispynode_py_as_a_node(nodes, spawn, scheduler, tmp_path):
+    dispynode_py = os.path.join(os.path.dirname(sys.executable), "dispynode.py")
+    log = open(tmp_path / "dispynode_py.log", "w")
+    node = subprocess.Popen([sys.executable, dispynode_py, "-i", "127.0.0.2", "--cpus", "2", "--daemon",
+                             "--clean", "--dest_path_prefix", str(tmp_path / "pynode")],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_port("127.0.0.2", 9701, node, timeout=30)
+        nodes.start("127.0.0.1")
+        scheduler.start()
+        procs = [spawn(SQUARES % (shared(port), tag, 12)) for port, tag in ((9700, "a"), (9710, "b"))]
+        ra, rb = wait_all(procs)
+        for r, tag in ((ra, "a"), (rb, "b")):
+            assert [o[1][:2] for o in r["out"]] == [[tag, i * i] for i in range(12)]
+        used = {o[1][2] for r in (ra, rb) for o in r["out"]}
+        assert "127.0.0.2" in used, "dispynode.py ran jobs"
+    finally:
+        node.send_signal(signal.SIGINT)
+        try:
+            node.wait(15)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        print("---- dispynode.py log\n%s" % (tmp_path / "dispynode_py.log").read_text()[-4000:])

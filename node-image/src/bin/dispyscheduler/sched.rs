@@ -199,7 +199,31 @@ pub enum Action {
         msg: ToClient,
     },
     /// The computation is gone: drop what the IO layer keeps for it (its sender, its files).
-    Forget { compute_id: ComputeId },
+    Forget { compute_id: ComputeId, why: Gone },
+}
+
+/// Why a computation left the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Its client sent CLOSE.
+    Closed,
+    /// Its client was silent for the zombie interval.
+    Zombie,
+    /// Its client did not acknowledge SCHEDULED.
+    NotAcknowledged,
+    /// The scheduler is stopping.
+    Shutdown,
+}
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Gone::Closed => "closed by its client",
+            Gone::Zombie => "closed: its client silent for the zombie interval",
+            Gone::NotAcknowledged => "dropped: its client did not acknowledge SCHEDULED",
+            Gone::Shutdown => "closed: the scheduler is stopping",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -514,7 +538,7 @@ impl Scheduler {
             return;
         }
         if !acked {
-            self.drop_cluster(id, false);
+            self.drop_cluster(id, false, Gone::NotAcknowledged);
             self.activate();
             return;
         }
@@ -585,7 +609,9 @@ impl Scheduler {
         payload: Value,
     ) -> Result<(), Refusal> {
         let c = self.cluster_checked(id, auth)?;
-        if c.phase != Phase::Active {
+        // A client submits as soon as it has acknowledged SCHEDULED, which may be before
+        // its ACK has reached us.
+        if !matches!(c.phase, Phase::Active | Phase::Announcing) {
             return Err(Refusal::NotScheduled(id));
         }
         if let Some(ip) = &pinned {
@@ -703,12 +729,12 @@ impl Scheduler {
         terminate_pending: bool,
     ) -> Result<(), Refusal> {
         self.cluster_checked(id, auth)?;
-        self.drop_cluster(id, terminate_pending);
+        self.drop_cluster(id, terminate_pending, Gone::Closed);
         self.activate();
         Ok(())
     }
 
-    fn drop_cluster(&mut self, id: ComputeId, terminate_pending: bool) {
+    fn drop_cluster(&mut self, id: ComputeId, terminate_pending: bool, why: Gone) {
         let Some(c) = self.clusters.remove(&id) else {
             return;
         };
@@ -743,7 +769,10 @@ impl Scheduler {
             }
         }
         // Running jobs stay in `jobs` until their node replies, so their cpus stay counted.
-        self.actions.push(Action::Forget { compute_id: id });
+        self.actions.push(Action::Forget {
+            compute_id: id,
+            why,
+        });
     }
 
     /// NODE_JOBS: the uids of the computation's jobs on a node.
@@ -1068,7 +1097,7 @@ impl Scheduler {
     pub fn shutdown(&mut self) {
         let ids: Vec<ComputeId> = self.clusters.keys().copied().collect();
         for id in ids {
-            self.drop_cluster(id, true);
+            self.drop_cluster(id, true, Gone::Shutdown);
         }
     }
 
@@ -1094,7 +1123,7 @@ impl Scheduler {
                 .map(|c| c.id)
                 .collect();
             for id in zombies {
-                self.drop_cluster(id, true);
+                self.drop_cluster(id, true, Gone::Zombie);
             }
             self.activate();
         }

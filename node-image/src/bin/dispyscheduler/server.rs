@@ -135,10 +135,10 @@ impl Runtime {
             let rt = self.clone();
             match action {
                 Action::Client { compute_id, msg } => rt.to_client(compute_id, msg),
-                Action::Forget { compute_id } => {
+                Action::Forget { compute_id, why } => {
                     rt.links.lock().unwrap().remove(&compute_id);
                     rt.client_auths.lock().unwrap().remove(&compute_id);
-                    tracing::info!(compute_id, "computation closed");
+                    tracing::info!(compute_id, "computation {why}");
                 }
                 Action::Ping { ip, port } => {
                     tokio::spawn(async move { rt.ping_node(&ip, port).await });
