@@ -411,3 +411,59 @@ def test_dispys_own_dispynode_py_as_a_node(nodes, spawn, scheduler, tmp_path):
             node.kill()
             node.wait()
         print("---- dispynode.py log\n%s" % (tmp_path / "dispynode_py.log").read_text()[-4000:])
+
+
+def test_depends_and_job_depends_reach_the_nodes_through_the_scheduler(nodes, spawn, scheduler, tmp_path):
+    (tmp_path / "words.txt").write_text("alpha beta beta\n")
+    (tmp_path / "extra.txt").write_text("gamma\n")
+    nodes.start("127.0.0.1")
+    nodes.start("127.0.0.2")
+    scheduler.start()
+    (r,) = wait_all([spawn('''
+def compute(word, name):
+    with open("words.txt") as f:
+        text = f.read()
+    with open(name) as f:
+        extra = f.read().strip()
+    return [text.count(word), extra]
+cluster = dispy.SharedJobCluster(compute, depends=["words.txt"], %s)
+jobs = [cluster.submit(w, "extra.txt", dispy_job_depends=["extra.txt"])
+        for w in ["alpha", "beta", "delta", "beta"]]
+out = [j() for j in jobs]
+exc = [j.exception for j in jobs]
+cluster.close()
+report(out=out, exc=exc)
+''' % shared(9700))])
+    assert r["out"] == [[1, "gamma"], [2, "gamma"], [0, "gamma"], [2, "gamma"]], r
+
+
+def test_a_program_computation_is_sent_to_the_nodes(nodes, spawn, scheduler, tmp_path):
+    prog = tmp_path / "show.sh"
+    prog.write_text("#!/bin/sh\necho \"args: $*\"\nexit $1\n")
+    prog.chmod(0o755)
+    nodes.start("127.0.0.1")
+    scheduler.start(nodes=("127.0.0.1",))
+    (r,) = wait_all([spawn('''
+cluster = dispy.SharedJobCluster("show.sh", %s)
+jobs = [cluster.submit(i, "x y") for i in range(3)]
+out = [[j(), j.stdout.decode()] for j in jobs]
+cluster.close()
+report(out=out)
+''' % shared(9700))])
+    assert r["out"] == [[i, "args: %d x y\n" % i] for i in range(3)]
+
+
+def test_a_file_over_max_file_size_is_refused(nodes, spawn, scheduler, tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"x" * 5000)
+    nodes.start("127.0.0.1")
+    scheduler.start("--max_file_size", "4k", nodes=("127.0.0.1",))
+    (r,) = wait_all([spawn('''
+def compute(n):
+    return n
+try:
+    cluster = dispy.SharedJobCluster(compute, depends=["big.bin"], %s)
+    report(error=None)
+except Exception as e:
+    report(error=str(e))
+''' % shared(9700))], timeout=60)
+    assert "max_file_size" in (r["error"] or ""), r

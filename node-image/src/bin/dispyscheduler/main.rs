@@ -7,6 +7,7 @@
 #[allow(dead_code)]
 #[path = "../../dispy/auth.rs"]
 mod auth;
+mod files;
 #[allow(dead_code)]
 #[path = "../../limits.rs"]
 mod limits;
@@ -142,7 +143,7 @@ struct Args {
     #[arg(long = "dest_path_prefix", alias = "dest-path-prefix")]
     dest_path_prefix: Option<PathBuf>,
 
-    /// Largest file a client may send (`10m`, `1g`; 0: no limit). Files are not relayed yet.
+    /// Largest file a client may send (`10m`, `1g`; 0: no limit).
     #[arg(long = "max_file_size", alias = "max-file-size", default_value = "0")]
     max_file_size: String,
 
@@ -328,7 +329,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     .max(0.1);
     let max_frame = parse_size(&args.max_frame)? as usize;
-    let _max_file_size = parse_size(&args.max_file_size)?;
+    let max_file_size = parse_size(&args.max_file_size)?;
     let policy = if args.fair_cluster_scheduler {
         Policy::FairCluster
     } else if args.early_cluster_scheduler {
@@ -441,6 +442,8 @@ async fn run(args: Args) -> Result<(), String> {
             msg_timeout: Duration::from_secs_f64(args.msg_timeout.max(0.1)),
             max_frame,
             cleanup_nodes: args.cleanup_nodes,
+            dest: dest.clone(),
+            max_file_size,
         },
         Scheduler::new(cfg, server::now()),
     );

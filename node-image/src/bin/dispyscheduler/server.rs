@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,8 +26,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
 use crate::auth::{auth_code, AUTH_LEN};
+use crate::files;
 use crate::limits::{Gate, PREAUTH_BUDGET, PREAUTH_MAX};
-use crate::messages::{deserialize, dict, serialize, split};
+use crate::messages::{deserialize, dict, serialize, split, XferFile};
 use crate::metrics::Metrics;
 use crate::net::{self, Failure, Stream};
 use crate::sched::{
@@ -34,6 +36,9 @@ use crate::sched::{
     ToClient,
 };
 use crate::wire::{self, text, ClientHello, ComputeReq, JobReq, Pong, ReplyHead};
+
+/// Held while a file goes to a node.
+type FileLock = Arc<tokio::sync::Mutex<()>>;
 
 /// How long a node may take to run a computation's setup.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
@@ -70,11 +75,17 @@ pub struct Runtime {
     pub msg_timeout: Duration,
     pub max_frame: usize,
     pub cleanup_nodes: bool,
+    /// Where clients' files are kept, per computation.
+    pub dest: PathBuf,
+    /// The largest file a client may send; 0: no limit.
+    pub max_file_size: u64,
     pub metrics: Metrics,
     gate: Arc<Gate>,
     links: Mutex<HashMap<ComputeId, ClientLink>>,
     /// Each computation's auth as its client sent it (str or bytes), to answer in kind.
     client_auths: Mutex<HashMap<ComputeId, Value>>,
+    /// Transfers of a file (our path) to a node (its address) in progress.
+    file_locks: Mutex<HashMap<(String, String), FileLock>>,
 }
 
 pub struct Settings {
@@ -91,6 +102,8 @@ pub struct Settings {
     pub msg_timeout: Duration,
     pub max_frame: usize,
     pub cleanup_nodes: bool,
+    pub dest: PathBuf,
+    pub max_file_size: u64,
 }
 
 impl Runtime {
@@ -111,10 +124,13 @@ impl Runtime {
             msg_timeout: s.msg_timeout,
             max_frame: s.max_frame,
             cleanup_nodes: s.cleanup_nodes,
+            dest: s.dest,
+            max_file_size: s.max_file_size,
             metrics: Metrics::new(),
             gate: Gate::new(8, 256),
             links: Mutex::new(HashMap::new()),
             client_auths: Mutex::new(HashMap::new()),
+            file_locks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -138,6 +154,13 @@ impl Runtime {
                 Action::Forget { compute_id, why } => {
                     rt.links.lock().unwrap().remove(&compute_id);
                     rt.client_auths.lock().unwrap().remove(&compute_id);
+                    let dir = files::dir(&rt.dest, compute_id);
+                    let prefix = dir.to_string_lossy().into_owned();
+                    rt.file_locks
+                        .lock()
+                        .unwrap()
+                        .retain(|(_, f), _| !f.starts_with(&prefix));
+                    let _ = std::fs::remove_dir_all(dir);
                     tracing::info!(compute_id, "computation {why}");
                 }
                 Action::Ping { ip, port } => {
@@ -295,6 +318,9 @@ impl Runtime {
                 ))
             }
         };
+        for xf in xfer_files(&c) {
+            self.send_file(node, xf).await?;
+        }
         let setup = dict([
             ("compute_id", Value::Int(compute_id)),
             ("setup_args", setup_args),
@@ -320,12 +346,96 @@ impl Runtime {
     async fn run(&self, node: &Target, uid: u64, hash: &str, job: &Value) -> Sent {
         let j = wire::job_for_node(job, uid, hash);
         let msg = [&b"JOB:"[..], &serialize(&j)].concat();
-        match self.to_node(node, &msg, true, self.msg_timeout).await {
-            Ok(Some(a)) if a == b"ACK" => Sent::Ok,
-            Ok(a) => Sent::Refused(String::from_utf8_lossy(&a.unwrap_or_default()).into_owned()),
-            Err(Failure::Unreachable(e)) => Sent::Unreachable(e),
-            Err(Failure::Protocol(e)) => Sent::Unreachable(e),
+        // A node removes a per-job file when the last job it counts finishes, and a job is
+        // counted when it arrives, after its files: another job's end may remove a file between
+        // the two. The file is then sent again, a few times at most.
+        let mut tries = 0;
+        loop {
+            for xf in xfer_files(job) {
+                if let Err(e) = self.send_file(node, xf).await {
+                    return Sent::Unreachable(e);
+                }
+            }
+            let sent = match self.to_node(node, &msg, true, self.msg_timeout).await {
+                Ok(Some(a)) if a == b"ACK" => Sent::Ok,
+                Ok(a) => {
+                    Sent::Refused(String::from_utf8_lossy(&a.unwrap_or_default()).into_owned())
+                }
+                Err(Failure::Unreachable(e)) => Sent::Unreachable(e),
+                Err(Failure::Protocol(e)) => Sent::Unreachable(e),
+            };
+            tries += 1;
+            match sent {
+                Sent::Refused(e) if tries < 4 && e.contains("was not sent before the job") => {
+                    continue
+                }
+                other => return other,
+            }
         }
+    }
+
+    async fn send_file(&self, node: &Target, xf: &Value) -> Result<(), String> {
+        // One transfer of a file to a node at a time: jobs sharing a file on one node would
+        // otherwise send it at once, and the second finds it already there.
+        let key = (
+            node.ip.clone(),
+            xf.attr("name").and_then(text).unwrap_or_default(),
+        );
+        let lock = self
+            .file_locks
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
+        let work = async {
+            let s = net::connect(&node.ip, node.port, self.node_tls.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+            files::send(s, node.auth.as_bytes(), xf, PREAUTH_BUDGET).await
+        };
+        tokio::time::timeout(SETUP_TIMEOUT, work)
+            .await
+            .map_err(|_| format!("file transfer to {} took over {SETUP_TIMEOUT:?}", node.ip))?
+            .map_err(|e| format!("file transfer to {}: {e}", node.ip))
+    }
+
+    /// Where a client's file goes, after checking its size.
+    fn local_file(&self, compute_id: ComputeId, xf: &XferFile) -> Result<PathBuf, String> {
+        if self.max_file_size > 0 && xf.size > self.max_file_size {
+            return Err(format!(
+                "file {:?} is {} bytes, over --max_file_size {}",
+                xf.name, xf.size, self.max_file_size
+            ));
+        }
+        Ok(files::dir(&self.dest, compute_id).join(files::relative(xf)?))
+    }
+
+    /// Rewrites the `xfer_files` of a `_Compute` or `_DispyJob_` to name our copies.
+    fn localize(
+        &self,
+        compute_id: ComputeId,
+        record: &mut Value,
+        must_exist: bool,
+    ) -> Result<usize, String> {
+        let Some(list) = record.attr("xfer_files").and_then(Value::as_seq) else {
+            return Ok(0);
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for v in list {
+            let xf = XferFile::from_value(v)?;
+            let local = self.local_file(compute_id, &xf)?;
+            if must_exist && !local.is_file() {
+                return Err(format!("file {:?} was not sent before the job", xf.name));
+            }
+            let mut v = files::for_nodes(v, &local);
+            set_attr(&mut v, "compute_id", Value::Int(compute_id));
+            out.push(v);
+        }
+        let n = out.len();
+        set_attr(record, "xfer_files", Value::List(out));
+        Ok(n)
     }
 
     async fn ping_node(&self, ip: &str, port: Option<u16>) {
@@ -597,12 +707,6 @@ impl Runtime {
         match command {
             "COMPUTE" => {
                 let req = ComputeReq::from_value(&value()?)?;
-                if req.files > 0 {
-                    return Err(format!(
-                        "computation {:?} has {} depends file(s); sending files through this scheduler is not supported yet",
-                        req.name, req.files
-                    ));
-                }
                 let auth = text(&req.auth).ok_or("_Compute.auth is not text")?;
                 let node_auth = crate::auth::new_sign();
                 let mut compute = req.compute.clone();
@@ -623,6 +727,11 @@ impl Runtime {
                     )
                 });
                 set_attr(&mut compute, "id", Value::Int(id));
+                if let Err(e) = self.localize(id, &mut compute, false) {
+                    let auth = text(&req.auth).unwrap_or_default();
+                    self.with(|sch| sch.close(id, &auth, false)).ok();
+                    return Err(e);
+                }
                 set_attr(
                     &mut compute,
                     "job_result_port",
@@ -647,6 +756,22 @@ impl Runtime {
             }
             "SCHEDULE" => {
                 let (id, auth) = wire::compute_auth(&value()?, command)?;
+                let compute = self
+                    .sched
+                    .lock()
+                    .unwrap()
+                    .clusters
+                    .get(&id)
+                    .map(|c| c.compute.clone());
+                if let Some(c) = compute {
+                    for xf in xfer_files(&c) {
+                        let name = xf.attr("name").and_then(text).unwrap_or_default();
+                        if !std::path::Path::new(&name).is_file() {
+                            tracing::warn!(%peer, compute_id = id, "SCHEDULE refused: file {name:?} has not arrived");
+                            return Ok(Some(b"NAK".to_vec()));
+                        }
+                    }
+                }
                 match self.with(|sch| sch.schedule(now(), id, &auth)) {
                     Ok(()) => Ok(Some(b"ACK".to_vec())),
                     Err(e) => {
@@ -656,11 +781,16 @@ impl Runtime {
                 }
             }
             "JOB" => {
-                let req = JobReq::from_value(&value()?)?;
+                let mut req = JobReq::from_value(&value()?)?;
                 let auth = req.auth.clone();
                 let id = req.compute_id;
+                self.sched
+                    .lock()
+                    .unwrap()
+                    .check(id, &auth)
+                    .map_err(refused)?;
                 if req.files > 0 {
-                    return Err(format!("job of computation {id} has dispy_job_depends; sending files through this scheduler is not supported yet"));
+                    self.localize(id, &mut req.job, true)?;
                 }
                 let uid = self.with(|sch| -> Result<u64, Refusal> {
                     sch.check(id, &auth)?;
@@ -784,8 +914,34 @@ impl Runtime {
                 ]);
                 Ok(Some(serialize(&reply)))
             }
-            "ALLOCATE_NODE" | "DEALLOCATE_NODE" | "CLOSE_NODE" | "SENDFILE" | "FILEXFER"
-            | "RETRIEVE_JOB" => {
+            "FILEXFER" => {
+                let v = value()?;
+                let xf = XferFile::from_value(&v)?;
+                let id = xf.compute_id;
+                let allowed = self.sched.lock().unwrap().clusters.get(&id).map(|c| {
+                    c.phase == crate::sched::Phase::Pending || c.client_ip == peer.ip().to_string()
+                });
+                match allowed {
+                    Some(true) => {}
+                    Some(false) => {
+                        return Err(format!(
+                            "file for computation {id} from another address than its client's"
+                        ))
+                    }
+                    None => return Err(refused(Refusal::UnknownComputation(id))),
+                }
+                let path = self.local_file(id, &xf)?;
+                let got = files::receive(s, &path, &xf).await;
+                let answer = match got {
+                    Ok(n) => n as i64,
+                    Err(e) => {
+                        tracing::warn!(%peer, compute_id = id, "file {:?} not received: {e}", xf.name);
+                        -1
+                    }
+                };
+                Ok(Some(serialize(&Value::Int(answer))))
+            }
+            "ALLOCATE_NODE" | "DEALLOCATE_NODE" | "CLOSE_NODE" | "SENDFILE" | "RETRIEVE_JOB" => {
                 let answer = if command == "RETRIEVE_JOB" {
                     Value::None
                 } else {
@@ -1046,6 +1202,15 @@ impl Runtime {
     }
 }
 
+/// The `xfer_files` of a `_Compute` or `_DispyJob_`.
+fn xfer_files(record: &Value) -> Vec<&Value> {
+    record
+        .attr("xfer_files")
+        .and_then(Value::as_seq)
+        .map(|l| l.iter().collect())
+        .unwrap_or_default()
+}
+
 /// The answer a refused request gets, so the client fails with our reason.
 fn refusal_answer(command: &str, error: &str) -> Option<Vec<u8>> {
     match command {
@@ -1053,7 +1218,7 @@ fn refusal_answer(command: &str, error: &str) -> Option<Vec<u8>> {
         "JOB" => Some(serialize(&Value::None)),
         "NODE_JOBS" => Some(serialize(&Value::List(vec![]))),
         "SCHEDULE" => Some(b"NAK".to_vec()),
-        "RESEND_JOB_RESULTS" | "SET_NODE_CPUS" => Some(serialize(&Value::Int(-1))),
+        "RESEND_JOB_RESULTS" | "SET_NODE_CPUS" | "FILEXFER" => Some(serialize(&Value::Int(-1))),
         _ => None,
     }
 }

@@ -60,8 +60,6 @@ pub struct ComputeReq {
     pub reentrant: bool,
     pub exclusive: bool,
     pub allocs: Vec<NodeAlloc>,
-    /// Files the client will send (depends of the computation).
-    pub files: usize,
     pub cleanup_set: bool,
 }
 
@@ -87,10 +85,6 @@ impl ComputeReq {
                 .map(alloc_from_value)
                 .collect::<Result<_, _>>()?,
         };
-        let files = compute
-            .attr("xfer_files")
-            .and_then(Value::as_seq)
-            .map_or(0, <[Value]>::len);
         let cleanup_set = compute
             .attr("cleanup")
             .is_some_and(|c| !matches!(c, Value::None | Value::Bool(false)));
@@ -108,7 +102,6 @@ impl ComputeReq {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             allocs,
-            files,
             cleanup_set,
             compute,
         })
