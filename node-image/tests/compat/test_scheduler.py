@@ -5,7 +5,12 @@ Layout on loopback: nodes at 127.0.0.1 and 127.0.0.2 (port 9701), the scheduler 
 127.0.0.3 (9700 for nodes, 9702 for clients), clients at 127.0.0.1 on ports 9700, 9710, ...
 """
 
+import hashlib
+import json
 import os
+import pickle
+import socket
+import struct
 import signal
 import subprocess
 import sys
@@ -467,3 +472,116 @@ except Exception as e:
     report(error=str(e))
 ''' % shared(9700))], timeout=60)
     assert "max_file_size" in (r["error"] or ""), r
+
+
+def _frame(b):
+    return struct.pack(">L", len(b)) + b
+
+
+def _recv_frame(s):
+    head = b""
+    while len(head) < 4:
+        chunk = s.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    n = struct.unpack(">L", head)[0]
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _client_hello():
+    s = socket.create_connection((SCHED_IP, 9702), timeout=5)
+    s.sendall(b"x" * 40 + _frame(b"CLIENT:" + pickle.dumps(
+        {"version": "4.15.2", "ip_addr": None, "scheduler_ip_addr": SCHED_IP})))
+    reply = pickle.loads(_recv_frame(s))
+    s.close()
+    return reply
+
+
+def test_a_peer_without_the_secrets_learns_only_the_public_sign_and_is_bounded(nodes, spawn, scheduler):
+    nodes.start("127.0.0.1")
+    scheduler.start("--cluster_secret", "right", nodes=("127.0.0.1",))
+    hello = _client_hello()
+    assert sorted(hello) == ["ip_addr", "port", "sign", "version"] and hello["port"] == 9702
+    # A request without the auth gets nothing; a COMPUTE gets why.
+    s = socket.create_connection((SCHED_IP, 9702), timeout=5)
+    s.sendall(b"y" * 40 + _frame(b"NODE_JOBS:" + pickle.dumps({"compute_id": 1, "auth": "a"})))
+    assert _recv_frame(s) is None
+    s.close()
+    # A large frame before authentication is not read: the connection is closed.
+    s = socket.create_connection((SCHED_IP, 9702), timeout=5)
+    s.sendall(b"y" * 40 + struct.pack(">L", 1 << 30) + b"COMPUTE:" + b"z" * 4096)
+    try:
+        s.sendall(b"z" * (4 << 20))
+        answer = _recv_frame(s)
+    except OSError:
+        answer = None
+    s.close()
+    assert answer is None or b"wrong secret" in answer
+    # To the node-facing port, a large message from an address that is not a node in use.
+    s = socket.create_connection((SCHED_IP, 9700), timeout=5, source_address=("127.0.0.9", 0))
+    try:
+        s.sendall(_frame(b"JOB_REPLY:" + b"q" * (1 << 20)))
+    except OSError:
+        pass
+    s.close()
+    # A forged reply for a job that is not running is ignored, and acknowledged as dispy does.
+    s = socket.create_connection((SCHED_IP, 9700), timeout=5)
+    s.sendall(_frame(b"JOB_REPLY:" + _job_reply(uid=12345, hash="forged", ip_addr="127.0.0.1", status=11)))
+    assert _recv_frame(s) == b"ACK"
+    s.close()
+    # A pickle that would grow past the budget, from an authenticated client.
+    auth = hashlib.sha1(("right" + hello["sign"]).encode()).hexdigest().encode()
+    inner = [b"x" * 1000] * 1000
+    bomb = pickle.dumps({"compute": [inner] * 100, "node_allocs": [], "exclusive": False})
+    assert len(bomb) < 64 * 1024
+    s = socket.create_connection((SCHED_IP, 9702), timeout=5)
+    s.sendall(auth + _frame(b"COMPUTE:" + bomb))
+    refusal = pickle.loads(_recv_frame(s))
+    s.close()
+    assert "too large" in refusal or "budget" in refusal, refusal
+    log = scheduler.log()
+    assert "not a node in use" in log
+    assert "stale, or forged" in log
+    # The scheduler still serves a real client.
+    (r,) = wait_all([spawn('''
+def compute(n):
+    return n * 3
+cluster = dispy.SharedJobCluster(compute, secret="right", %s)
+out = [cluster.submit(i)() for i in range(3)]
+cluster.close()
+report(out=out)
+''' % shared(9700))])
+    assert r["out"] == [0, 3, 6]
+
+
+def _job_reply(**state):
+    """A pickled dispy._JobReply with this state, as a node sends it."""
+    body = pickle.dumps(state, protocol=2)
+    return b"\x80\x02cdispy\n_JobReply\n)\x81" + body[2:-1] + b"b."
+
+
+def test_metrics_and_json_logs(nodes, spawn, scheduler):
+    nodes.start("127.0.0.1")
+    scheduler.start("--metrics-addr", "127.0.0.3:9790", "--log_format", "json", nodes=("127.0.0.1",))
+    (r,) = wait_all([spawn('''
+def compute(n):
+    return n
+cluster = dispy.SharedJobCluster(compute, %s)
+out = [cluster.submit(i)() for i in range(4)]
+cluster.close()
+report(out=out)
+''' % shared(9700))])
+    assert r["out"] == [0, 1, 2, 3]
+    import urllib.request
+    text = urllib.request.urlopen("http://127.0.0.3:9790/metrics", timeout=5).read().decode()
+    assert "dispyscheduler_jobs_submitted_total 4" in text, text
+    assert 'dispyscheduler_job_results_total{status="Finished"} 4' in text, text
+    lines = [json.loads(l) for l in scheduler.log().splitlines() if l.startswith("{")]
+    assert any(l.get("fields", {}).get("message") == "node found" for l in lines)
