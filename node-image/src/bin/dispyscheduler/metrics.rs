@@ -103,9 +103,10 @@ impl Metrics {
     pub fn observe(&self, s: &Scheduler) {
         self.computations.set(s.clusters.len() as i64);
         self.nodes.set(s.nodes.len() as i64);
-        let running = s.jobs.values().filter(|j| j.node.is_some()).count();
+        // Per node, not per job: this runs after every event.
+        let running: usize = s.nodes.values().map(|n| n.busy as usize).sum();
         self.running.set(running as i64);
-        self.queued.set((s.jobs.len() - running) as i64);
+        self.queued.set(s.jobs.len().saturating_sub(running) as i64);
     }
 
     pub fn render(&self) -> String {

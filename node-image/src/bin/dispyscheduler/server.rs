@@ -514,6 +514,13 @@ impl Runtime {
         let rt = self.clone();
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
+                if let ToClient::Running { uid, .. } = &msg {
+                    // A job that is over by now: its result follows, and the client has less
+                    // to read (it reads every message on a connection of its own).
+                    if !rt.sched.lock().unwrap().jobs.contains_key(uid) {
+                        continue;
+                    }
+                }
                 let m = wire::to_client(&msg, id, &auth, &own_ip);
                 let bytes = [m.prefix.as_bytes(), &serialize(&m.body)].concat();
                 let answer = net::request(
