@@ -585,3 +585,33 @@ report(out=out)
     assert 'dispyscheduler_job_results_total{status="Finished"} 4' in text, text
     lines = [json.loads(l) for l in scheduler.log().splitlines() if l.startswith("{")]
     assert any(l.get("fields", {}).get("message") == "node found" for l in lines)
+
+
+def test_allocate_deallocate_and_close_node_from_a_shared_client(nodes, spawn, scheduler):
+    nodes.start("127.0.0.1")
+    nodes.start("127.0.0.2")
+    scheduler.start()
+    (r,) = wait_all([spawn('''
+def compute(n):
+    return dispy_node_ip_addr
+cluster = dispy.SharedJobCluster(compute, nodes=["127.0.0.1"], %s)
+first = [cluster.submit(i)() for i in range(4)]
+allocated = cluster.allocate_node("127.0.0.2")
+deadline = time.time() + 15
+while "127.0.0.2" not in cluster._dispy_nodes and time.time() < deadline:
+    time.sleep(0.05)
+deallocated = cluster.deallocate_node("127.0.0.1")
+second = [cluster.submit(i)() for i in range(4)]
+closed = cluster.close_node("127.0.0.1")
+unknown = cluster.deallocate_node("127.0.0.9")
+cluster.close()
+report(first=first, second=second, allocated=allocated, deallocated=deallocated,
+       closed=closed, unknown=unknown)
+''' % shared(9700))])
+    assert r["first"] == ["127.0.0.1"] * 4
+    assert r["second"] == ["127.0.0.2"] * 4
+    assert (r["allocated"], r["deallocated"], r["closed"], r["unknown"]) == (0, 0, 0, -1), r
+    deadline = time.time() + 10
+    while "dispy computation closed by its client" not in nodes.log(0) and time.time() < deadline:
+        time.sleep(0.1)
+    assert "dispy computation closed by its client" in nodes.log(0)

@@ -21,6 +21,11 @@ use std::sync::Arc;
 use dispy_core::pickle::Value;
 
 pub type ComputeId = i64;
+
+/// How often results not acknowledged are sent again, at most.
+const RESEND_EVERY: f64 = 10.0;
+/// How often listed nodes not found yet are asked again without `--ping_interval`.
+const REPING_LISTED: f64 = 30.0;
 pub type Uid = u64;
 
 /// dispy's job and node status numbers, as clients read them.
@@ -264,6 +269,8 @@ pub struct Cluster {
     served: u64,
     /// Results sent or to send, until the client acknowledges them.
     undelivered: BTreeMap<Uid, (Reply, bool)>,
+    /// Nodes its client closed it on (`close_node`).
+    closed_on: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -283,6 +290,8 @@ pub struct Node {
     setting_up: BTreeSet<ComputeId>,
     /// Jobs submitted for this node only (`submit_node`).
     pinned: VecDeque<Uid>,
+    /// Computations set up on it that its client deallocated from it.
+    parked: BTreeSet<ComputeId>,
     pub last_pulse: f64,
 }
 
@@ -476,6 +485,7 @@ impl Scheduler {
                 created,
                 served: 0,
                 undelivered: BTreeMap::new(),
+                closed_on: BTreeSet::new(),
             },
         );
         id
@@ -560,7 +570,11 @@ impl Scheduler {
         let Some(node) = self.nodes.get_mut(ip) else {
             return;
         };
-        if c.phase != Phase::Active || node.clusters.contains(&id) || node.setting_up.contains(&id)
+        if c.phase != Phase::Active
+            || node.clusters.contains(&id)
+            || node.setting_up.contains(&id)
+            || node.parked.contains(&id)
+            || c.closed_on.contains(ip)
         {
             return;
         }
@@ -750,7 +764,8 @@ impl Scheduler {
         }
         for node in self.nodes.values_mut() {
             node.pinned.retain(|u| self.jobs.contains_key(u));
-            let was_on = node.clusters.remove(&id) | node.setting_up.remove(&id);
+            let was_on =
+                node.clusters.remove(&id) | node.setting_up.remove(&id) | node.parked.remove(&id);
             if was_on {
                 self.actions.push(Action::Close {
                     node: target(node),
@@ -889,6 +904,7 @@ impl Scheduler {
                         clusters: BTreeSet::new(),
                         setting_up: BTreeSet::new(),
                         pinned: VecDeque::new(),
+                        parked: BTreeSet::new(),
                         last_pulse: now,
                     },
                 );
@@ -1127,16 +1143,34 @@ impl Scheduler {
             }
             self.activate();
         }
-        if now - self.last_tick >= self.cfg.pulse_interval {
+        if now - self.last_tick >= self.cfg.pulse_interval.min(RESEND_EVERY) {
             self.last_tick = now;
             let ids: Vec<ComputeId> = self.clusters.keys().copied().collect();
             for id in ids {
                 self.resend(id);
             }
         }
-        if let Some(every) = self.cfg.ping_interval {
-            if now - self.last_ping >= every {
-                self.last_ping = now;
+        let every = self.cfg.ping_interval.unwrap_or(REPING_LISTED);
+        if now - self.last_ping >= every {
+            self.last_ping = now;
+            if self.cfg.ping_interval.is_none() {
+                // Without --ping_interval, only listed nodes not found yet are asked again.
+                let listed: Vec<NodeAlloc> = self
+                    .cfg
+                    .nodes
+                    .iter()
+                    .filter(|a| !a.is_pattern())
+                    .cloned()
+                    .collect();
+                for a in listed {
+                    if !self.nodes.contains_key(&a.host) {
+                        self.actions.push(Action::Ping {
+                            ip: a.host,
+                            port: a.port,
+                        });
+                    }
+                }
+            } else {
                 self.discover(None);
                 let allocs: Vec<NodeAlloc> = self
                     .clusters
@@ -1150,6 +1184,106 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    // ---- a client's node requests ----------------------------------------------------------
+
+    /// ALLOCATE_NODE: more nodes for a computation (its `allocate_node`). A node it was set
+    /// up on and deallocated from gets its jobs again.
+    pub fn allocate_node(
+        &mut self,
+        now: f64,
+        id: ComputeId,
+        auth: &str,
+        allocs: Vec<NodeAlloc>,
+    ) -> Result<(), Refusal> {
+        self.cluster_checked(id, auth)?;
+        let mut new = Vec::new();
+        for a in allocs {
+            let parked = self
+                .nodes
+                .get_mut(&a.host)
+                .filter(|n| n.parked.contains(&id));
+            if let Some(n) = parked {
+                n.parked.remove(&id);
+                n.clusters.insert(id);
+                continue;
+            }
+            let c = self.clusters.get_mut(&id).expect("checked");
+            if !c.allocs.iter().any(|x| x.host == a.host) {
+                c.allocs.push(a.clone());
+            }
+            new.push(a);
+        }
+        if !new.is_empty() {
+            self.discover(Some(new));
+            let ips: Vec<String> = self.nodes.keys().cloned().collect();
+            for ip in ips {
+                self.offer(&ip, id);
+            }
+        }
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// DEALLOCATE_NODE: no more jobs of the computation go to the node (the computation stays
+    /// set up there; running jobs finish).
+    pub fn deallocate_node(&mut self, id: ComputeId, auth: &str, ip: &str) -> Result<(), Refusal> {
+        self.cluster_checked(id, auth)?;
+        let node = self
+            .nodes
+            .get_mut(ip)
+            .filter(|n| n.clusters.contains(&id))
+            .ok_or_else(|| Refusal::UnknownNode(ip.into(), id))?;
+        node.clusters.remove(&id);
+        node.parked.insert(id);
+        Ok(())
+    }
+
+    /// CLOSE_NODE: the computation leaves the node.
+    pub fn close_node(
+        &mut self,
+        id: ComputeId,
+        auth: &str,
+        ip: &str,
+        terminate_pending: bool,
+    ) -> Result<(), Refusal> {
+        let c = self.cluster_checked(id, auth)?;
+        let node_auth = c.node_auth.clone();
+        let node = self
+            .nodes
+            .get_mut(ip)
+            .filter(|n| n.clusters.contains(&id) || n.parked.contains(&id))
+            .ok_or_else(|| Refusal::UnknownNode(ip.into(), id))?;
+        node.clusters.remove(&id);
+        node.parked.remove(&id);
+        let t = target(node);
+        if let Some(c) = self.clusters.get_mut(&id) {
+            // Not set up there again when the node is rediscovered.
+            c.closed_on.insert(ip.into());
+        }
+        self.actions.push(Action::Close {
+            node: t,
+            compute_id: id,
+            node_auth,
+            terminate_pending,
+        });
+        self.actions.push(Action::Client {
+            compute_id: id,
+            msg: ToClient::NodeClosed { ip: ip.into() },
+        });
+        Ok(())
+    }
+
+    /// NODE_CPUS from a node (its console `cpus N`): what it offers now.
+    pub fn node_cpus(&mut self, now: f64, ip: &str, cpus: u32) {
+        let Some(n) = self.nodes.get_mut(ip) else {
+            return;
+        };
+        n.avail_cpus = cpus;
+        n.cpus = cpus;
+        n.last_pulse = now;
+        self.dispatch(now);
     }
 
     // ---- which job runs where ------------------------------------------------------------

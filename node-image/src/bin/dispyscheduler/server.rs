@@ -948,7 +948,47 @@ impl Runtime {
                 };
                 Ok(Some(serialize(&Value::Int(answer))))
             }
-            "ALLOCATE_NODE" | "DEALLOCATE_NODE" | "CLOSE_NODE" | "SENDFILE" | "RETRIEVE_JOB" => {
+            "ALLOCATE_NODE" => {
+                let v = value()?;
+                let (id, auth) = wire::compute_auth(&v, command)?;
+                let allocs = match v.attr("node_alloc") {
+                    Some(Value::List(l)) | Some(Value::Tuple(l)) => l.clone(),
+                    Some(one) => vec![one.clone()],
+                    None => vec![],
+                };
+                let allocs = allocs
+                    .iter()
+                    .map(wire::alloc_from_value)
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.with(|sch| sch.allocate_node(now(), id, &auth, allocs))
+                    .map_err(refused)?;
+                Ok(Some(serialize(&Value::Int(0))))
+            }
+            "DEALLOCATE_NODE" | "CLOSE_NODE" => {
+                let v = value()?;
+                let (id, auth) = wire::compute_auth(&v, command)?;
+                let node = v.attr("node").and_then(text).unwrap_or_default();
+                let terminate = v
+                    .attr("terminate_pending")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let done = self.with(|sch| {
+                    if command == "CLOSE_NODE" {
+                        sch.close_node(id, &auth, &node, terminate)
+                    } else {
+                        sch.deallocate_node(id, &auth, &node)
+                    }
+                });
+                let answer = match done {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::warn!(%peer, "{command} refused: {e}");
+                        -1
+                    }
+                };
+                Ok(Some(serialize(&Value::Int(answer))))
+            }
+            "SENDFILE" | "RETRIEVE_JOB" => {
                 let answer = if command == "RETRIEVE_JOB" {
                     Value::None
                 } else {
@@ -1057,7 +1097,9 @@ impl Runtime {
                 } else {
                     from
                 };
-                let taken = self.with(|sch| sch.job_reply(now(), &node_ip, head.uid, &head.hash, head.status, v));
+                let taken = self.with(|sch| {
+                    sch.job_reply(now(), &node_ip, head.uid, &head.hash, head.status, v)
+                });
                 if taken {
                     self.metrics.result(head.status);
                 } else {
@@ -1084,7 +1126,10 @@ impl Runtime {
                     ));
                 }
                 if pong.version.as_deref().is_some_and(|v| v != self.version) {
-                    return Err(format!("node {} runs dispy {:?}, not {}", pong.ip_addr, pong.version, self.version));
+                    return Err(format!(
+                        "node {} runs dispy {:?}, not {}",
+                        pong.ip_addr, pong.version, self.version
+                    ));
                 }
                 let cpus = u32::try_from(pong.cpus).unwrap_or(0);
                 tracing::info!(node = %pong.ip_addr, port = pong.port, cpus, name = %pong.name, "node found");
@@ -1118,7 +1163,28 @@ impl Runtime {
                 let _ = net::send(s, &serialize(&Value::None)).await;
                 Ok(())
             }
-            "NODE_CPUS" => Err("NODE_CPUS is not supported by this scheduler yet (restart the node to change its cpus)".into()),
+            "NODE_CPUS" => {
+                let v = deserialize(command, body, PREAUTH_BUDGET)?;
+                let ip = v.attr("ip_addr").and_then(text).unwrap_or_default();
+                let sign = v.attr("sign").and_then(text).unwrap_or_default();
+                let cpus = v.attr("cpus").and_then(Value::as_int).unwrap_or(-1);
+                let auth = auth_code(&self.node_secret, &sign);
+                let known = self
+                    .sched
+                    .lock()
+                    .unwrap()
+                    .nodes
+                    .get(&ip)
+                    .is_some_and(|n| constant_time_eq(n.auth.as_bytes(), auth.as_bytes()));
+                if !known {
+                    self.metrics.auth_failures.inc();
+                    return Err(format!("NODE_CPUS for {ip:?} without its token; ignored"));
+                }
+                let cpus = u32::try_from(cpus).unwrap_or(0);
+                tracing::info!(node = %ip, cpus, "node changed its cpus");
+                self.with(|sch| sch.node_cpus(now(), &ip, cpus));
+                Ok(())
+            }
             other => Err(format!("unknown message {other:?}")),
         }
     }
@@ -1225,7 +1291,8 @@ fn refusal_answer(command: &str, error: &str) -> Option<Vec<u8>> {
         "JOB" => Some(serialize(&Value::None)),
         "NODE_JOBS" => Some(serialize(&Value::List(vec![]))),
         "SCHEDULE" => Some(b"NAK".to_vec()),
-        "RESEND_JOB_RESULTS" | "SET_NODE_CPUS" | "FILEXFER" => Some(serialize(&Value::Int(-1))),
+        "RESEND_JOB_RESULTS" | "SET_NODE_CPUS" | "FILEXFER" | "ALLOCATE_NODE"
+        | "DEALLOCATE_NODE" | "CLOSE_NODE" => Some(serialize(&Value::Int(-1))),
         _ => None,
     }
 }

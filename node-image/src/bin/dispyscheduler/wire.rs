@@ -109,9 +109,14 @@ impl ComputeReq {
 }
 
 /// One of `node_allocs`: `{'host', 'port', 'cpus', 'depends', 'setup_args'}`.
-fn alloc_from_value(v: &Value) -> Result<NodeAlloc, String> {
+pub fn alloc_from_value(v: &Value) -> Result<NodeAlloc, String> {
     const W: &str = "node_allocs item";
-    let host = v.attr("host").and_then(text).unwrap_or_else(|| "*".into());
+    // A dict from COMPUTE, or a dispy.NodeAllocate from ALLOCATE_NODE.
+    let host = v
+        .attr("host")
+        .or_else(|| v.attr("ip_addr"))
+        .and_then(text)
+        .unwrap_or_else(|| "*".into());
     let port = match v.attr("port") {
         None | Some(Value::None) => None,
         Some(p) => Some(

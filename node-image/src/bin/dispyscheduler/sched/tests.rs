@@ -557,3 +557,111 @@ fn closing_a_computation_keeps_its_running_jobs_counted_until_their_node_replies
     assert!(results(&actions).is_empty(), "a is gone: no result to send");
     assert_eq!(runs(&actions), vec![(ub, "10.0.0.2".into())]);
 }
+
+#[test]
+fn allocate_deallocate_and_close_node_steer_a_computations_jobs() {
+    let mut s = Scheduler::new(config(Policy::EarliestJob), 0.0);
+    node(&mut s, "10.0.0.2", 1);
+    node(&mut s, "10.0.0.3", 1);
+    let id = s.new_computation(
+        0.0,
+        NewComputation {
+            client_auth: "a".into(),
+            node_auth: "na".into(),
+            compute: Value::None,
+            exclusive: false,
+            reentrant: false,
+            allocs: vec![NodeAlloc {
+                host: "10.0.0.2".into(),
+                ..NodeAlloc::any()
+            }],
+            client_ip: "10.0.0.1".into(),
+            client_port: 9700,
+        },
+    );
+    s.schedule(0.0, id, "a").unwrap();
+    settle(&mut s, 0.0);
+    assert!(
+        !s.nodes["10.0.0.3"].clusters.contains(&id),
+        "not in its nodes="
+    );
+    let more = NodeAlloc {
+        host: "10.0.0.3".into(),
+        ..NodeAlloc::any()
+    };
+    s.allocate_node(0.0, id, "a", vec![more]).unwrap();
+    settle(&mut s, 0.0);
+    assert!(s.nodes["10.0.0.3"].clusters.contains(&id));
+    s.deallocate_node(id, "a", "10.0.0.2").unwrap();
+    let uids: Vec<Uid> = (0..2).map(|_| submit(&mut s, id, "a")).collect();
+    assert_eq!(
+        runs(&settle(&mut s, 0.0)),
+        vec![(uids[0], "10.0.0.3".into())]
+    );
+    // Allocated again: it is still set up there, so no new setup.
+    let back = NodeAlloc {
+        host: "10.0.0.2".into(),
+        ..NodeAlloc::any()
+    };
+    s.allocate_node(0.0, id, "a", vec![back]).unwrap();
+    let actions = s.take_actions();
+    assert!(!actions.iter().any(|a| matches!(a, Action::Setup { .. })));
+    assert_eq!(runs(&actions), vec![(uids[1], "10.0.0.2".into())]);
+    s.close_node(id, "a", "10.0.0.3", true).unwrap();
+    let actions = s.take_actions();
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Close { node, .. } if node.ip == "10.0.0.3")));
+    assert_eq!(
+        s.deallocate_node(id, "a", "10.0.0.3"),
+        Err(Refusal::UnknownNode("10.0.0.3".into(), id))
+    );
+    assert_eq!(
+        s.close_node(id, "b", "10.0.0.2", true),
+        Err(Refusal::WrongAuth(id))
+    );
+}
+
+#[test]
+fn listed_nodes_not_found_are_asked_again() {
+    let mut cfg = config(Policy::EarliestJob);
+    cfg.nodes = vec![
+        NodeAlloc {
+            host: "10.0.0.2".into(),
+            ..NodeAlloc::any()
+        },
+        NodeAlloc {
+            host: "10.0.0.3".into(),
+            ..NodeAlloc::any()
+        },
+    ];
+    let mut s = Scheduler::new(cfg, 0.0);
+    s.start();
+    s.take_actions();
+    node(&mut s, "10.0.0.2", 1);
+    s.take_actions();
+    s.tick(10.0);
+    assert!(s.take_actions().is_empty());
+    s.tick(31.0);
+    assert_eq!(
+        s.take_actions(),
+        vec![Action::Ping {
+            ip: "10.0.0.3".into(),
+            port: None
+        }]
+    );
+}
+
+#[test]
+fn a_node_changing_its_cpus_gets_that_many_jobs() {
+    let mut s = Scheduler::new(config(Policy::EarliestJob), 0.0);
+    node(&mut s, "10.0.0.2", 1);
+    let id = computation(&mut s, "a", false, false);
+    settle(&mut s, 0.0);
+    for _ in 0..3 {
+        submit(&mut s, id, "a");
+    }
+    assert_eq!(runs(&settle(&mut s, 0.0)).len(), 1);
+    s.node_cpus(1.0, "10.0.0.2", 3);
+    assert_eq!(runs(&settle(&mut s, 1.0)).len(), 2);
+}
