@@ -615,3 +615,29 @@ report(first=first, second=second, allocated=allocated, deallocated=deallocated,
     while "dispy computation closed by its client" not in nodes.log(0) and time.time() < deadline:
         time.sleep(0.1)
     assert "dispy computation closed by its client" in nodes.log(0)
+
+
+def test_provisional_results_and_dispy_send_file_reach_the_shared_client(nodes, spawn, scheduler):
+    nodes.start("127.0.0.1")
+    scheduler.start(nodes=("127.0.0.1",))
+    (r,) = wait_all([spawn('''
+seen = []
+def status(job):
+    if job.status == dispy.DispyJob.ProvisionalResult:
+        seen.append(job.result)
+def compute(n):
+    for i in range(3):
+        dispy_provisional_result(("step", i))
+    with open("out%%d.txt" %% n, "w") as f:
+        f.write("made on the node %%d" %% n)
+    return dispy_send_file("out%%d.txt" %% n)
+cluster = dispy.SharedJobCluster(compute, job_status=status, %s)
+j = cluster.submit(5)
+j()
+time.sleep(0.3)
+cluster.close()
+report(result=j.result, seen=seen, file=open("out5.txt").read())
+''' % shared(9700))])
+    assert r["result"] == 0
+    assert r["seen"] == [["step", 0], ["step", 1], ["step", 2]]
+    assert r["file"] == "made on the node 5"
