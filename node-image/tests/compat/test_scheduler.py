@@ -641,3 +641,32 @@ report(result=j.result, seen=seen, file=open("out5.txt").read())
     assert r["result"] == 0
     assert r["seen"] == [["step", 0], ["step", 1], ["step", 2]]
     assert r["file"] == "made on the node 5"
+
+
+def test_sigterm_ends_jobs_terminated_closes_computations_on_nodes_and_exits_0(nodes, spawn, scheduler):
+    nodes.start("127.0.0.1", cpus=1)
+    scheduler.start(nodes=("127.0.0.1",))
+    proc = spawn('''
+def compute(n):
+    import time
+    time.sleep(n)
+    return n
+cluster = dispy.SharedJobCluster(compute, %s)
+job = cluster.submit(120)
+deadline = time.time() + 15
+while job.status != dispy.DispyJob.Running and time.time() < deadline:
+    time.sleep(0.05)
+print("RUNNING", flush=True)
+job()
+report(status=job.status, terminated=dispy.DispyJob.Terminated)
+''' % shared(9700))
+    wait_line(proc, "RUNNING")
+    t = time.time()
+    scheduler.proc.send_signal(signal.SIGTERM)
+    assert scheduler.proc.wait(20) == 0
+    assert time.time() - t < 15
+    assert "dispy computation closed by its client" in nodes.log(0)
+    assert "computation closed on node" in scheduler.log()
+    out, err = proc.communicate(timeout=30)
+    r = result_of(proc.returncode, out, err)
+    assert r["status"] == r["terminated"], "the client was told before the scheduler left"

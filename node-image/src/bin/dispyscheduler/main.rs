@@ -22,7 +22,6 @@ mod wire;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
@@ -505,7 +504,13 @@ async fn run(args: Args) -> Result<(), String> {
     }
     tracing::info!("shutting down: closing computations on nodes");
     runtime.with(|s| s.shutdown());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = Arc::strong_count(&runtime);
+    // Computations closed on their nodes (cleanup run there), for a while at most.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while runtime.closing.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!("dispyscheduler stopped");
     Ok(())
 }

@@ -1109,8 +1109,15 @@ impl Scheduler {
         self.dispatch(now);
     }
 
-    /// The scheduler is stopping: every computation leaves its nodes.
+    /// The scheduler is stopping: every job not done ends Terminated for its client, and every
+    /// computation leaves its nodes.
     pub fn shutdown(&mut self) {
+        let uids: Vec<Uid> = self.jobs.keys().copied().collect();
+        for uid in uids {
+            let job = self.jobs.remove(&uid).expect("listed");
+            let ip = job.node.clone().unwrap_or_default();
+            self.finish_made(&job, ip, status::TERMINATED);
+        }
         let ids: Vec<ComputeId> = self.clusters.keys().copied().collect();
         for id in ids {
             self.drop_cluster(id, true, Gone::Shutdown);

@@ -84,6 +84,11 @@ pub struct Runtime {
     links: Mutex<HashMap<ComputeId, ClientLink>>,
     /// Each computation's auth as its client sent it (str or bytes), to answer in kind.
     client_auths: Mutex<HashMap<ComputeId, Value>>,
+    /// Pings sent for node announcements, per announced address.
+    announced: Mutex<crate::limits::RateLimiter>,
+    /// Closes of computations on nodes and clients' message queues in progress (waited for
+    /// at shutdown).
+    pub closing: std::sync::atomic::AtomicUsize,
     /// Transfers of a file (our path) to a node (its address) in progress.
     file_locks: Mutex<HashMap<(String, String), FileLock>>,
 }
@@ -131,6 +136,8 @@ impl Runtime {
             links: Mutex::new(HashMap::new()),
             client_auths: Mutex::new(HashMap::new()),
             file_locks: Mutex::new(HashMap::new()),
+            announced: Mutex::new(crate::limits::RateLimiter::new(4, 1.0, 4096)),
+            closing: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -236,6 +243,7 @@ impl Runtime {
                     node_auth,
                     terminate_pending,
                 } => {
+                    rt.closing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tokio::spawn(async move {
                         let msg = dict([
                             ("compute_id", Value::Int(compute_id)),
@@ -253,6 +261,7 @@ impl Runtime {
                                 tracing::warn!(node = %node.ip, compute_id, "could not close a computation: {e}")
                             }
                         }
+                        rt.closing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     });
                 }
             }
@@ -512,7 +521,10 @@ impl Runtime {
             .insert(id, ClientLink { outbox: tx });
         self.client_auths.lock().unwrap().insert(id, auth.clone());
         let rt = self.clone();
+        self.closing
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
+            let mut failing = false;
             while let Some(msg) = rx.recv().await {
                 if let ToClient::Running { uid, .. } = &msg {
                     // A job that is over by now: its result follows, and the client has less
@@ -539,8 +551,22 @@ impl Runtime {
                     Ok(None) => true,
                     Err(_) => false,
                 };
-                if let Err(e) = &answer {
-                    tracing::warn!(compute_id = id, client = %ip, port, "{} not delivered: {e}", m.prefix.trim_end_matches(':'));
+                match &answer {
+                    // Once per outage: a client that is gone would repeat it for every result.
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(compute_id = id, client = %ip, port, "{} not delivered (results are kept and sent again): {e}", m.prefix.trim_end_matches(':'));
+                    }
+                    Err(e) => tracing::debug!(
+                        compute_id = id,
+                        "{} not delivered: {e}",
+                        m.prefix.trim_end_matches(':')
+                    ),
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!(compute_id = id, client = %ip, port, "client reachable again");
+                    }
+                    Ok(_) => {}
                 }
                 match msg {
                     ToClient::Scheduled { .. } => rt.with(|s| s.scheduled(now(), id, ok)),
@@ -553,6 +579,7 @@ impl Runtime {
                     _ => {}
                 }
             }
+            rt.closing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
 
@@ -1216,6 +1243,18 @@ impl Runtime {
             s.cfg.nodes.is_empty() || s.cfg.nodes.iter().any(|a| a.matches(&ip))
         };
         if known || !wanted {
+            return;
+        }
+        // Anyone can send an announcement naming any address: a few pings per address.
+        let target = ip.parse::<IpAddr>().ok();
+        let allowed = target.is_some_and(|t| {
+            self.announced
+                .lock()
+                .unwrap()
+                .allow(t, std::time::Instant::now())
+        });
+        if !allowed {
+            tracing::debug!(%peer, node = %ip, "announcement not answered: not an address, or over its rate limit");
             return;
         }
         tracing::debug!(%peer, node = %ip, "node announced itself");

@@ -665,3 +665,43 @@ fn a_node_changing_its_cpus_gets_that_many_jobs() {
     s.node_cpus(1.0, "10.0.0.2", 3);
     assert_eq!(runs(&settle(&mut s, 1.0)).len(), 2);
 }
+
+#[test]
+fn shutdown_ends_every_job_terminated_and_closes_every_computation() {
+    let mut s = Scheduler::new(config(Policy::EarliestJob), 0.0);
+    node(&mut s, "10.0.0.2", 1);
+    let id = computation(&mut s, "a", false, false);
+    settle(&mut s, 0.0);
+    let running = submit(&mut s, id, "a");
+    let queued = submit(&mut s, id, "a");
+    settle(&mut s, 0.0);
+    s.shutdown();
+    let actions = s.take_actions();
+    let got = results(&actions);
+    assert_eq!(got.len(), 2);
+    for (uid, reply) in got {
+        assert!([running, queued].contains(&uid));
+        assert!(matches!(
+            reply,
+            Reply::Made {
+                status: status::TERMINATED,
+                ..
+            }
+        ));
+    }
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Close {
+            terminate_pending: true,
+            ..
+        }
+    )));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Forget {
+            why: Gone::Shutdown,
+            ..
+        }
+    )));
+    assert!(s.clusters.is_empty() && s.jobs.is_empty());
+}
