@@ -366,6 +366,8 @@ pub enum Refusal {
     UnknownNode(String, ComputeId),
     #[error("job {0} is not queued or running for computation {1}")]
     UnknownJob(Uid, ComputeId),
+    #[error("computation {0} is not exclusive and the scheduler is not --cooperative: it may not set a node's cpus")]
+    NotExclusive(ComputeId),
 }
 
 pub struct Scheduler {
@@ -668,6 +670,25 @@ impl Scheduler {
         Ok(())
     }
 
+    /// A job whose uid the client acknowledged but that could not be queued (its computation
+    /// or pinned node went away meanwhile) ends Cancelled, so the client is not left waiting.
+    pub fn not_queued(&mut self, id: ComputeId, uid: Uid, hash: String) {
+        let job = Job {
+            uid,
+            compute_id: id,
+            hash,
+            attempt: 0,
+            submitted: 0,
+            pinned: None,
+            node: None,
+            payload: Arc::new(Value::None),
+        };
+        if let Some(c) = self.clusters.get_mut(&id) {
+            c.pending += 1;
+        }
+        self.finish_made(&job, String::new(), status::CANCELLED);
+    }
+
     /// PULSE from a client: every computation of that client is alive.
     pub fn client_pulse(&mut self, now: f64, ip: &str, port: u16) {
         for c in self.clusters.values_mut() {
@@ -813,7 +834,7 @@ impl Scheduler {
     ) -> Result<u32, Refusal> {
         let c = self.cluster_checked(id, auth)?;
         if !(c.exclusive || self.cfg.cooperative) {
-            return Err(Refusal::UnknownNode(ip.into(), id));
+            return Err(Refusal::NotExclusive(id));
         }
         let node = self
             .nodes

@@ -850,8 +850,15 @@ impl Runtime {
                     return Ok(None);
                 }
                 self.metrics.jobs_submitted.inc();
-                self.with(|sch| sch.submit(now(), id, &auth, uid, req.hash, req.node, req.job))
-                    .map_err(refused)?;
+                let hash = req.hash.clone();
+                let queued = self.with(|sch| {
+                    let r = sch.submit(now(), id, &auth, uid, req.hash, req.node, req.job);
+                    if r.is_err() {
+                        sch.not_queued(id, uid, hash);
+                    }
+                    r
+                });
+                queued.map_err(refused)?;
                 Ok(None)
             }
             "PULSE" => {

@@ -705,3 +705,26 @@ fn shutdown_ends_every_job_terminated_and_closes_every_computation() {
     )));
     assert!(s.clusters.is_empty() && s.jobs.is_empty());
 }
+
+#[test]
+fn a_job_acknowledged_but_not_queued_ends_cancelled_for_its_client() {
+    let mut s = Scheduler::new(config(Policy::EarliestJob), 0.0);
+    node(&mut s, "10.0.0.2", 1);
+    let id = computation(&mut s, "a", false, false);
+    settle(&mut s, 0.0);
+    let uid = s.new_uid();
+    let pinned = Some("10.0.0.2".to_string());
+    s.node_lost(0.0, "10.0.0.2");
+    s.take_actions();
+    assert!(s
+        .submit(0.0, id, "a", uid, "h".into(), pinned, Value::None)
+        .is_err());
+    s.not_queued(id, uid, "h".into());
+    let got = results(&s.take_actions());
+    assert!(matches!(&got[..], [(u, Reply::Made { status: status::CANCELLED, .. })] if *u == uid));
+    assert_eq!(s.pending(id, "a").unwrap().1, 0);
+    assert_eq!(
+        s.set_node_cpus(0.0, id, "a", "10.0.0.2", 1),
+        Err(Refusal::NotExclusive(id))
+    );
+}
