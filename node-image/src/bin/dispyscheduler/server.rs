@@ -82,8 +82,6 @@ pub struct Runtime {
     pub metrics: Metrics,
     gate: Arc<Gate>,
     links: Mutex<HashMap<ComputeId, ClientLink>>,
-    /// Each computation's auth as its client sent it (str or bytes), to answer in kind.
-    client_auths: Mutex<HashMap<ComputeId, Value>>,
     /// Pings sent for node announcements, per announced address.
     announced: Mutex<crate::limits::RateLimiter>,
     /// Closes of computations on nodes and clients' message queues in progress (waited for
@@ -134,7 +132,6 @@ impl Runtime {
             metrics: Metrics::new(),
             gate: Gate::new(8, 256),
             links: Mutex::new(HashMap::new()),
-            client_auths: Mutex::new(HashMap::new()),
             file_locks: Mutex::new(HashMap::new()),
             announced: Mutex::new(crate::limits::RateLimiter::new(4, 1.0, 4096)),
             closing: std::sync::atomic::AtomicUsize::new(0),
@@ -160,7 +157,6 @@ impl Runtime {
                 Action::Client { compute_id, msg } => rt.to_client(compute_id, msg),
                 Action::Forget { compute_id, why } => {
                     rt.links.lock().unwrap().remove(&compute_id);
-                    rt.client_auths.lock().unwrap().remove(&compute_id);
                     let dir = files::dir(&rt.dest, compute_id);
                     let prefix = dir.to_string_lossy().into_owned();
                     rt.file_locks
@@ -519,7 +515,6 @@ impl Runtime {
             .lock()
             .unwrap()
             .insert(id, ClientLink { outbox: tx });
-        self.client_auths.lock().unwrap().insert(id, auth.clone());
         let rt = self.clone();
         self.closing
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
