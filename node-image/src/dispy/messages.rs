@@ -67,7 +67,7 @@ pub fn uid(v: &Value) -> Option<u64> {
     }
 }
 
-fn uid_value(uid: u64) -> Value {
+pub fn uid_value(uid: u64) -> Value {
     match i64::try_from(uid) {
         Ok(n) => Value::Int(n),
         Err(_) => Value::int_from_le_bytes(&[&uid.to_le_bytes()[..], &[0]].concat()),

@@ -27,9 +27,10 @@ if ! "$VENV/bin/python" -c "import dispy, pytest; assert dispy.__version__ == '$
 fi
 command -v openssl >/dev/null || { apt-get update -q; DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; }
 
-cargo build -q -p dispynode --bin dispynode --bin dispynetrelay
+cargo build -q -p dispynode --bin dispynode --bin dispynetrelay --bin dispyscheduler
 export DISPYNODE=$ROOT/target/debug/dispynode
 export DISPYNETRELAY=$ROOT/target/debug/dispynetrelay
+export DISPYSCHEDULER=$ROOT/target/debug/dispyscheduler
 
 status=0
 timeout 1800 unshare -n bash -c "
