@@ -482,7 +482,7 @@ impl Runtime {
                 continue;
             };
             let _ = sock.set_broadcast(true);
-            for to in dispy_core::discovery::broadcast_targets(self.node_port) {
+            for to in dispy_core::discovery::ping_targets(self.node_port) {
                 if let Err(e) = sock.send_to(&msg, to).await {
                     tracing::debug!(%to, "broadcast ping not sent: {e}");
                 }
