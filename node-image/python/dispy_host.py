@@ -44,8 +44,8 @@ import types
 
 PIPE_BUF = 4096
 # Linux's number: the signal module would import enum, as the json package imports re. Every
-# import grows the heap each fork copies and each job process tears down; these two cost a
-# megabyte and about 15% of the fork-per-job rate.
+# import grows the heap each fork copies and each job process tears down, so the host imports
+# only what every job needs (what each costs: docs/dispynode.md, Performance).
 SIGKILL = 9
 
 
@@ -111,9 +111,9 @@ RUN_STATUS = struct.Struct(">Qi")
 # exception, start and end times, and how much of stdout and stderr was cut.
 REPLY = '{"s": "%s", "r": %s, "o": %s, "e": %s, "x": %s, "t0": %r, "t1": %r, "od": %d, "ed": %d}'
 # Fork per job: when fewer spares than cpus are left, SPARE_BATCH + 1 are forked in a row. Every
-# page the host writes between forks is a page copied: its work between batches (~60 pages) is
-# then copied once per 7 jobs instead of once per job, for a longer tail of latency when jobs
-# come one at a time (p99 ~3-4 ms instead of ~2.5 ms, trivial jobs).
+# page the host writes between forks is a page copied, so its work between batches is copied
+# once per batch instead of once per job; the price is a longer tail of latency when jobs come
+# one at a time (one in SPARE_BATCH + 1 waits for the batch).
 SPARE_BATCH = 6
 
 
@@ -506,7 +506,8 @@ class Host:
         stderr captured (a spare brings empty buffers of its own, made before the fork:
         cheaper than making them after) and replies on `reply_fd`. It is one function, with
         what it uses bound beforehand: in a fresh fork every object the job's path touches is
-        a page copied, and methods, a reply dict and its encoder touched ~30 more per job."""
+        a page copied, so the path must touch no method lookup, reply dict or encoder of its
+        own."""
         call, clock, quote = self.codec.caller(func), time.time, _json.encode_basestring_ascii
         limit, spill, write, current = self.max_output, self.spill, os.write, self.current
         reply_max, kind = PIPE_BUF - HEADER.size - RUN.size, ord("R")
@@ -535,8 +536,7 @@ class Host:
         to /dev/null, before the spares are forked. A fresh process that runs code for the
         first time writes to it (the interpreter's warm-up counters and specializations, its
         method cache, the dynamic linker's lazy bindings), and in a fork every page written
-        is a page copied: rehearsed here, the job processes inherit it done (~18 fewer page
-        faults per job)."""
+        is a page copied: rehearsed here, the job processes inherit it done."""
         devnull = os.open(os.devnull, os.O_WRONLY)
         run = self.job_runner(lambda *args, **kwargs: None, devnull)
         try:
@@ -628,7 +628,7 @@ class Host:
     def add_spares(self, count):
         """Fork per job: `count` processes, each waiting on a new pipe for its one job. They
         are forked in a row, the pipes made before and the bookkeeping done after: every page
-        the host writes between two forks is a page copied (~25 fewer per fork)."""
+        the host writes between two forks is a page copied."""
         pipes = [os.pipe() for _ in range(count)]
         self.job_fds.update(job_w for _, job_w in pipes)
         pids, life, fork = [], self.life, os.fork

@@ -17,7 +17,7 @@ mod pyhost;
 mod server;
 mod service;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +133,22 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
             .map_err(|e| format!("cannot listen on UDP {addr}: {e}"))?;
         sockets.push((host, Arc::new(s)));
     }
+    // A socket bound to one address does not get broadcasts; dispy's node binds the
+    // interface's broadcast address for them, and so does this one.
+    let mut broadcast_sockets = Vec::new();
+    for (host, main) in &sockets {
+        let specific = matches!(host, IpAddr::V4(v4) if !v4.is_unspecified());
+        for (_, bcast) in dispy_core::discovery::interface_broadcasts(*host)
+            .into_iter()
+            .filter(|_| specific)
+        {
+            let addr = SocketAddr::new(IpAddr::V4(bcast), cfg.port);
+            let s = UdpSocket::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen for broadcasts on UDP {addr}: {e}"))?;
+            broadcast_sockets.push((*host, Arc::new(s), main.clone()));
+        }
+    }
 
     let (node, outcomes) =
         Node::new(cfg).map_err(|e| format!("cannot prepare --dest-path-prefix: {e}"))?;
@@ -176,10 +192,20 @@ async fn run(mut cfg: NodeConfig, clean: bool, daemon: bool) -> Result<(), Strin
             l,
         )));
     }
+    for (host, s, main) in &broadcast_sockets {
+        accept_tasks.push(tokio::spawn(server::udp_loop(
+            node.clone(),
+            dispy.clone(),
+            s.clone(),
+            main.clone(),
+            *host,
+        )));
+    }
     for (host, s) in &sockets {
         accept_tasks.push(tokio::spawn(server::udp_loop(
             node.clone(),
             dispy.clone(),
+            s.clone(),
             s.clone(),
             *host,
         )));

@@ -152,8 +152,8 @@ const HOST_LOADER: &str =
 
 /// Asks `python` once for the `sys.path` it has with `site` (a JSON list), and has it compile
 /// the host module in `host_dir` into `__pycache__`, where every host then loads it from: a
-/// host that compiled its own source would keep the compiler's memory (1.5 MB on Python 3.11),
-/// which every fork per job copies and every job process tears down. A module that cannot be
+/// host that compiled its own source would keep the compiler's memory, which every fork per
+/// job copies and every job process tears down. A module that cannot be
 /// cached there is compiled by each host instead, which works, only slower.
 pub async fn probe_interpreter(python: &Path, host_dir: &Path) -> Result<String, String> {
     const PROBE: &str = "import json, sys\n\

@@ -180,7 +180,15 @@ fn local_addr_for(bound: IpAddr, peer: IpAddr) -> IpAddr {
         .unwrap_or(bound)
 }
 
-pub async fn udp_loop(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>, bound: IpAddr) {
+/// Serves discovery datagrams that arrive on `socket`; native pongs go out from `reply` (the
+/// same socket, or for a socket bound to a broadcast address the node's own).
+pub async fn udp_loop(
+    node: Arc<Node>,
+    dispy: Arc<Dispy>,
+    socket: Arc<UdpSocket>,
+    reply: Arc<UdpSocket>,
+    bound: IpAddr,
+) {
     // A datagram over this is cut, and then fails to decode.
     let mut buf = vec![0u8; crate::limits::PREAUTH_MAX];
     // A pong goes to the ping's source address, which a datagram can forge: bounded per
@@ -202,7 +210,7 @@ pub async fn udp_loop(node: Arc<Node>, dispy: Arc<Dispy>, socket: Arc<UdpSocket>
                     continue;
                 }
                 let pong = Discovery::Pong(announcement(&node, local_addr_for(bound, peer.ip())));
-                if let Err(e) = socket.send_to(&encode_datagram(&pong), peer).await {
+                if let Err(e) = reply.send_to(&encode_datagram(&pong), peer).await {
                     tracing::warn!(%peer, "cannot answer discovery ping: {e}");
                 }
             }

@@ -117,3 +117,41 @@ fn a_node_is_announced_and_found_by_broadcast_in_a_private_namespace() {
     assert_eq!(nodes[0].addr, "10.231.0.1");
     assert_eq!(result, "\"node-a\"");
 }
+
+#[test]
+fn a_node_bound_to_one_address_with_dash_i_still_answers_broadcast_pings_on_its_subnet() {
+    let mut net = netns::Netns::new("i");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_dispynode"));
+    let a = net.a.clone();
+    // dispynode.py's way: bound to one address, found by the subnet's broadcast.
+    net.start_node(
+        bin,
+        &a,
+        &["-i", "10.231.0.1", "--port", "9701", "--name", "bound"],
+    );
+    let nodes = net.run_in(&net.b.clone(), || {
+        rt().block_on(async {
+            let target: SocketAddr = "10.231.0.255:9701".parse().unwrap();
+            let mut nodes = Vec::new();
+            // The node may still be starting: ask a few times.
+            for _ in 0..10 {
+                nodes = discover(
+                    "0.0.0.0:0".parse().unwrap(),
+                    &[target],
+                    Duration::from_millis(500),
+                )
+                .await
+                .unwrap();
+                if !nodes.is_empty() {
+                    break;
+                }
+            }
+            nodes
+        })
+    });
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(
+        (nodes[0].name.as_str(), nodes[0].addr.as_str()),
+        ("bound", "10.231.0.1")
+    );
+}

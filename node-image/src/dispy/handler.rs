@@ -16,9 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::AUTH_LEN;
 use super::messages::{
-    avail_info, deserialize, dict, serialize, split, uid, Compute, Job, Reply, XferFile,
+    avail_info, deserialize, dict, serialize, split, uid, Compute, Job, JobReply, XferFile,
 };
-use super::{Comp, Dispy};
+use super::{Dispy, DispyComp};
 use crate::limits::{Permit, PREAUTH_MAX};
 use crate::node::{safe_relative, Codec};
 
@@ -370,7 +370,7 @@ impl Dispy {
             st.client = Some(client);
             st.comps.insert(
                 compute.id,
-                Comp {
+                DispyComp {
                     compute,
                     node_id,
                     hashes: Default::default(),
@@ -771,7 +771,7 @@ impl Dispy {
             let comp = st.comps.get(&compute_id)?;
             (comp.hashes.get(&job).map(String::as_str) == Some(hash)).then_some(())?;
             let result = self.node.done_result(node_id, job).ok()??;
-            let reply = Reply {
+            let reply = JobReply {
                 uid: job,
                 hash,
                 ip_addr: &comp.compute.node_ip_addr,

@@ -368,7 +368,7 @@ pub fn dict<const N: usize>(items: [(&str, Value); N]) -> Value {
 }
 
 /// What a `_JobReply` says about one job.
-pub struct Reply<'a> {
+pub struct JobReply<'a> {
     pub uid: u64,
     pub hash: &'a str,
     pub ip_addr: &'a str,
@@ -376,7 +376,7 @@ pub struct Reply<'a> {
     pub result: &'a JobResult,
 }
 
-impl Reply<'_> {
+impl JobReply<'_> {
     /// `dispy._JobReply`, pickled. Function results arrive from the Python host as the hex of
     /// their pickle; a program's result is its exit code, its output bytes. dispy's
     /// JobCluster knows only Finished and Terminated from a node, so a job cancelled before it
@@ -600,7 +600,7 @@ mod tests {
             start_time: Some(1.5),
             ..Default::default()
         };
-        let bytes = Reply {
+        let bytes = JobReply {
             uid: 140_000_000_000_000,
             hash: "abc",
             ip_addr: "127.0.0.1",

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::limits::{RateLimiter, Throttled, PREAUTH_BUDGET};
 use crate::node::{Node, Owner, SessionId};
-use messages::{deserialize, dict, serialize, Compute, Reply};
+use messages::{deserialize, dict, serialize, Compute, JobReply};
 
 /// Job replies in flight at once, per node.
 const DELIVERIES: usize = 16;
@@ -74,7 +74,7 @@ pub struct Dispy {
 
 #[derive(Default)]
 struct State {
-    comps: HashMap<i64, Comp>,
+    comps: HashMap<i64, DispyComp>,
     /// The client (its address and port) the node serves; dispy's node serves one at a time,
     /// with any number of computations from it.
     client: Option<(String, u16)>,
@@ -84,7 +84,7 @@ struct State {
 /// A pickled `_JobReply`, where it goes, the node's computation id and the job's hash.
 type Outgoing = (Vec<u8>, (String, u16), String, String);
 
-struct Comp {
+struct DispyComp {
     compute: Compute,
     /// The computation's id in the node's state machine.
     node_id: String,
@@ -386,7 +386,7 @@ impl Dispy {
         let st = self.state.lock().unwrap();
         let comp = st.comps.get(&compute_id)?;
         let hash = comp.hashes.get(&uid)?.clone();
-        let reply = Reply {
+        let reply = JobReply {
             uid,
             hash: &hash,
             ip_addr: &comp.compute.node_ip_addr,

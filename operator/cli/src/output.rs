@@ -5,7 +5,7 @@ use std::time::Duration;
 use dispy_core::manifest::API_VERSION;
 use dispy_core::{ClientConfig, NodeClient};
 
-use crate::run::Outcome;
+use crate::run::JobReport;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Format {
@@ -14,7 +14,7 @@ pub enum Format {
     Json,
 }
 
-pub fn render(outcomes: &[Outcome], format: Format) -> String {
+pub fn render(outcomes: &[JobReport], format: Format) -> String {
     match format {
         Format::Table => table(outcomes),
         Format::Yaml => serde_yaml::to_string(&list(outcomes)).expect("serializable"),
@@ -23,7 +23,7 @@ pub fn render(outcomes: &[Outcome], format: Format) -> String {
 }
 
 /// The jobs as a Kubernetes List of DispyJob objects, as `kubectl get -o yaml` prints.
-fn list(outcomes: &[Outcome]) -> serde_json::Value {
+fn list(outcomes: &[JobReport]) -> serde_json::Value {
     let items: Vec<_> = outcomes
         .iter()
         .map(|o| {
@@ -39,7 +39,7 @@ fn list(outcomes: &[Outcome]) -> serde_json::Value {
     serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
-fn table(outcomes: &[Outcome]) -> String {
+fn table(outcomes: &[JobReport]) -> String {
     let rows: Vec<[String; 6]> = outcomes
         .iter()
         .map(|o| {

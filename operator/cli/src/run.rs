@@ -31,7 +31,7 @@ pub struct RunOptions {
 }
 
 /// One job's end state, for the table and the YAML/JSON output.
-pub struct Outcome {
+pub struct JobReport {
     pub name: String,
     pub cluster: String,
     pub namespace: String,
@@ -133,7 +133,7 @@ struct JobView {
 
 /// Connects to the nodes, ships each computation, submits the jobs, follows them to the end
 /// and closes the computations (cleanup runs on each node); local nodes are stopped last.
-pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<Outcome>, String> {
+pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<JobReport>, String> {
     let (addrs, local) = nodes_to_use(plan, opts).await?;
     let mut run = Run::new(plan, opts);
     run.connect(&addrs, local.is_empty()).await?;
@@ -628,12 +628,12 @@ impl<'a> Run<'a> {
         self.clients.clear();
     }
 
-    fn outcomes(self) -> Vec<Outcome> {
+    fn outcomes(self) -> Vec<JobReport> {
         let (plan, started) = (self.plan, self.started);
         plan.jobs
             .iter()
             .zip(self.views)
-            .map(|(job, v)| Outcome {
+            .map(|(job, v)| JobReport {
                 name: job.name.clone(),
                 cluster: plan.clusters[job.cluster].name.clone(),
                 namespace: plan.clusters[job.cluster].namespace.clone(),

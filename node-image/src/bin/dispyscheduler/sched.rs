@@ -130,7 +130,7 @@ pub struct Target {
 
 /// A job reply on its way to the client.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
+pub enum ClientReply {
     /// The node's `_JobReply`, its hash set back to the client's.
     Node(Arc<Value>),
     /// A reply made here: a job cancelled before it ran, or abandoned with its node.
@@ -158,7 +158,7 @@ pub enum ToClient {
     /// The computation is no longer on a node.
     NodeClosed { ip: String },
     /// A job's result (answered with ACK; see [`Scheduler::delivered`]).
-    Result { uid: Uid, reply: Reply },
+    Result { uid: Uid, reply: ClientReply },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -268,7 +268,7 @@ pub struct Cluster {
     /// When a job of it last got a cpu (a counter), for the fair order.
     served: u64,
     /// Results sent or to send, until the client acknowledges them.
-    undelivered: BTreeMap<Uid, (Reply, bool)>,
+    undelivered: BTreeMap<Uid, (ClientReply, bool)>,
     /// Nodes its client closed it on (`close_node`).
     closed_on: BTreeSet<String>,
 }
@@ -740,7 +740,7 @@ impl Scheduler {
     fn finish_made(&mut self, job: &Job, ip: String, status: i64) {
         if let Some(c) = self.clusters.get_mut(&job.compute_id) {
             c.pending = c.pending.saturating_sub(1);
-            let reply = Reply::Made {
+            let reply = ClientReply::Made {
                 hash: job.hash.clone(),
                 ip,
                 status,
@@ -1065,7 +1065,7 @@ impl Scheduler {
             drop(job);
         }
         if let Some(c) = self.clusters.get_mut(&id) {
-            let reply = Reply::Node(Arc::new(reply));
+            let reply = ClientReply::Node(Arc::new(reply));
             if status != status::PROVISIONAL {
                 c.undelivered.insert(uid, (reply.clone(), true));
             }

@@ -5,7 +5,7 @@
 use dispy_core::pickle::Value;
 
 use crate::messages::{dict, uid_value};
-use crate::sched::{set_attr, NodeAlloc, Reply, ToClient, Uid};
+use crate::sched::{set_attr, ClientReply, NodeAlloc, ToClient, Uid};
 
 /// Text that dispy sends as `str` or (hashes, auth codes) as `bytes`.
 pub fn text(v: &Value) -> Option<String> {
@@ -374,8 +374,8 @@ pub fn to_client(msg: &ToClient, compute_id: i64, client_auth: &Value, own_ip: &
         ToClient::Result { uid, reply } => ClientMsg {
             prefix: "JOB_REPLY:",
             body: match reply {
-                Reply::Node(v) => (**v).clone(),
-                Reply::Made { hash, ip, status } => {
+                ClientReply::Node(v) => (**v).clone(),
+                ClientReply::Made { hash, ip, status } => {
                     made_reply(*uid, hash, if ip.is_empty() { own_ip } else { ip }, *status)
                 }
             },

@@ -88,7 +88,7 @@ fn runs(actions: &[Action]) -> Vec<(Uid, String)> {
         .collect()
 }
 
-fn results(actions: &[Action]) -> Vec<(Uid, Reply)> {
+fn results(actions: &[Action]) -> Vec<(Uid, ClientReply)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -248,7 +248,7 @@ fn a_lost_node_requeues_reentrant_jobs_and_abandons_the_others() {
     assert!(s.job_reply(5.0, &live, first, &new_hash, 11, reply));
     let got = results(&settle(&mut s, 5.0));
     match &got[..] {
-        [(uid, Reply::Node(v))] => {
+        [(uid, ClientReply::Node(v))] => {
             assert_eq!(*uid, first);
             assert_eq!(v.attr("hash"), Some(&Value::from(format!("h{first}"))));
         }
@@ -262,7 +262,9 @@ fn a_lost_node_requeues_reentrant_jobs_and_abandons_the_others() {
     assert_eq!(on, vec![(j, live.clone())]);
     s.node_lost(6.0, &live);
     let got = results(&settle(&mut s, 6.0));
-    assert!(matches!(&got[..], [(u, Reply::Made { status: status::ABANDONED, .. })] if *u == j));
+    assert!(
+        matches!(&got[..], [(u, ClientReply::Made { status: status::ABANDONED, .. })] if *u == j)
+    );
     assert!(s.jobs.is_empty());
 }
 
@@ -312,7 +314,7 @@ fn cancel_of_a_queued_job_replies_cancelled_and_of_a_running_one_terminates_it()
     s.cancel(1.0, id, "a", queued).unwrap();
     let got = results(&settle(&mut s, 1.0));
     assert!(
-        matches!(&got[..], [(u, Reply::Made { status: status::CANCELLED, hash, .. })] if *u == queued && *hash == format!("h{queued}"))
+        matches!(&got[..], [(u, ClientReply::Made { status: status::CANCELLED, hash, .. })] if *u == queued && *hash == format!("h{queued}"))
     );
     s.cancel(1.0, id, "a", running).unwrap();
     let actions = settle(&mut s, 1.0);
@@ -469,7 +471,7 @@ fn a_restarted_node_loses_what_ran_there() {
     );
     let actions = settle(&mut s, 3.0);
     assert!(
-        matches!(&results(&actions)[..], [(u, Reply::Made { status: status::ABANDONED, .. })] if *u == uid)
+        matches!(&results(&actions)[..], [(u, ClientReply::Made { status: status::ABANDONED, .. })] if *u == uid)
     );
     assert_eq!(s.nodes["10.0.0.2"].auth, "new-token");
     assert!(s.nodes["10.0.0.2"].clusters.contains(&id), "set up again");
@@ -683,7 +685,7 @@ fn shutdown_ends_every_job_terminated_and_closes_every_computation() {
         assert!([running, queued].contains(&uid));
         assert!(matches!(
             reply,
-            Reply::Made {
+            ClientReply::Made {
                 status: status::TERMINATED,
                 ..
             }
@@ -721,7 +723,9 @@ fn a_job_acknowledged_but_not_queued_ends_cancelled_for_its_client() {
         .is_err());
     s.not_queued(id, uid, "h".into());
     let got = results(&s.take_actions());
-    assert!(matches!(&got[..], [(u, Reply::Made { status: status::CANCELLED, .. })] if *u == uid));
+    assert!(
+        matches!(&got[..], [(u, ClientReply::Made { status: status::CANCELLED, .. })] if *u == uid)
+    );
     assert_eq!(s.pending(id, "a").unwrap().1, 0);
     assert_eq!(
         s.set_node_cpus(0.0, id, "a", "10.0.0.2", 1),
