@@ -76,6 +76,32 @@ run_test() {
 
 fail() { echo "assertion failed: $*"; return 1; }
 
+# rust_tests CARGO-TEST-ARGS...: the Rust end-to-end tests (ignored by a plain cargo test; see
+# e2e/tests/src/lib.rs), one at a time, against this cluster; each test counts as one
+rust_tests() {
+  local out rc p f name
+  out=$(mktemp)
+  (cd "$REPO_DIR" && KUBECONFIG="$KUBECONFIG" KUBECTL="$KUBECTL" HELM="$HELM" E2E_STATE_DIR="$E2E_STATE_DIR" \
+    E2E_LOCAL=$LOCAL E2E_OPERATOR_NAMESPACE=dispy-system \
+    cargo test -q "$@" -- --ignored --test-threads=1 --format=pretty) >"$out" 2>&1
+  rc=$?
+  while read -r name; do echo "ok   - $name"; done < <(sed -n 's/^test \(.*\) \.\.\. ok$/\1/p' "$out")
+  while read -r name; do echo "FAIL - $name"; failures+=("$name"); done < <(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$out")
+  p=$(grep -aEo 'test result: (ok|FAILED)\. [0-9]+ passed; [0-9]+ failed' "$out" | awk '{p+=$4} END {print p+0}')
+  f=$(grep -aEo 'test result: (ok|FAILED)\. [0-9]+ passed; [0-9]+ failed' "$out" | awk '{f+=$6} END {print f+0}')
+  passed=$((passed + p))
+  failed=$((failed + f))
+  if ((rc != 0)); then
+    # the failures' panics and output; a build failure counts as one failed test
+    sed -n '/^failures:$/,/^test result/p' "$out" | sed 's/^/       | /' | tail -n 120
+    if ((f == 0)); then
+      failed=$((failed + 1)); failures+=("cargo test $*")
+      sed 's/^/       | /' "$out" | tail -n 40
+    fi
+  fi
+  rm -f "$out"
+}
+
 # wait_for SECONDS DESCRIPTION COMMAND...: polls until COMMAND succeeds
 wait_for() {
   local timeout=$1 what=$2 i
@@ -101,19 +127,6 @@ lease_renewed() { local v; v=$(k -n kube-node-lease get lease "$1" -o jsonpath='
 
 # the operator's DispyJob tests (t_op_*)
 source "$E2E_DIR/operator-tests.sh"
-
-t_control_plane_up() {
-  [[ "$(k get --raw /readyz)" == ok ]] || fail "/readyz is not ok"
-  [[ "$(k get --raw /livez)" == ok ]] || fail "/livez is not ok"
-  k get namespace default kube-system kube-node-lease >/dev/null || fail "system namespaces missing"
-  if [[ $LOCAL == 1 ]]; then
-    k version -o json | grep -q '"gitVersion": "v1.37' || fail "server is not v1.37"
-  fi
-  # the controller-manager works: it gives every namespace its root CA ConfigMap
-  k create namespace e2e-probe >/dev/null || return 1
-  wait_for 60 "kube-root-ca.crt in a new namespace" k -n e2e-probe get configmap kube-root-ca.crt || return 1
-  k delete namespace e2e-probe --wait=false >/dev/null
-}
 
 node_ready() { [[ "$(k get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
 
@@ -384,117 +397,6 @@ EOF
   k -n $NS delete pod sa-allowed sa-forbidden --wait=true --timeout=30s
 }
 
-t_crd_printer_columns() {
-  k apply -f - <<'EOF' || return 1
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: widgets.e2e.dispy.io}
-spec:
-  group: e2e.dispy.io
-  names: {kind: Widget, plural: widgets, singular: widget, shortNames: [wdg]}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    subresources: {status: {}}
-    additionalPrinterColumns:
-    - {name: Size, type: integer, jsonPath: .spec.size}
-    - {name: Phase, type: string, jsonPath: .status.phase}
-    - {name: Age, type: date, jsonPath: .metadata.creationTimestamp}
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec:
-            type: object
-            properties: {size: {type: integer, minimum: 1}}
-          status:
-            type: object
-            properties: {phase: {type: string}}
-EOF
-  k wait --for=condition=Established crd/widgets.e2e.dispy.io --timeout=60s || return 1
-  wait_for 30 "widgets served" k -n $NS get widgets || return 1
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w1}
-spec: {size: 7}
-EOF
-  # schema validation is enforced
-  if k -n $NS apply -f - <<'EOF' 2>/dev/null; then fail "size 0 accepted despite minimum: 1"; fi
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w0}
-spec: {size: 0}
-EOF
-  k -n $NS patch widget w1 --subresource=status --type=merge -p '{"status":{"phase":"Spinning"}}' || return 1
-  local out
-  out=$(k -n $NS get wdg)
-  echo "$out"
-  head -1 <<<"$out" | grep -Eq '^NAME +SIZE +PHASE +AGE' || fail "printer columns missing in header"
-  grep -Eq '^w1 +7 +Spinning ' <<<"$out" || fail "printer column values missing"
-}
-
-# dispy's own CRDs (crds/dispy.io.yaml, generated from the Rust types) on the real API server
-t_dispy_crds() {
-  local out
-  k apply -f "$REPO_DIR/crds/dispy.io.yaml" || return 1
-  k wait --for=condition=Established crd/jobclusters.dispy.io crd/dispyjobs.dispy.io --timeout=60s || return 1
-  wait_for 30 "jobclusters served" k -n $NS get jc || return 1
-  k explain jobcluster.spec.nodes.replicas | grep -q "Node pods to run" || fail "kubectl explain lacks the doc comment"
-  # the examples that `dispy run` takes are accepted as they are
-  k -n $NS apply -f "$REPO_DIR/docs/examples/checksums.yaml" || return 1
-  # CEL: exactly one of python or program
-  if out=$(k -n $NS apply -f - 2>&1 <<'EOF'
-apiVersion: dispy.io/v1alpha1
-kind: JobCluster
-metadata: {name: both}
-spec:
-  computation:
-    python: {source: "def f(): pass", function: f}
-    program: {command: [ls]}
-EOF
-  ); then fail "a JobCluster with both python and program was accepted"; fi
-  echo "$out"
-  grep -q "set exactly one of python or program" <<<"$out" || fail "the CEL message is missing"
-  # schema bounds
-  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"nodes":{"cpus":5000}}}' 2>&1); then
-    fail "cpus 5000 accepted"
-  fi
-  # CEL transition rule: a DispyJob's cluster cannot change
-  if out=$(k -n $NS patch dj checksums-md5 --type=merge -p '{"spec":{"cluster":"other"}}' 2>&1); then
-    fail "a DispyJob's cluster was changed"
-  fi
-  grep -q "cluster is immutable" <<<"$out" || fail "the immutability message is missing: $out"
-  # a JobCluster's computation and depends are fixed, as a Job's pod template is
-  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"computation":{"python":{"function":"other"}}}}' 2>&1); then
-    fail "a JobCluster's computation was changed"
-  fi
-  grep -q "computation and depends cannot change on an existing JobCluster" <<<"$out" || fail "the computation message is missing: $out"
-  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"depends":[{"configMapRef":{"name":"x"}}]}}' 2>&1); then
-    fail "a JobCluster's depends were changed"
-  fi
-  grep -q "computation and depends cannot change" <<<"$out" || fail "the depends message is missing: $out"
-  k -n $NS patch jc checksums --type=merge -p '{"spec":{"reentrant":true}}' >/dev/null || fail "a JobCluster's other fields cannot change"
-  # the scale subresource drives spec.nodes.replicas
-  k -n $NS scale jc/checksums --replicas=5 || return 1
-  field_is jc/checksums '{.spec.nodes.replicas}' 5 || fail "scale did not set spec.nodes.replicas"
-  # the dispy category lists both kinds
-  out=$(k -n $NS get dispy -o name) || return 1
-  grep -q "^jobcluster.dispy.io/checksums$" <<<"$out" || fail "kubectl get dispy lacks the JobCluster: $out"
-  grep -q "^dispyjob.dispy.io/checksums-md5$" <<<"$out" || fail "kubectl get dispy lacks the DispyJob: $out"
-  # printer columns, with a status written through the status subresource
-  k -n $NS patch dj checksums-md5 --subresource=status --type=merge \
-    -p '{"status":{"status":"Finished","node":"node-1","resultSummary":"4d19518"}}' || return 1
-  out=$(k -n $NS get jc checksums) && echo "$out"
-  head -1 <<<"$out" | grep -Eq '^NAME +NODES +CPUS +RUNNING +FINISHED +FAILED +PHASE +AGE' || fail "JobCluster columns"
-  out=$(k -n $NS get dj checksums-md5) && echo "$out"
-  head -1 <<<"$out" | grep -Eq '^NAME +CLUSTER +STATUS +NODE +RESULT +AGE' || fail "DispyJob columns"
-  grep -Eq '^checksums-md5 +checksums +Finished +node-1 +4d19518 ' <<<"$out" || fail "DispyJob column values" || return 1
-  k -n $NS delete -f "$REPO_DIR/docs/examples/checksums.yaml" --wait=true >/dev/null
-}
-
 operator_checks() {
   k -n $NS apply -f - <<'EOF'
 apiVersion: dispy.io/v1alpha1
@@ -544,68 +446,6 @@ t_operator_node_pods() {
   return $rc
 }
 
-gone() { ! k -n $NS get "$1" >/dev/null 2>&1 && k -n $NS get --raw /readyz >/dev/null; }
-
-t_ssa_finalizers_owner_refs() {
-  # server-side apply, and a conflict between two field managers
-  k -n $NS apply --server-side --field-manager=op-a -f - <<'EOF' || return 1
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w2, finalizers: [e2e.dispy.io/cleanup]}
-spec: {size: 2}
-EOF
-  if k -n $NS apply --server-side --field-manager=op-b -f - <<'EOF' 2>/dev/null; then
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w2}
-spec: {size: 3}
-EOF
-    fail "a second field manager changed spec.size without a conflict"
-  fi
-  field_is widget/w2 '{.spec.size}' 2 || fail "spec.size changed"
-  # a child owned by the custom resource
-  local uid
-  uid=$(k -n $NS get widget w2 -o jsonpath='{.metadata.uid}')
-  k -n $NS apply -f - <<EOF || return 1
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: w2-child
-  ownerReferences: [{apiVersion: e2e.dispy.io/v1, kind: Widget, name: w2, uid: "$uid"}]
-data: {a: b}
-EOF
-  # the finalizer holds the deletion until it is removed
-  k -n $NS delete widget w2 --wait=false || return 1
-  sleep 1
-  field_matches widget/w2 '{.metadata.deletionTimestamp}' '^20' || fail "no deletionTimestamp, or already gone"
-  k -n $NS get configmap w2-child >/dev/null || fail "child removed before its owner"
-  k -n $NS patch widget w2 --type=json -p '[{"op":"remove","path":"/metadata/finalizers"}]' || return 1
-  wait_for 30 "widget w2 gone" gone widget/w2 || return 1
-  wait_for 60 "child garbage-collected" gone configmap/w2-child || return 1
-}
-
-t_lease_create_renew() {
-  local t1 t2 rv1 rv2
-  t1=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
-  k -n $NS apply -f - <<EOF || return 1
-apiVersion: coordination.k8s.io/v1
-kind: Lease
-metadata: {name: e2e-leader}
-spec: {holderIdentity: candidate-a, leaseDurationSeconds: 15, renewTime: "$t1", leaseTransitions: 0}
-EOF
-  rv1=$(k -n $NS get lease e2e-leader -o jsonpath='{.metadata.resourceVersion}')
-  sleep 1
-  t2=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
-  k -n $NS patch lease e2e-leader --type=merge -p "{\"spec\":{\"renewTime\":\"$t2\"}}" || return 1
-  rv2=$(k -n $NS get lease e2e-leader -o jsonpath='{.metadata.resourceVersion}')
-  [[ "$(k -n $NS get lease e2e-leader -o jsonpath='{.spec.renewTime}')" == "$t2" ]] || fail "renewTime not updated"
-  [[ $rv1 != "$rv2" ]] || fail "resourceVersion unchanged by renewal"
-  # optimistic concurrency, which leader election relies on: a stale update is refused
-  if k -n $NS get lease e2e-leader -o json | sed "s/\"resourceVersion\": \"$rv2\"/\"resourceVersion\": \"$rv1\"/" |
-    k replace -f - 2>/dev/null; then
-    fail "update with a stale resourceVersion was accepted"
-  fi
-}
 
 t_helm_installs_a_chart() {
   local chart
@@ -624,151 +464,6 @@ t_helm_installs_a_chart() {
 # --- the dispy-operator Helm chart --------------------------------------------
 
 CHART="$REPO_DIR/charts/dispy-operator"
-
-# render ARGS...: helm template of the chart, as one JSON List (kubectl parses, the server maps kinds)
-render() {
-  local y
-  y=$("$HELM" template dispy-operator "$CHART" -n dispy-system "$@") || return 1
-  k create --dry-run=client -o json -f - <<<"$y" | jq -s '{items: .}'
-}
-# kinds JSON: the kinds of a rendered List, sorted, one line
-kinds() { jq -r '[.items[].kind] | sort | join(" ")' <<<"$1"; }
-# rules JSON KIND NAME NAMESPACE: that object's rules, one per line, as groups|resources|names|verbs
-rules_of() {
-  jq -r --arg k "$2" --arg n "$3" --arg ns "$4" '.items[] | select(.kind == $k and .metadata.name == $n and ((.metadata.namespace // "") == $ns))
-    | .rules[] | "\(.apiGroups | join(","))|\(.resources | join(","))|\((.resourceNames // []) | join(","))|\(.verbs | join(","))"' <<<"$1"
-}
-# what the operator needs where it watches, and not one verb more
-LEAST_PRIVILEGE='dispy.io|jobclusters,dispyjobs||get,list,watch,patch,update
-dispy.io|jobclusters/status,dispyjobs/status||get,patch,update
-dispy.io|jobclusters/finalizers,dispyjobs/finalizers||update
-|pods||get,list,watch,create,delete
-|services||get,list,watch,create,patch
-|secrets||get,list,watch,create
-|configmaps||get,list,watch,create,patch,update,delete
-|events||create,patch
-events.k8s.io|events||create,patch'
-LEADER_ELECTION='coordination.k8s.io|leases||create
-coordination.k8s.io|leases|dispy-operator|get,patch'
-
-t_helm_chart_lint_template() {
-  local out app dep args
-  "$HELM" lint --strict "$CHART" || fail "helm lint --strict" || return 1
-  "$HELM" lint --strict "$CHART" --set 'watchNamespaces={team-a,team-b}' --set leaderElection.enabled=false \
-    --set serviceMonitor.enabled=true || fail "helm lint --strict with options" || return 1
-  cmp "$CHART/crds/dispy.io.yaml" "$REPO_DIR/crds/dispy.io.yaml" || fail "the chart's CRDs differ from crds/" || return 1
-  app=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")
-  [[ $app == "$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_DIR/Cargo.toml" | head -1)" ]] ||
-    fail "appVersion $app is not the workspace version" || return 1
-  "$HELM" template x "$CHART" --include-crds | grep -c '^kind: CustomResourceDefinition$' | grep -qx 2 ||
-    fail "--include-crds lacks the 2 CRDs" || return 1
-  # the packaged chart carries the CRDs themselves
-  local pkg
-  pkg=$(mktemp -d)
-  "$HELM" package "$CHART" -d "$pkg" >/dev/null || fail "helm package" || return 1
-  tar -xzOf "$pkg/dispy-operator-"*.tgz dispy-operator/crds/dispy.io.yaml | cmp - "$REPO_DIR/crds/dispy.io.yaml" ||
-    fail "the packaged chart's CRDs differ from crds/" || return 1
-  rm -rf "$pkg"
-
-  # defaults: every namespace (ClusterRole), leader election, metrics Service, no ServiceMonitor
-  out=$(render) || return 1
-  [[ "$(kinds "$out")" == "ClusterRole ClusterRoleBinding Deployment Role RoleBinding Service ServiceAccount" ]] ||
-    fail "default kinds: $(kinds "$out")" || return 1
-  [[ "$(rules_of "$out" ClusterRole dispy-operator '')" == "$LEAST_PRIVILEGE" ]] ||
-    fail "ClusterRole rules are not the least-privilege set:" "$(rules_of "$out" ClusterRole dispy-operator '')" || return 1
-  [[ "$(rules_of "$out" Role dispy-operator-leader-election dispy-system)" == "$LEADER_ELECTION" ]] ||
-    fail "leader-election Role:" "$(rules_of "$out" Role dispy-operator-leader-election dispy-system)" || return 1
-  jq -e '.items[] | select(.kind == "ClusterRoleBinding") | .roleRef.name == "dispy-operator"
-    and .subjects == [{"kind": "ServiceAccount", "name": "dispy-operator", "namespace": "dispy-system"}]' <<<"$out" >/dev/null ||
-    fail "ClusterRoleBinding does not bind the ClusterRole to the ServiceAccount" || return 1
-  dep=$(jq '.items[] | select(.kind == "Deployment")' <<<"$out")
-  jq -e '.spec.replicas == 1 and .spec.template.spec.serviceAccountName == "dispy-operator"
-    and (.spec.template.spec.securityContext | .runAsNonRoot == true and .seccompProfile.type == "RuntimeDefault")
-    and (.spec.template.spec.containers[0] | .image == "dispy/operator:'"$app"'"
-      and (.securityContext | .runAsNonRoot == true and .readOnlyRootFilesystem == true
-        and .allowPrivilegeEscalation == false and .capabilities.drop == ["ALL"]
-        and .seccompProfile.type == "RuntimeDefault")
-      and .resources.requests.cpu != null and .resources.requests.memory != null and .resources.limits.memory != null
-      and .livenessProbe.httpGet.path == "/healthz" and .readinessProbe.httpGet.path == "/readyz"
-      and .livenessProbe.httpGet.port == "metrics" and .ports[0].containerPort == 8080
-      and (.env[] | select(.name == "POD_NAMESPACE") | .valueFrom.fieldRef.fieldPath == "metadata.namespace")
-      and (.env[] | select(.name == "RUST_LOG") | .value == "info"))' <<<"$dep" >/dev/null ||
-    { echo "$dep"; fail "Deployment: security context, resources, probes, image or env"; } || return 1
-  args=$(jq -r '.spec.template.spec.containers[0].args | join(" ")' <<<"$dep")
-  [[ $args == "run --node-image=dispy/node:$app --metrics-addr=0.0.0.0:8080 --log-format=json --leader-elect --lease-name=dispy-operator" ]] ||
-    fail "operator args: $args" || return 1
-  jq -e '.items[] | select(.kind == "Service") | .spec.ports[0].targetPort == "metrics"
-    and .spec.selector == {"app.kubernetes.io/name": "dispy-operator", "app.kubernetes.io/instance": "dispy-operator"}' <<<"$out" >/dev/null ||
-    fail "metrics Service" || return 1
-
-  # watched namespaces: a Role and RoleBinding in each, nothing cluster-wide
-  out=$(render --set 'watchNamespaces={team-a,team-b}' --set leaderElection.enabled=false --set logFormat=text \
-    --set logLevel=dispy_operator=debug) || return 1
-  [[ "$(kinds "$out")" == "Deployment Role Role RoleBinding RoleBinding Service ServiceAccount" ]] ||
-    fail "kinds with watchNamespaces, no leader election: $(kinds "$out")" || return 1
-  local ns
-  for ns in team-a team-b; do
-    [[ "$(rules_of "$out" Role dispy-operator $ns)" == "$LEAST_PRIVILEGE" ]] || fail "Role in $ns:" "$(rules_of "$out" Role dispy-operator $ns)" || return 1
-    jq -e --arg ns $ns '.items[] | select(.kind == "RoleBinding" and .metadata.namespace == $ns)
-      | .roleRef == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dispy-operator"}
-      and .subjects == [{"kind": "ServiceAccount", "name": "dispy-operator", "namespace": "dispy-system"}]' <<<"$out" >/dev/null ||
-      fail "RoleBinding in $ns" || return 1
-  done
-  dep=$(jq '.items[] | select(.kind == "Deployment")' <<<"$out")
-  args=$(jq -r '.spec.template.spec.containers[0].args | join(" ")' <<<"$dep")
-  [[ $args == "run --node-image=dispy/node:$app --metrics-addr=0.0.0.0:8080 --log-format=text --namespaces=team-a,team-b" ]] ||
-    fail "operator args with watchNamespaces: $args" || return 1
-  jq -e '.spec.strategy.type == "Recreate" and (.spec.template.spec.containers[0].env[] | select(.name == "RUST_LOG") | .value == "dispy_operator=debug")' \
-    <<<"$dep" >/dev/null || fail "no leader election: Recreate strategy and RUST_LOG" || return 1
-
-  # names: `helm install dispy` gives dispy-operator, another release x gives x-dispy-operator
-  [[ "$("$HELM" template dispy "$CHART" --show-only templates/deployment.yaml | grep -m1 '^  name:')" == "  name: dispy-operator" ]] ||
-    fail "release dispy does not give dispy-operator" || return 1
-  [[ "$("$HELM" template x "$CHART" --show-only templates/deployment.yaml | grep -m1 '^  name:')" == "  name: x-dispy-operator" ]] ||
-    fail "release x does not give x-dispy-operator" || return 1
-
-  # the finalizer policy: rendered where the cluster serves MutatingAdmissionPolicy v1, bound to
-  # the watched namespaces only; off with jobFinalizerPolicy=false
-  local map=(--api-versions admissionregistration.k8s.io/v1/MutatingAdmissionPolicy)
-  out=$(render "${map[@]}" --set 'watchNamespaces={team-a,team-b}') || return 1
-  jq -e '[.items[] | select(.kind == "MutatingAdmissionPolicy")] | length == 1 and (.[0]
-    | .spec.matchConstraints.resourceRules[0].resources == ["dispyjobs"] and .spec.failurePolicy == "Ignore"
-    and (.spec.mutations[0].applyConfiguration.expression | contains("dispy.io/terminate")))' <<<"$out" >/dev/null ||
-    fail "MutatingAdmissionPolicy" || return 1
-  jq -e '.items[] | select(.kind == "MutatingAdmissionPolicyBinding") | .spec.policyName == "dispy-operator-job-finalizer"
-    and .spec.matchResources.namespaceSelector.matchExpressions == [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]' \
-    <<<"$out" >/dev/null || fail "MutatingAdmissionPolicyBinding does not select the watched namespaces" || return 1
-  out=$(render "${map[@]}") || return 1
-  jq -e '.items[] | select(.kind == "MutatingAdmissionPolicyBinding") | .spec.matchResources == null' <<<"$out" >/dev/null ||
-    fail "MutatingAdmissionPolicyBinding for all namespaces" || return 1
-  out=$(render "${map[@]}" --set jobFinalizerPolicy=false) || return 1
-  ! jq -e '.items[] | select(.kind == "MutatingAdmissionPolicy")' <<<"$out" >/dev/null ||
-    fail "jobFinalizerPolicy=false still renders the policy" || return 1
-
-  # toggles: ServiceMonitor on, metrics Service off, images
-  out=$("$HELM" template dispy-operator "$CHART" --set serviceMonitor.enabled=true) || return 1
-  grep -q '^kind: ServiceMonitor$' <<<"$out" || fail "serviceMonitor.enabled=true renders no ServiceMonitor" || return 1
-  out=$("$HELM" template dispy-operator "$CHART" --set metrics.enabled=false) || return 1
-  ! grep -q '^kind: Service$' <<<"$out" || fail "metrics.enabled=false still renders a Service" || return 1
-  out=$("$HELM" template dispy-operator "$CHART" --set image.tag=dev --set nodeImage.repository=reg.example/node --set nodeImage.tag=v7) || return 1
-  grep -q 'image: "dispy/operator:dev"' <<<"$out" || fail "image.tag not used" || return 1
-  grep -q -- '--node-image=reg.example/node:v7' <<<"$out" || fail "nodeImage not used" || return 1
-
-  # the values schema refuses wrong types, unknown keys and bad enums
-  if out=$("$HELM" template dispy-operator "$CHART" --set leaderElection.enabled=notabool 2>&1); then
-    fail "leaderElection.enabled=notabool accepted" || return 1
-  fi
-  echo "$out"
-  grep -q "/leaderElection/enabled" <<<"$out" || fail "the schema error does not name leaderElection.enabled" || return 1
-  if "$HELM" template dispy-operator "$CHART" --set logFormat=xml >/dev/null 2>&1; then fail "logFormat=xml accepted" || return 1; fi
-  if "$HELM" template dispy-operator "$CHART" --set leaderElect=true >/dev/null 2>&1; then fail "unknown key leaderElect accepted" || return 1; fi
-  if "$HELM" template dispy-operator "$CHART" --set metrics.port=70000 >/dev/null 2>&1; then fail "metrics.port 70000 accepted" || return 1; fi
-  if "$HELM" template dispy-operator "$CHART" --set 'watchNamespaces={Bad_Name}' >/dev/null 2>&1; then fail "namespace Bad_Name accepted" || return 1; fi
-  # two replicas without a Lease would both reconcile
-  if "$HELM" template dispy-operator "$CHART" --set replicaCount=2 --set leaderElection.enabled=false >/dev/null 2>&1; then
-    fail "replicaCount=2 without leader election accepted" || return 1
-  fi
-}
 
 # helm install: the operator runs as a pod (a process of the process kubelet) under its
 # service account with the chart's RBAC, holds its Lease and reconciles a JobCluster
@@ -977,6 +672,10 @@ if [[ $LOCAL == 1 ]]; then
   phase "build process kubelet (Rust)"
   (cd "$REPO_DIR" && cargo build -q -p process-kubelet -p dispynode -p dispy-operator) || phase_failed "build process kubelet"
   phase_done "build process kubelet"
+  phase "build the Rust end-to-end tests"
+  (cd "$REPO_DIR" && cargo test -q --no-run -p dispy-e2e && cargo test -q --no-run -p dispy-operator --test chart) ||
+    phase_failed "build the Rust end-to-end tests"
+  phase_done "build the Rust end-to-end tests"
   phase "cluster up"
   "$E2E_DIR/cluster" up || {
     for f in "$E2E_STATE_DIR"/logs/*.log; do echo "--- $f"; tail -n 20 "$f"; done
@@ -994,7 +693,6 @@ fi
 
 phase "tests"
 k create namespace $NS >/dev/null || phase_failed "create namespace $NS"
-run_test "control plane is up and controllers run" t_control_plane_up
 if [[ $LOCAL == 1 ]]; then
   run_test "process nodes are Ready with Lease heartbeats" t_nodes_ready
   run_test "Deployment of 2 becomes Available with distinct pod IPs" t_deployment_available
@@ -1005,12 +703,10 @@ if [[ $LOCAL == 1 ]]; then
   run_test "tcpSocket readiness: Ready when listening, not Ready when not" t_tcp_readiness_probe
   run_test "a pod reaches the API server as its service account" t_service_account_access_from_a_pod
 fi
-run_test "CRD with printer columns, schema and status subresource" t_crd_printer_columns
-run_test "server-side apply conflicts, finalizers, owner references on a custom resource" t_ssa_finalizers_owner_refs
-run_test "Lease create and renew" t_lease_create_renew
 run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
-run_test "dispy CRDs: explain, CEL rules, scale, category, printer columns" t_dispy_crds
-run_test "helm chart: lint --strict, template (kinds, security context, least-privilege RBAC, Roles per watched namespace, values schema)" t_helm_chart_lint_template
+# the API server as the operator relies on it, dispy's CRDs, the chart's render checks
+rust_tests -p dispy-e2e --test api_server --test crds
+rust_tests -p dispy-operator --test chart
 if [[ $LOCAL == 1 ]]; then
   run_test "helm chart: install, operator pod Available under its account, CRDs, Lease, metrics, RBAC, watchNamespaces upgrade, uninstall" t_helm_install_operator
 fi
