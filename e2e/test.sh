@@ -712,21 +712,11 @@ if [[ $LOCAL == 1 ]]; then
 fi
 if [[ $LOCAL == 1 ]]; then
   run_test "operator: node pods, Service, Secret, status, scale, garbage collection" t_operator_node_pods
-  # DispyJobs end to end, with the operator the chart installs
-  run_test "operator from the chart: installed and Ready" t_op_install
-  run_test "operator: the examples reach their statuses; kubectl get/wait; Events; one port per cluster" t_op_examples
-  run_test "operator: a job naming a missing cluster waits (condition, Event) and runs once it exists" t_op_cluster_appears_later
-  run_test "operator: deleting a running DispyJob terminates its process on the node" t_op_delete_running_job
-  run_test "operator: node killed, reentrant: its job finishes on the other node" t_op_reentrant_node_killed
-  run_test "operator: node killed, not reentrant: its job is Abandoned" t_op_not_reentrant_node_killed
-  run_test "operator killed mid-run: every job ends Finished and none ran twice" t_op_killed_mid_run
-  run_test "operator: a JobCluster without computation is a node pool with its addresses in status" t_op_node_pool
-  run_test "operator: /metrics, /readyz, Lease held" t_op_metrics
-  run_test "operator: suspend holds jobs; big output bounded with its ConfigMap; activeDeadlineSeconds; cleanup on delete" t_op_suspend_output_deadline_cleanup
-  run_test "operator: a running job's provisional result in status (ProvisionalResult), its sent file in a ConfigMap it owns" t_op_provisional_and_sent_files
-  run_test "operator: spec.tls — node pods serve TLS with the Secret, the operator pins it, a job runs" t_op_tls
-  run_test "operator: two replicas, the leader's pod deleted: the standby takes the Lease and runs jobs" t_op_leader_failover
-  run_test "operator from the chart: uninstalled" t_op_uninstall
+  # DispyJobs end to end, with the operator the chart installs (e2e/tests/tests/*.rs)
+  run_test "bring-up: the operator from the chart installed and Ready" op_install
+  rust_tests -p dispy-e2e --test install --test examples --test jobs --test node_loss --test operator_restart \
+    --test node_pool --test metrics --test provisional --test tls --test leader_election
+  run_test "bring-down: the operator from the chart uninstalled" op_uninstall
   run_test "operator in a private network namespace: spec.nodes.discover finds a bare-metal node by UDP broadcast and runs a job there" t_op_discover
   t_op_discover_cleanup
 fi
