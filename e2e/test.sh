@@ -116,7 +116,7 @@ wait_for() {
 
 # --- tests -------------------------------------------------------------------
 
-# installing the chart's operator for the Rust tests; the discovery test
+# installing and uninstalling the chart's operator for the Rust tests
 source "$E2E_DIR/operator-tests.sh"
 
 node_ready() { [[ "$(k get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
@@ -209,8 +209,8 @@ if [[ $LOCAL == 1 ]]; then
   rust_tests -p dispy-e2e --test install --test examples --test jobs --test node_loss --test operator_restart \
     --test node_pool --test metrics --test provisional --test tls --test leader_election
   run_test "bring-down: the operator from the chart uninstalled" op_uninstall
-  run_test "operator in a private network namespace: spec.nodes.discover finds a bare-metal node by UDP broadcast and runs a job there" t_op_discover
-  t_op_discover_cleanup
+  # an operator in a private network namespace finds a bare-metal node by UDP broadcast
+  rust_tests -p dispy-e2e --test discovery
 fi
 if [[ $LOCAL == 1 ]]; then
   # these two restart and then remove the cluster: keep them last
