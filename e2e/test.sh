@@ -116,8 +116,25 @@ wait_for() {
 
 # --- tests -------------------------------------------------------------------
 
-# installing and uninstalling the chart's operator for the Rust tests
-source "$E2E_DIR/operator-tests.sh"
+# bring-up for the operator's Rust tests: the chart's operator (under the process kubelet its
+# pod is a local process, and node pods are local dispynode processes)
+OP_NS=dispy-system
+
+op_ready() { [[ "$(k -n $OP_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{.items[0].status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
+
+op_install() {
+  "$HELM" install dispy "$REPO_DIR/charts/dispy-operator" -n $OP_NS --create-namespace \
+    --set-string 'metrics.bindAddress=$(POD_IP)' --set logFormat=text \
+    --wait --timeout 120s || return 1
+  wait_for 60 "operator Ready" op_ready
+}
+
+# the tests' namespaces go first, while the operator runs (their DispyJobs' finalizers are its)
+op_uninstall() {
+  k delete namespace -l dispy.io/e2e=true --wait=true --timeout=120s >/dev/null || fail "the tests' namespaces not deleted" || return 1
+  "$HELM" uninstall dispy -n $OP_NS --wait --timeout 60s || return 1
+  k delete namespace $OP_NS --wait=false >/dev/null 2>&1
+}
 
 node_ready() { [[ "$(k get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
 
