@@ -82,7 +82,7 @@ rust_tests() {
   local out rc p f name
   out=$(mktemp)
   (cd "$REPO_DIR" && KUBECONFIG="$KUBECONFIG" KUBECTL="$KUBECTL" HELM="$HELM" E2E_STATE_DIR="$E2E_STATE_DIR" \
-    E2E_LOCAL=$LOCAL E2E_OPERATOR_NAMESPACE=dispy-system \
+    E2E_LOCAL=$LOCAL E2E_OPERATOR_NAMESPACE=dispy-system RUST_BACKTRACE=0 \
     cargo test -q "$@" -- --ignored --test-threads=1 --format=pretty) >"$out" 2>&1
   rc=$?
   while read -r name; do echo "ok   - $name"; done < <(sed -n 's/^test \(.*\) \.\.\. ok$/\1/p' "$out")
