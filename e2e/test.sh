@@ -76,6 +76,32 @@ run_test() {
 
 fail() { echo "assertion failed: $*"; return 1; }
 
+# rust_tests CARGO-TEST-ARGS...: the Rust end-to-end tests (ignored by a plain cargo test; see
+# e2e/tests/src/lib.rs), one at a time, against this cluster; each test counts as one
+rust_tests() {
+  local out rc p f name
+  out=$(mktemp)
+  (cd "$REPO_DIR" && KUBECONFIG="$KUBECONFIG" KUBECTL="$KUBECTL" HELM="$HELM" E2E_STATE_DIR="$E2E_STATE_DIR" \
+    E2E_LOCAL=$LOCAL E2E_OPERATOR_NAMESPACE=dispy-system RUST_BACKTRACE=0 \
+    cargo test -q "$@" -- --ignored --test-threads=1 --format=pretty) >"$out" 2>&1
+  rc=$?
+  while read -r name; do echo "ok   - $name"; done < <(sed -n 's/^test \(.*\) \.\.\. ok$/\1/p' "$out")
+  while read -r name; do echo "FAIL - $name"; failures+=("$name"); done < <(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$out")
+  p=$(grep -aEo 'test result: (ok|FAILED)\. [0-9]+ passed; [0-9]+ failed' "$out" | awk '{p+=$4} END {print p+0}')
+  f=$(grep -aEo 'test result: (ok|FAILED)\. [0-9]+ passed; [0-9]+ failed' "$out" | awk '{f+=$6} END {print f+0}')
+  passed=$((passed + p))
+  failed=$((failed + f))
+  if ((rc != 0)); then
+    # the failures' panics and output; a build failure counts as one failed test
+    sed -n '/^failures:$/,/^test result/p' "$out" | sed 's/^/       | /' | tail -n 120
+    if ((f == 0)); then
+      failed=$((failed + 1)); failures+=("cargo test $*")
+      sed 's/^/       | /' "$out" | tail -n 40
+    fi
+  fi
+  rm -f "$out"
+}
+
 # wait_for SECONDS DESCRIPTION COMMAND...: polls until COMMAND succeeds
 wait_for() {
   local timeout=$1 what=$2 i
@@ -87,843 +113,30 @@ wait_for() {
   fail "timed out after ${timeout}s waiting for: $what"
 }
 
-# field_is KIND/NAME JSONPATH VALUE (in $NS): kubectl must succeed and print VALUE
-field_is() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; [[ $v == "$3" ]]; }
-field_matches() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; [[ $v =~ $3 ]]; }
-field_at_least() { local v; v=$(k -n $NS get "$1" -o jsonpath="$2") || return 1; [[ -n $v ]] && ((v >= $3)); }
-# none_left KIND SELECTOR: kubectl must succeed and list nothing
-none_left() { local v; v=$(k -n $NS get "$1" -l "$2" -o name) || return 1; [[ -z $v ]]; }
-# has_event POD REASON: the kubelet recorded an Event with that reason on the pod
-has_event() { local v; v=$(k -n $NS get events --field-selector "involvedObject.name=$1,reason=$2" -o name) || return 1; [[ -n $v ]]; }
-lease_renewed() { local v; v=$(k -n kube-node-lease get lease "$1" -o jsonpath='{.spec.renewTime}') || return 1; [[ -n $v && $v != "$2" ]]; }
 
 # --- tests -------------------------------------------------------------------
 
-# the operator's DispyJob tests (t_op_*)
-source "$E2E_DIR/operator-tests.sh"
+# bring-up for the operator's Rust tests: the chart's operator (under the process kubelet its
+# pod is a local process, and node pods are local dispynode processes)
+OP_NS=dispy-system
 
-t_control_plane_up() {
-  [[ "$(k get --raw /readyz)" == ok ]] || fail "/readyz is not ok"
-  [[ "$(k get --raw /livez)" == ok ]] || fail "/livez is not ok"
-  k get namespace default kube-system kube-node-lease >/dev/null || fail "system namespaces missing"
-  if [[ $LOCAL == 1 ]]; then
-    k version -o json | grep -q '"gitVersion": "v1.37' || fail "server is not v1.37"
-  fi
-  # the controller-manager works: it gives every namespace its root CA ConfigMap
-  k create namespace e2e-probe >/dev/null || return 1
-  wait_for 60 "kube-root-ca.crt in a new namespace" k -n e2e-probe get configmap kube-root-ca.crt || return 1
-  k delete namespace e2e-probe --wait=false >/dev/null
+op_ready() { [[ "$(k -n $OP_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{.items[0].status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
+
+op_install() {
+  "$HELM" install dispy "$REPO_DIR/charts/dispy-operator" -n $OP_NS --create-namespace \
+    --set-string 'metrics.bindAddress=$(POD_IP)' --set logFormat=text \
+    --wait --timeout 120s || return 1
+  wait_for 60 "operator Ready" op_ready
+}
+
+# the tests' namespaces go first, while the operator runs (their DispyJobs' finalizers are its)
+op_uninstall() {
+  k delete namespace -l dispy.io/e2e=true --wait=true --timeout=120s >/dev/null || fail "the tests' namespaces not deleted" || return 1
+  "$HELM" uninstall dispy -n $OP_NS --wait --timeout 60s || return 1
+  k delete namespace $OP_NS --wait=false >/dev/null 2>&1
 }
 
 node_ready() { [[ "$(k get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
-
-t_nodes_ready() {
-  k get nodes -o wide
-  local n
-  for n in e2e-node-1 e2e-node-2; do
-    node_ready "$n" || fail "node $n is not Ready"
-  done
-  [[ "$(k get node e2e-node-1 -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')" == 127.0.0.11 ]] ||
-    fail "e2e-node-1 InternalIP is not 127.0.0.11"
-  [[ "$(k get node e2e-node-2 -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')" == 127.0.0.12 ]] ||
-    fail "e2e-node-2 InternalIP is not 127.0.0.12"
-  [[ "$(k get node e2e-node-1 -o jsonpath='{.status.capacity.cpu}')" == 4 ]] || fail "cpu capacity is not 4"
-  # the heartbeat: the node Lease is renewed
-  local r1 r2
-  r1=$(k -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}') || fail "no Lease for e2e-node-1"
-  sleep 3
-  wait_for 20 "Lease renewal" lease_renewed e2e-node-1 "$r1" || return 1
-  r2=$(k -n kube-node-lease get lease e2e-node-1 -o jsonpath='{.spec.renewTime}')
-  echo "lease renewTime $r1 -> $r2"
-  # no not-ready taint left, so pods schedule
-  [[ -z "$(k get node e2e-node-1 -o jsonpath='{.spec.taints}')" ]] || fail "e2e-node-1 still tainted: $(k get node e2e-node-1 -o jsonpath='{.spec.taints}')"
-}
-
-apply_web() {
-  k -n $NS apply -f - <<'EOF'
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: web
-        image: e2e/python:3
-        command: [python3, -m, http.server, --bind, $(POD_IP), "8080"]
-        env:
-        - name: POD_IP
-          valueFrom: {fieldRef: {fieldPath: status.podIP}}
-        ports: [{name: http, containerPort: 8080}]
-        readinessProbe:
-          httpGet: {path: /, port: http}
-          periodSeconds: 1
-EOF
-}
-
-pod_ips() { k -n $NS get pods -l app=web -o jsonpath='{range .items[*]}{.status.podIP}{"\n"}{end}'; }
-
-t_deployment_available() {
-  apply_web || return 1
-  k -n $NS wait --for=condition=Available deployment/web --timeout=120s || { k -n $NS get pods -o wide; return 1; }
-  k -n $NS get pods -o wide
-  local ips
-  mapfile -t ips < <(pod_ips)
-  [[ ${#ips[@]} == 2 ]] || fail "expected 2 pods, got ${#ips[@]}"
-  [[ -n "${ips[0]}" && "${ips[0]}" != "${ips[1]}" ]] || fail "pod IPs not distinct: ${ips[*]}"
-  local ip
-  for ip in "${ips[@]}"; do
-    [[ $ip == 127.* ]] || fail "pod IP $ip is not loopback"
-    # each pod answers on its own address
-    curl -sf --max-time 5 "http://$ip:8080/" >/dev/null || fail "no answer from pod at $ip:8080"
-  done
-}
-
-pod_field() { k -n $NS get pod "$1" -o jsonpath="$2"; }
-
-t_killed_process_restarts() {
-  local pod pid newpid
-  pod=$(k -n $NS get pods -l app=web -o jsonpath='{.items[0].metadata.name}')
-  [[ -n $pod ]] || fail "no web pod"
-  pid=$(pod_field "$pod" '{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
-  [[ -d /proc/$pid ]] || fail "process $pid of pod $pod does not exist"
-  echo "killing pid $pid of pod $pod"
-  kill -KILL "$pid"
-  wait_for 60 "restartCount >= 1" field_at_least "pod/$pod" '{.status.containerStatuses[0].restartCount}' 1 || return 1
-  wait_for 60 "pod Ready again" field_is "pod/$pod" '{.status.containerStatuses[0].ready}' true || return 1
-  newpid=$(pod_field "$pod" '{.status.containerStatuses[0].containerID}'); newpid=${newpid#process://}
-  [[ $newpid != "$pid" && -d /proc/$newpid ]] || fail "no new process (old $pid, new $newpid)"
-  [[ "$(pod_field "$pod" '{.status.containerStatuses[0].lastState.terminated.exitCode}')" == 137 ]] ||
-    fail "lastState exitCode is not 137 (SIGKILL): $(pod_field "$pod" '{.status.containerStatuses[0].lastState}')"
-  # kubectl logs reaches the kubelet API through the API server
-  k -n $NS logs "$pod" --tail=50 | grep -q "Serving HTTP on" || fail "kubectl logs does not show the server's output"
-  # and says so in Events, as a kubelet does
-  wait_for 30 "Started event" has_event "$pod" Started || return 1
-  wait_for 30 "BackOff event" has_event "$pod" BackOff || return 1
-  k -n $NS wait --for=condition=Available deployment/web --timeout=60s
-}
-
-t_delete_deployment_gc() {
-  local pids p
-  pids=$(k -n $NS get pods -l app=web -o jsonpath='{range .items[*]}{.status.containerStatuses[0].containerID}{"\n"}{end}' | sed 's#process://##')
-  [[ $(echo "$pids" | grep -c .) == 2 ]] || fail "expected 2 running processes, got: $pids"
-  k -n $NS get rs -l app=web --no-headers | grep -q . || fail "no ReplicaSet before delete"
-  k -n $NS delete deployment web --wait=false || return 1
-  wait_for 60 "ReplicaSet garbage-collected" none_left rs app=web || return 1
-  wait_for 60 "Pods removed" none_left pods app=web || return 1
-  for p in $pids; do
-    [[ ! -d /proc/$p ]] || fail "process $p still runs after its pod was deleted"
-  done
-}
-
-t_pod_env_volumes_exit_codes() {
-  k -n $NS create configmap cfg --from-literal=greeting=hello >/dev/null || return 1
-  k -n $NS create secret generic sec --from-literal=password=s3cret >/dev/null || return 1
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: v1
-kind: Pod
-metadata: {name: envcheck, labels: {tier: e2e}}
-spec:
-  restartPolicy: Never
-  volumes:
-  - {name: cfg, configMap: {name: cfg}}
-  - {name: sec, secret: {secretName: sec}}
-  - {name: scratch, emptyDir: {}}
-  - name: info
-    downwardAPI:
-      items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]
-  containers:
-  - name: check
-    image: e2e/shell
-    workingDir: /work
-    command: [sh, -c]
-    args:
-    - |
-      set -e
-      test "$GREETING" = hello
-      test "$PASSWORD" = s3cret
-      test "$POD_NAME" = envcheck
-      test "$POD_NS" = e2e-harness
-      case "$NODE" in e2e-node-1|e2e-node-2) ;; *) exit 1 ;; esac
-      test -n "$POD_IP"
-      test "$(cat "$CONTAINER_ROOT/etc/cfg/greeting")" = hello
-      test "$(cat "$SECRET_FILE")" = s3cret
-      grep -q 'tier="e2e"' "$CONTAINER_ROOT/etc/info/labels"
-      echo data > "$CONTAINER_ROOT/scratch/f" && test -s "$CONTAINER_ROOT/scratch/f"
-      test "$(pwd -P)" = "$(cd "$CONTAINER_ROOT/work" && pwd -P)"
-    env:
-    - {name: GREETING, valueFrom: {configMapKeyRef: {name: cfg, key: greeting}}}
-    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: sec, key: password}}}
-    - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
-    - {name: POD_NS, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
-    - {name: NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
-    - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
-    - {name: SECRET_FILE, value: /etc/sec/password}
-    volumeMounts:
-    - {name: cfg, mountPath: /etc/cfg}
-    - {name: sec, mountPath: /etc/sec}
-    - {name: scratch, mountPath: /scratch}
-    - {name: info, mountPath: /etc/info}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: exit3}
-spec:
-  restartPolicy: Never
-  containers:
-  - {name: main, image: e2e/shell, command: [sh, -c, "exit 3"]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: onfailure}
-spec:
-  restartPolicy: OnFailure
-  containers:
-  - name: main
-    image: e2e/shell
-    # fails on its first run, succeeds on the second
-    command: [sh, -c, 'if [ -e "$CONTAINER_ROOT/s/ran" ]; then exit 0; fi; touch "$CONTAINER_ROOT/s/ran"; exit 1']
-    volumeMounts: [{name: s, mountPath: /s}]
-  volumes: [{name: s, emptyDir: {}}]
-EOF
-  wait_for 60 "envcheck finished" field_matches pod/envcheck '{.status.phase}' 'Succeeded|Failed' || return 1
-  [[ "$(pod_field envcheck '{.status.phase}')" == Succeeded ]] ||
-    fail "envcheck: $(pod_field envcheck '{.status.phase} {.status.containerStatuses[0].state}')"
-  wait_for 60 "exit3 finished" field_is pod/exit3 '{.status.phase}' Failed || return 1
-  [[ "$(pod_field exit3 '{.status.containerStatuses[0].state.terminated.exitCode}')" == 3 ]] || fail "exit3: exit code not 3"
-  wait_for 60 "onfailure succeeded" field_is pod/onfailure '{.status.phase}' Succeeded || return 1
-  [[ "$(pod_field onfailure '{.status.containerStatuses[0].restartCount}')" == 1 ]] || fail "onfailure: restartCount not 1"
-  k -n $NS delete pod envcheck exit3 onfailure --wait=true --timeout=30s
-}
-
-t_grace_period_then_sigkill() {
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: v1
-kind: Pod
-metadata: {name: stubborn}
-spec:
-  terminationGracePeriodSeconds: 2
-  containers:
-  - name: main
-    image: e2e/shell
-    command: [sh, -c, 'trap "echo got TERM" TERM; while true; do sleep 0.2; done']
-    readinessProbe:
-      exec: {command: [sh, -c, 'test -n "$CONTAINER_ROOT"']}
-      periodSeconds: 1
-EOF
-  k -n $NS wait --for=condition=Ready pod/stubborn --timeout=60s || return 1
-  local pid t0 took
-  pid=$(pod_field stubborn '{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
-  t0=$(date +%s)
-  k -n $NS delete pod stubborn --timeout=30s || return 1
-  took=$(( $(date +%s) - t0 ))
-  echo "deleted in ${took}s"
-  [[ ! -d /proc/$pid ]] || fail "process $pid survived"
-  ((took >= 2)) || fail "pod went away in ${took}s, before its 2s grace period"
-}
-
-t_tcp_readiness_probe() {
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: v1
-kind: Pod
-metadata: {name: tcp-open}
-spec:
-  containers:
-  - name: main
-    image: e2e/python
-    command: [python3, -m, http.server, --bind, $(POD_IP), "9000"]
-    env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
-    readinessProbe: {tcpSocket: {port: 9000}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: tcp-closed}
-spec:
-  containers:
-  - name: main
-    image: e2e/shell
-    command: [sh, -c, 'sleep 600']
-    readinessProbe: {tcpSocket: {port: 9000}, periodSeconds: 1}
-EOF
-  k -n $NS wait --for=condition=Ready pod/tcp-open --timeout=60s || return 1
-  wait_for 30 "tcp-closed running" field_is pod/tcp-closed '{.status.phase}' Running || return 1
-  sleep 3
-  field_is pod/tcp-closed '{.status.conditions[?(@.type=="Ready")].status}' False ||
-    fail "tcp-closed is Ready although nothing listens on its port"
-  field_is pod/tcp-closed '{.status.containerStatuses[0].ready}' false || fail "tcp-closed container ready"
-  k -n $NS delete pod tcp-open tcp-closed --grace-period=1 --wait=true --timeout=30s
-}
-
-t_service_account_access_from_a_pod() {
-  k -n $NS create rolebinding default-view --clusterrole=view --serviceaccount=$NS:default >/dev/null || return 1
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: v1
-kind: Pod
-metadata: {name: sa-allowed}
-spec:
-  restartPolicy: Never
-  containers: [{name: main, image: e2e/kubectl, args: [get, pods]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: sa-forbidden}
-spec:
-  restartPolicy: Never
-  containers: [{name: main, image: e2e/kubectl, args: [get, nodes]}]
-EOF
-  # the pod acts as system:serviceaccount:e2e-harness:default, which may list
-  # pods in its namespace (view) but not nodes
-  wait_for 60 "sa-allowed finished" field_matches pod/sa-allowed '{.status.phase}' 'Succeeded|Failed' || return 1
-  wait_for 60 "sa-forbidden finished" field_matches pod/sa-forbidden '{.status.phase}' 'Succeeded|Failed' || return 1
-  field_is pod/sa-allowed '{.status.phase}' Succeeded || fail "listing pods with the pod's token failed"
-  field_is pod/sa-forbidden '{.status.phase}' Failed || fail "listing nodes with the pod's token succeeded: not the service account?"
-  k -n $NS delete pod sa-allowed sa-forbidden --wait=true --timeout=30s
-}
-
-t_crd_printer_columns() {
-  k apply -f - <<'EOF' || return 1
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: widgets.e2e.dispy.io}
-spec:
-  group: e2e.dispy.io
-  names: {kind: Widget, plural: widgets, singular: widget, shortNames: [wdg]}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    subresources: {status: {}}
-    additionalPrinterColumns:
-    - {name: Size, type: integer, jsonPath: .spec.size}
-    - {name: Phase, type: string, jsonPath: .status.phase}
-    - {name: Age, type: date, jsonPath: .metadata.creationTimestamp}
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec:
-            type: object
-            properties: {size: {type: integer, minimum: 1}}
-          status:
-            type: object
-            properties: {phase: {type: string}}
-EOF
-  k wait --for=condition=Established crd/widgets.e2e.dispy.io --timeout=60s || return 1
-  wait_for 30 "widgets served" k -n $NS get widgets || return 1
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w1}
-spec: {size: 7}
-EOF
-  # schema validation is enforced
-  if k -n $NS apply -f - <<'EOF' 2>/dev/null; then fail "size 0 accepted despite minimum: 1"; fi
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w0}
-spec: {size: 0}
-EOF
-  k -n $NS patch widget w1 --subresource=status --type=merge -p '{"status":{"phase":"Spinning"}}' || return 1
-  local out
-  out=$(k -n $NS get wdg)
-  echo "$out"
-  head -1 <<<"$out" | grep -Eq '^NAME +SIZE +PHASE +AGE' || fail "printer columns missing in header"
-  grep -Eq '^w1 +7 +Spinning ' <<<"$out" || fail "printer column values missing"
-}
-
-# dispy's own CRDs (crds/dispy.io.yaml, generated from the Rust types) on the real API server
-t_dispy_crds() {
-  local out
-  k apply -f "$REPO_DIR/crds/dispy.io.yaml" || return 1
-  k wait --for=condition=Established crd/jobclusters.dispy.io crd/dispyjobs.dispy.io --timeout=60s || return 1
-  wait_for 30 "jobclusters served" k -n $NS get jc || return 1
-  k explain jobcluster.spec.nodes.replicas | grep -q "Node pods to run" || fail "kubectl explain lacks the doc comment"
-  # the examples that `dispy run` takes are accepted as they are
-  k -n $NS apply -f "$REPO_DIR/docs/examples/checksums.yaml" || return 1
-  # CEL: exactly one of python or program
-  if out=$(k -n $NS apply -f - 2>&1 <<'EOF'
-apiVersion: dispy.io/v1alpha1
-kind: JobCluster
-metadata: {name: both}
-spec:
-  computation:
-    python: {source: "def f(): pass", function: f}
-    program: {command: [ls]}
-EOF
-  ); then fail "a JobCluster with both python and program was accepted"; fi
-  echo "$out"
-  grep -q "set exactly one of python or program" <<<"$out" || fail "the CEL message is missing"
-  # schema bounds
-  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"nodes":{"cpus":5000}}}' 2>&1); then
-    fail "cpus 5000 accepted"
-  fi
-  # CEL transition rule: a DispyJob's cluster cannot change
-  if out=$(k -n $NS patch dj checksums-md5 --type=merge -p '{"spec":{"cluster":"other"}}' 2>&1); then
-    fail "a DispyJob's cluster was changed"
-  fi
-  grep -q "cluster is immutable" <<<"$out" || fail "the immutability message is missing: $out"
-  # a JobCluster's computation and depends are fixed, as a Job's pod template is
-  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"computation":{"python":{"function":"other"}}}}' 2>&1); then
-    fail "a JobCluster's computation was changed"
-  fi
-  grep -q "computation and depends cannot change on an existing JobCluster" <<<"$out" || fail "the computation message is missing: $out"
-  if out=$(k -n $NS patch jc checksums --type=merge -p '{"spec":{"depends":[{"configMapRef":{"name":"x"}}]}}' 2>&1); then
-    fail "a JobCluster's depends were changed"
-  fi
-  grep -q "computation and depends cannot change" <<<"$out" || fail "the depends message is missing: $out"
-  k -n $NS patch jc checksums --type=merge -p '{"spec":{"reentrant":true}}' >/dev/null || fail "a JobCluster's other fields cannot change"
-  # the scale subresource drives spec.nodes.replicas
-  k -n $NS scale jc/checksums --replicas=5 || return 1
-  field_is jc/checksums '{.spec.nodes.replicas}' 5 || fail "scale did not set spec.nodes.replicas"
-  # the dispy category lists both kinds
-  out=$(k -n $NS get dispy -o name) || return 1
-  grep -q "^jobcluster.dispy.io/checksums$" <<<"$out" || fail "kubectl get dispy lacks the JobCluster: $out"
-  grep -q "^dispyjob.dispy.io/checksums-md5$" <<<"$out" || fail "kubectl get dispy lacks the DispyJob: $out"
-  # printer columns, with a status written through the status subresource
-  k -n $NS patch dj checksums-md5 --subresource=status --type=merge \
-    -p '{"status":{"status":"Finished","node":"node-1","resultSummary":"4d19518"}}' || return 1
-  out=$(k -n $NS get jc checksums) && echo "$out"
-  head -1 <<<"$out" | grep -Eq '^NAME +NODES +CPUS +RUNNING +FINISHED +FAILED +PHASE +AGE' || fail "JobCluster columns"
-  out=$(k -n $NS get dj checksums-md5) && echo "$out"
-  head -1 <<<"$out" | grep -Eq '^NAME +CLUSTER +STATUS +NODE +RESULT +AGE' || fail "DispyJob columns"
-  grep -Eq '^checksums-md5 +checksums +Finished +node-1 +4d19518 ' <<<"$out" || fail "DispyJob column values" || return 1
-  k -n $NS delete -f "$REPO_DIR/docs/examples/checksums.yaml" --wait=true >/dev/null
-}
-
-operator_checks() {
-  k -n $NS apply -f - <<'EOF'
-apiVersion: dispy.io/v1alpha1
-kind: JobCluster
-metadata: {name: pool}
-spec:
-  nodes: {replicas: 1, cpus: 1, port: 9801}
-EOF
-  [[ $? == 0 ]] || return 1
-  wait_for 60 "1 node pod Ready" node_pods_ready "True " || return 1
-  wait_for 30 "status 1/1 Ready" field_is jc/pool '{.status.nodes} {.status.phase}' "1/1 Ready" || return 1
-  field_is jc/pool '{.status.conditions[?(@.type=="Ready")].status}' True || fail "Ready condition" || return 1
-  k -n $NS get secret pool-secret >/dev/null || fail "no generated Secret" || return 1
-  field_is svc/pool-nodes '{.spec.clusterIP}' None || fail "no headless Service" || return 1
-  k -n $NS scale jc/pool --replicas=2 || return 1
-  wait_for 60 "2 node pods Ready" node_pods_ready "True True " || return 1
-  wait_for 30 "status 2/2 Ready" field_is jc/pool '{.status.nodes} {.status.phase}' "2/2 Ready" || return 1
-  # each on its own node's address (host network)
-  out=$(k -n $NS get pods -l dispy.io/cluster=pool -o jsonpath='{range .items[*]}{.status.podIP}{" "}{end}')
-  echo "pod IPs: $out"
-  [[ $out =~ ^127\.0\.0\.1[0-9]\ 127\.0\.0\.1[0-9]\ $ ]] || fail "pods not on their nodes' addresses: $out" || return 1
-  out=$(k -n $NS get jc pool) && echo "$out"
-  grep -Eq '^pool +2/2 +2 ' <<<"$out" || fail "printer columns: $out" || return 1
-  # a third pod has no node left (the harness has two, and the node port is a host port)
-  k -n $NS scale jc/pool --replicas=3 || return 1
-  wait_for 30 "status 2/3 Degraded" field_is jc/pool '{.status.nodes} {.status.phase}' "2/3 Degraded" || return 1
-  field_is pod/pool-node-2 '{.status.phase}' Pending || fail "the third pod should wait for a node" || return 1
-  k -n $NS scale jc/pool --replicas=1 || return 1
-  wait_for 60 "scaled down to 1 pod" pool_pod_names pool-node-0 || return 1
-  wait_for 30 "status 1/1" field_is jc/pool '{.status.nodes}' "1/1" || return 1
-  k -n $NS delete jc pool --wait=true || return 1
-  wait_for 60 "pods garbage-collected" none_left pods dispy.io/cluster=pool || return 1
-}
-
-# the operator (run here as a local process) gives a JobCluster its node pods, Service and Secret
-pool_pod_names() { [[ "$(k -n $NS get pods -l dispy.io/cluster=pool -o jsonpath='{.items[*].metadata.name}')" == "$1" ]]; }
-node_pods_ready() { [[ "$(k -n $NS get pods -l dispy.io/cluster=pool -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}')" == "$1" ]]; }
-t_operator_node_pods() {
-  local op_log="$E2E_STATE_DIR/operator.log" op_pid out rc=0
-  k apply -f "$REPO_DIR/crds/dispy.io.yaml" >/dev/null || return 1
-  "$REPO_DIR/target/debug/dispy-operator" run --node-image dispy/node --metrics-addr 127.0.0.1:0 --log-format text >"$op_log" 2>&1 &
-  op_pid=$!
-  operator_checks || rc=1
-  kill "$op_pid" 2>/dev/null
-  wait "$op_pid" 2>/dev/null
-  if [[ $rc != 0 ]]; then echo "--- operator log"; tail -n 30 "$op_log"; fi
-  return $rc
-}
-
-gone() { ! k -n $NS get "$1" >/dev/null 2>&1 && k -n $NS get --raw /readyz >/dev/null; }
-
-t_ssa_finalizers_owner_refs() {
-  # server-side apply, and a conflict between two field managers
-  k -n $NS apply --server-side --field-manager=op-a -f - <<'EOF' || return 1
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w2, finalizers: [e2e.dispy.io/cleanup]}
-spec: {size: 2}
-EOF
-  if k -n $NS apply --server-side --field-manager=op-b -f - <<'EOF' 2>/dev/null; then
-apiVersion: e2e.dispy.io/v1
-kind: Widget
-metadata: {name: w2}
-spec: {size: 3}
-EOF
-    fail "a second field manager changed spec.size without a conflict"
-  fi
-  field_is widget/w2 '{.spec.size}' 2 || fail "spec.size changed"
-  # a child owned by the custom resource
-  local uid
-  uid=$(k -n $NS get widget w2 -o jsonpath='{.metadata.uid}')
-  k -n $NS apply -f - <<EOF || return 1
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: w2-child
-  ownerReferences: [{apiVersion: e2e.dispy.io/v1, kind: Widget, name: w2, uid: "$uid"}]
-data: {a: b}
-EOF
-  # the finalizer holds the deletion until it is removed
-  k -n $NS delete widget w2 --wait=false || return 1
-  sleep 1
-  field_matches widget/w2 '{.metadata.deletionTimestamp}' '^20' || fail "no deletionTimestamp, or already gone"
-  k -n $NS get configmap w2-child >/dev/null || fail "child removed before its owner"
-  k -n $NS patch widget w2 --type=json -p '[{"op":"remove","path":"/metadata/finalizers"}]' || return 1
-  wait_for 30 "widget w2 gone" gone widget/w2 || return 1
-  wait_for 60 "child garbage-collected" gone configmap/w2-child || return 1
-}
-
-t_lease_create_renew() {
-  local t1 t2 rv1 rv2
-  t1=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
-  k -n $NS apply -f - <<EOF || return 1
-apiVersion: coordination.k8s.io/v1
-kind: Lease
-metadata: {name: e2e-leader}
-spec: {holderIdentity: candidate-a, leaseDurationSeconds: 15, renewTime: "$t1", leaseTransitions: 0}
-EOF
-  rv1=$(k -n $NS get lease e2e-leader -o jsonpath='{.metadata.resourceVersion}')
-  sleep 1
-  t2=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
-  k -n $NS patch lease e2e-leader --type=merge -p "{\"spec\":{\"renewTime\":\"$t2\"}}" || return 1
-  rv2=$(k -n $NS get lease e2e-leader -o jsonpath='{.metadata.resourceVersion}')
-  [[ "$(k -n $NS get lease e2e-leader -o jsonpath='{.spec.renewTime}')" == "$t2" ]] || fail "renewTime not updated"
-  [[ $rv1 != "$rv2" ]] || fail "resourceVersion unchanged by renewal"
-  # optimistic concurrency, which leader election relies on: a stale update is refused
-  if k -n $NS get lease e2e-leader -o json | sed "s/\"resourceVersion\": \"$rv2\"/\"resourceVersion\": \"$rv1\"/" |
-    k replace -f - 2>/dev/null; then
-    fail "update with a stale resourceVersion was accepted"
-  fi
-}
-
-t_helm_installs_a_chart() {
-  local chart
-  chart=$(mktemp -d)
-  mkdir -p "$chart/templates"
-  printf 'apiVersion: v2\nname: e2e-hello\nversion: 0.1.0\n' > "$chart/Chart.yaml"
-  printf 'message: hi\n' > "$chart/values.yaml"
-  printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: {{ .Release.Name }}-cm}\ndata: {message: {{ .Values.message | quote }}}\n' \
-    > "$chart/templates/cm.yaml"
-  "$HELM" install hello "$chart" -n $NS --set message=from-helm --wait --timeout 60s || return 1
-  [[ "$(k -n $NS get configmap hello-cm -o jsonpath='{.data.message}')" == from-helm ]] || fail "chart's ConfigMap missing"
-  "$HELM" uninstall hello -n $NS || return 1
-  rm -rf "$chart"
-}
-
-# --- the dispy-operator Helm chart --------------------------------------------
-
-CHART="$REPO_DIR/charts/dispy-operator"
-
-# render ARGS...: helm template of the chart, as one JSON List (kubectl parses, the server maps kinds)
-render() {
-  local y
-  y=$("$HELM" template dispy-operator "$CHART" -n dispy-system "$@") || return 1
-  k create --dry-run=client -o json -f - <<<"$y" | jq -s '{items: .}'
-}
-# kinds JSON: the kinds of a rendered List, sorted, one line
-kinds() { jq -r '[.items[].kind] | sort | join(" ")' <<<"$1"; }
-# rules JSON KIND NAME NAMESPACE: that object's rules, one per line, as groups|resources|names|verbs
-rules_of() {
-  jq -r --arg k "$2" --arg n "$3" --arg ns "$4" '.items[] | select(.kind == $k and .metadata.name == $n and ((.metadata.namespace // "") == $ns))
-    | .rules[] | "\(.apiGroups | join(","))|\(.resources | join(","))|\((.resourceNames // []) | join(","))|\(.verbs | join(","))"' <<<"$1"
-}
-# what the operator needs where it watches, and not one verb more
-LEAST_PRIVILEGE='dispy.io|jobclusters,dispyjobs||get,list,watch,patch,update
-dispy.io|jobclusters/status,dispyjobs/status||get,patch,update
-dispy.io|jobclusters/finalizers,dispyjobs/finalizers||update
-|pods||get,list,watch,create,delete
-|services||get,list,watch,create,patch
-|secrets||get,list,watch,create
-|configmaps||get,list,watch,create,patch,update,delete
-|events||create,patch
-events.k8s.io|events||create,patch'
-LEADER_ELECTION='coordination.k8s.io|leases||create
-coordination.k8s.io|leases|dispy-operator|get,patch'
-
-t_helm_chart_lint_template() {
-  local out app dep args
-  "$HELM" lint --strict "$CHART" || fail "helm lint --strict" || return 1
-  "$HELM" lint --strict "$CHART" --set 'watchNamespaces={team-a,team-b}' --set leaderElection.enabled=false \
-    --set serviceMonitor.enabled=true || fail "helm lint --strict with options" || return 1
-  cmp "$CHART/crds/dispy.io.yaml" "$REPO_DIR/crds/dispy.io.yaml" || fail "the chart's CRDs differ from crds/" || return 1
-  app=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")
-  [[ $app == "$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_DIR/Cargo.toml" | head -1)" ]] ||
-    fail "appVersion $app is not the workspace version" || return 1
-  "$HELM" template x "$CHART" --include-crds | grep -c '^kind: CustomResourceDefinition$' | grep -qx 2 ||
-    fail "--include-crds lacks the 2 CRDs" || return 1
-  # the packaged chart carries the CRDs themselves
-  local pkg
-  pkg=$(mktemp -d)
-  "$HELM" package "$CHART" -d "$pkg" >/dev/null || fail "helm package" || return 1
-  tar -xzOf "$pkg/dispy-operator-"*.tgz dispy-operator/crds/dispy.io.yaml | cmp - "$REPO_DIR/crds/dispy.io.yaml" ||
-    fail "the packaged chart's CRDs differ from crds/" || return 1
-  rm -rf "$pkg"
-
-  # defaults: every namespace (ClusterRole), leader election, metrics Service, no ServiceMonitor
-  out=$(render) || return 1
-  [[ "$(kinds "$out")" == "ClusterRole ClusterRoleBinding Deployment Role RoleBinding Service ServiceAccount" ]] ||
-    fail "default kinds: $(kinds "$out")" || return 1
-  [[ "$(rules_of "$out" ClusterRole dispy-operator '')" == "$LEAST_PRIVILEGE" ]] ||
-    fail "ClusterRole rules are not the least-privilege set:" "$(rules_of "$out" ClusterRole dispy-operator '')" || return 1
-  [[ "$(rules_of "$out" Role dispy-operator-leader-election dispy-system)" == "$LEADER_ELECTION" ]] ||
-    fail "leader-election Role:" "$(rules_of "$out" Role dispy-operator-leader-election dispy-system)" || return 1
-  jq -e '.items[] | select(.kind == "ClusterRoleBinding") | .roleRef.name == "dispy-operator"
-    and .subjects == [{"kind": "ServiceAccount", "name": "dispy-operator", "namespace": "dispy-system"}]' <<<"$out" >/dev/null ||
-    fail "ClusterRoleBinding does not bind the ClusterRole to the ServiceAccount" || return 1
-  dep=$(jq '.items[] | select(.kind == "Deployment")' <<<"$out")
-  jq -e '.spec.replicas == 1 and .spec.template.spec.serviceAccountName == "dispy-operator"
-    and (.spec.template.spec.securityContext | .runAsNonRoot == true and .seccompProfile.type == "RuntimeDefault")
-    and (.spec.template.spec.containers[0] | .image == "dispy/operator:'"$app"'"
-      and (.securityContext | .runAsNonRoot == true and .readOnlyRootFilesystem == true
-        and .allowPrivilegeEscalation == false and .capabilities.drop == ["ALL"]
-        and .seccompProfile.type == "RuntimeDefault")
-      and .resources.requests.cpu != null and .resources.requests.memory != null and .resources.limits.memory != null
-      and .livenessProbe.httpGet.path == "/healthz" and .readinessProbe.httpGet.path == "/readyz"
-      and .livenessProbe.httpGet.port == "metrics" and .ports[0].containerPort == 8080
-      and (.env[] | select(.name == "POD_NAMESPACE") | .valueFrom.fieldRef.fieldPath == "metadata.namespace")
-      and (.env[] | select(.name == "RUST_LOG") | .value == "info"))' <<<"$dep" >/dev/null ||
-    { echo "$dep"; fail "Deployment: security context, resources, probes, image or env"; } || return 1
-  args=$(jq -r '.spec.template.spec.containers[0].args | join(" ")' <<<"$dep")
-  [[ $args == "run --node-image=dispy/node:$app --metrics-addr=0.0.0.0:8080 --log-format=json --leader-elect --lease-name=dispy-operator" ]] ||
-    fail "operator args: $args" || return 1
-  jq -e '.items[] | select(.kind == "Service") | .spec.ports[0].targetPort == "metrics"
-    and .spec.selector == {"app.kubernetes.io/name": "dispy-operator", "app.kubernetes.io/instance": "dispy-operator"}' <<<"$out" >/dev/null ||
-    fail "metrics Service" || return 1
-
-  # watched namespaces: a Role and RoleBinding in each, nothing cluster-wide
-  out=$(render --set 'watchNamespaces={team-a,team-b}' --set leaderElection.enabled=false --set logFormat=text \
-    --set logLevel=dispy_operator=debug) || return 1
-  [[ "$(kinds "$out")" == "Deployment Role Role RoleBinding RoleBinding Service ServiceAccount" ]] ||
-    fail "kinds with watchNamespaces, no leader election: $(kinds "$out")" || return 1
-  local ns
-  for ns in team-a team-b; do
-    [[ "$(rules_of "$out" Role dispy-operator $ns)" == "$LEAST_PRIVILEGE" ]] || fail "Role in $ns:" "$(rules_of "$out" Role dispy-operator $ns)" || return 1
-    jq -e --arg ns $ns '.items[] | select(.kind == "RoleBinding" and .metadata.namespace == $ns)
-      | .roleRef == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dispy-operator"}
-      and .subjects == [{"kind": "ServiceAccount", "name": "dispy-operator", "namespace": "dispy-system"}]' <<<"$out" >/dev/null ||
-      fail "RoleBinding in $ns" || return 1
-  done
-  dep=$(jq '.items[] | select(.kind == "Deployment")' <<<"$out")
-  args=$(jq -r '.spec.template.spec.containers[0].args | join(" ")' <<<"$dep")
-  [[ $args == "run --node-image=dispy/node:$app --metrics-addr=0.0.0.0:8080 --log-format=text --namespaces=team-a,team-b" ]] ||
-    fail "operator args with watchNamespaces: $args" || return 1
-  jq -e '.spec.strategy.type == "Recreate" and (.spec.template.spec.containers[0].env[] | select(.name == "RUST_LOG") | .value == "dispy_operator=debug")' \
-    <<<"$dep" >/dev/null || fail "no leader election: Recreate strategy and RUST_LOG" || return 1
-
-  # names: `helm install dispy` gives dispy-operator, another release x gives x-dispy-operator
-  [[ "$("$HELM" template dispy "$CHART" --show-only templates/deployment.yaml | grep -m1 '^  name:')" == "  name: dispy-operator" ]] ||
-    fail "release dispy does not give dispy-operator" || return 1
-  [[ "$("$HELM" template x "$CHART" --show-only templates/deployment.yaml | grep -m1 '^  name:')" == "  name: x-dispy-operator" ]] ||
-    fail "release x does not give x-dispy-operator" || return 1
-
-  # the finalizer policy: rendered where the cluster serves MutatingAdmissionPolicy v1, bound to
-  # the watched namespaces only; off with jobFinalizerPolicy=false
-  local map=(--api-versions admissionregistration.k8s.io/v1/MutatingAdmissionPolicy)
-  out=$(render "${map[@]}" --set 'watchNamespaces={team-a,team-b}') || return 1
-  jq -e '[.items[] | select(.kind == "MutatingAdmissionPolicy")] | length == 1 and (.[0]
-    | .spec.matchConstraints.resourceRules[0].resources == ["dispyjobs"] and .spec.failurePolicy == "Ignore"
-    and (.spec.mutations[0].applyConfiguration.expression | contains("dispy.io/terminate")))' <<<"$out" >/dev/null ||
-    fail "MutatingAdmissionPolicy" || return 1
-  jq -e '.items[] | select(.kind == "MutatingAdmissionPolicyBinding") | .spec.policyName == "dispy-operator-job-finalizer"
-    and .spec.matchResources.namespaceSelector.matchExpressions == [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]' \
-    <<<"$out" >/dev/null || fail "MutatingAdmissionPolicyBinding does not select the watched namespaces" || return 1
-  out=$(render "${map[@]}") || return 1
-  jq -e '.items[] | select(.kind == "MutatingAdmissionPolicyBinding") | .spec.matchResources == null' <<<"$out" >/dev/null ||
-    fail "MutatingAdmissionPolicyBinding for all namespaces" || return 1
-  out=$(render "${map[@]}" --set jobFinalizerPolicy=false) || return 1
-  ! jq -e '.items[] | select(.kind == "MutatingAdmissionPolicy")' <<<"$out" >/dev/null ||
-    fail "jobFinalizerPolicy=false still renders the policy" || return 1
-
-  # toggles: ServiceMonitor on, metrics Service off, images
-  out=$("$HELM" template dispy-operator "$CHART" --set serviceMonitor.enabled=true) || return 1
-  grep -q '^kind: ServiceMonitor$' <<<"$out" || fail "serviceMonitor.enabled=true renders no ServiceMonitor" || return 1
-  out=$("$HELM" template dispy-operator "$CHART" --set metrics.enabled=false) || return 1
-  ! grep -q '^kind: Service$' <<<"$out" || fail "metrics.enabled=false still renders a Service" || return 1
-  out=$("$HELM" template dispy-operator "$CHART" --set image.tag=dev --set nodeImage.repository=reg.example/node --set nodeImage.tag=v7) || return 1
-  grep -q 'image: "dispy/operator:dev"' <<<"$out" || fail "image.tag not used" || return 1
-  grep -q -- '--node-image=reg.example/node:v7' <<<"$out" || fail "nodeImage not used" || return 1
-
-  # the values schema refuses wrong types, unknown keys and bad enums
-  if out=$("$HELM" template dispy-operator "$CHART" --set leaderElection.enabled=notabool 2>&1); then
-    fail "leaderElection.enabled=notabool accepted" || return 1
-  fi
-  echo "$out"
-  grep -q "/leaderElection/enabled" <<<"$out" || fail "the schema error does not name leaderElection.enabled" || return 1
-  if "$HELM" template dispy-operator "$CHART" --set logFormat=xml >/dev/null 2>&1; then fail "logFormat=xml accepted" || return 1; fi
-  if "$HELM" template dispy-operator "$CHART" --set leaderElect=true >/dev/null 2>&1; then fail "unknown key leaderElect accepted" || return 1; fi
-  if "$HELM" template dispy-operator "$CHART" --set metrics.port=70000 >/dev/null 2>&1; then fail "metrics.port 70000 accepted" || return 1; fi
-  if "$HELM" template dispy-operator "$CHART" --set 'watchNamespaces={Bad_Name}' >/dev/null 2>&1; then fail "namespace Bad_Name accepted" || return 1; fi
-  # two replicas without a Lease would both reconcile
-  if "$HELM" template dispy-operator "$CHART" --set replicaCount=2 --set leaderElection.enabled=false >/dev/null 2>&1; then
-    fail "replicaCount=2 without leader election accepted" || return 1
-  fi
-}
-
-# helm install: the operator runs as a pod (a process of the process kubelet) under its
-# service account with the chart's RBAC, holds its Lease and reconciles a JobCluster
-HELM_NS=dispy-system
-operator_pod() { k -n $HELM_NS get pods -l app.kubernetes.io/name=dispy-operator -o jsonpath='{.items[0].metadata.name}'; }
-lease_held_by() { local v; v=$(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}') || return 1; [[ -n $1 && $v == *"$1"* ]]; }
-lease_renewed_ns() { local v; v=$(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.renewTime}') || return 1; [[ -n $v && $v != "$1" ]]; }
-ns_gone() { ! k get namespace "$1" >/dev/null 2>&1; }
-crd_gone() { ! k get crd jobclusters.dispy.io dispyjobs.dispy.io >/dev/null 2>&1; }
-# can_i ANSWER VERB RESOURCE [ARGS]: what the API server's authorizer says for the operator's account
-can_i() {
-  local want=$1 got
-  shift
-  got=$(k auth can-i --as=system:serviceaccount:$HELM_NS:dispy-operator "$@" 2>/dev/null)
-  [[ $got == "$want" ]] || fail "can-i $* is '$got', want '$want'"
-}
-process_gone() { [[ -n $1 && ! -d /proc/$1 ]]; }
-
-t_helm_install_operator() {
-  local pod rc=0
-  HELM_OPERATOR_PIDS=()
-  wait_for 90 "namespace $HELM_NS from an earlier run gone" ns_gone $HELM_NS || return 1
-  # the chart installs the CRDs itself: start without them (nothing before this test leaves a
-  # dispy resource behind)
-  k delete crd jobclusters.dispy.io dispyjobs.dispy.io --ignore-not-found --wait=true --timeout=60s || return 1
-  wait_for 30 "dispy CRDs deleted" crd_gone || return 1
-  # the operator binds its pod IP: under the process kubelet pods share the host's network
-  "$HELM" install dispy-operator "$CHART" -n $HELM_NS --create-namespace \
-    --set-string 'metrics.bindAddress=$(POD_IP)' --set 'logLevel=info\,dispy_operator=debug' --set logFormat=text \
-    --wait --timeout 120s || rc=1
-  if [[ $rc == 0 ]]; then helm_operator_checks || rc=1; fi
-  if [[ $rc == 0 ]]; then helm_watch_namespaces_checks || rc=1; fi
-  if [[ $rc != 0 ]]; then
-    k -n $HELM_NS get deploy,pods -o wide
-    k -n $HELM_NS get events --sort-by=.lastTimestamp | tail -n 15
-    pod=$(operator_pod 2>/dev/null) && [[ -n $pod ]] && { echo "--- operator log"; k -n $HELM_NS logs "$pod" --tail=20; }
-  fi
-  k -n $NS delete jc helm-pool squares --ignore-not-found --wait=false >/dev/null 2>&1
-  k -n default delete jc helm-unwatched --ignore-not-found --wait=false >/dev/null 2>&1
-  if "$HELM" status dispy-operator -n $HELM_NS >/dev/null 2>&1; then
-    "$HELM" uninstall dispy-operator -n $HELM_NS --wait --timeout 60s || fail "helm uninstall" || rc=1
-  fi
-  if [[ $rc == 0 ]]; then
-    local p
-    for p in "${HELM_OPERATOR_PIDS[@]}"; do
-      wait_for 60 "operator process $p gone" process_gone "$p" || rc=1
-    done
-    ! k get clusterrole dispy-operator >/dev/null 2>&1 || fail "ClusterRole left after uninstall" || rc=1
-    ! k -n $HELM_NS get role dispy-operator-leader-election >/dev/null 2>&1 || fail "Role left after uninstall" || rc=1
-    ! k -n $NS get role dispy-operator >/dev/null 2>&1 || fail "Role in $NS left after uninstall" || rc=1
-    # Helm keeps CRDs (and so every JobCluster and DispyJob) on uninstall
-    k get crd jobclusters.dispy.io dispyjobs.dispy.io >/dev/null || fail "CRDs removed by uninstall" || rc=1
-  fi
-  # later tests install the chart into the same namespace: leave it fully gone
-  k delete namespace $HELM_NS --ignore-not-found --wait=true --timeout=90s >/dev/null || fail "namespace $HELM_NS not deleted" || rc=1
-  return $rc
-}
-
-helm_operator_checks() {
-  local pod pid ip r1 out
-  k -n $HELM_NS wait --for=condition=Available deployment/dispy-operator --timeout=60s || return 1
-  k wait --for=condition=Established crd/jobclusters.dispy.io crd/dispyjobs.dispy.io --timeout=60s || fail "chart CRDs not established" || return 1
-  "$HELM" status dispy-operator -n $HELM_NS | grep -q "kubectl apply -f docs/examples/checksums.yaml" || fail "NOTES do not say what to apply next" || return 1
-  pod=$(operator_pod)
-  [[ -n $pod ]] || fail "no operator pod" || return 1
-  pid=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
-  HELM_OPERATOR_PIDS+=("$pid")
-  [[ -d /proc/$pid ]] || fail "operator process $pid not running" || return 1
-  tr '\0' ' ' </proc/$pid/cmdline | grep -q "dispy-operator run .*--leader-elect" || fail "process is not the operator: $(tr '\0' ' ' </proc/$pid/cmdline)" || return 1
-  [[ "$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.spec.serviceAccountName}')" == dispy-operator ]] || fail "pod's service account" || return 1
-  # its HTTP server: probes and Prometheus metrics on the pod's address
-  ip=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.podIP}')
-  curl -sf --max-time 5 "http://$ip:8080/healthz" >/dev/null || fail "/healthz on $ip:8080" || return 1
-  curl -sf --max-time 5 "http://$ip:8080/readyz" >/dev/null || fail "/readyz on $ip:8080" || return 1
-  curl -sf --max-time 5 "http://$ip:8080/metrics" | grep -q '^# TYPE ' || fail "/metrics has no Prometheus text" || return 1
-  [[ "$(k -n $HELM_NS get svc dispy-operator-metrics -o jsonpath='{.spec.ports[0].port}')" == 8080 ]] || fail "metrics Service" || return 1
-  # leader election: the pod holds the operator's Lease in its own namespace, and renews it
-  wait_for 30 "Lease held by $pod" lease_held_by "$pod" ||
-    fail "holder: $(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.holderIdentity}' 2>&1)" || return 1
-  r1=$(k -n $HELM_NS get lease dispy-operator -o jsonpath='{.spec.renewTime}')
-  wait_for 40 "Lease renewed" lease_renewed_ns "$r1" || return 1
-  # least privilege, as the API server's authorizer sees the operator's account
-  can_i yes create pods -n $NS || return 1
-  can_i yes patch jobclusters.dispy.io/status -n $NS || return 1
-  can_i yes patch leases/dispy-operator -n $HELM_NS || return 1
-  can_i no patch leases/other -n $HELM_NS || return 1
-  can_i no update leases/dispy-operator -n $HELM_NS || return 1
-  can_i no create leases -n $NS || return 1
-  can_i no list nodes || return 1
-  can_i no delete secrets -n $NS || return 1
-  can_i no update pods -n $NS || return 1
-  can_i no create deployments.apps -n $NS || return 1
-  can_i no create jobclusters.dispy.io -n $NS || return 1
-  # and it is enough to run a JobCluster: node pods from the chart's node image, status written
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: dispy.io/v1alpha1
-kind: JobCluster
-metadata: {name: helm-pool}
-spec:
-  nodes: {replicas: 1, cpus: 1, port: 9831}
-EOF
-  wait_for 90 "helm-pool 1/1 Ready" field_is jc/helm-pool '{.status.nodes} {.status.phase}' "1/1 Ready" ||
-    fail "status: $(k -n $NS get jc helm-pool -o jsonpath='{.status}')" || return 1
-  out=$(k -n $NS get pods -l dispy.io/cluster=helm-pool -o jsonpath='{.items[*].spec.containers[0].image}')
-  [[ $out == "dispy/node:$(sed -n 's/^appVersion: *"\(.*\)"$/\1/p' "$CHART/Chart.yaml")" ]] || fail "node pod image: $out" || return 1
-  k -n $NS delete jc helm-pool --wait=true --timeout=60s || return 1
-  wait_for 60 "helm-pool pods garbage-collected" none_left pods dispy.io/cluster=helm-pool || return 1
-  # the example the install's NOTES give runs as written
-  "$HELM" get notes dispy-operator -n $HELM_NS | sed -n "/kubectl apply -f - <<'YAML'/,/^  YAML$/p" | sed '1d;$d;s/^  //' >"$E2E_STATE_DIR/notes-example.yaml"
-  grep -q "kind: DispyJob" "$E2E_STATE_DIR/notes-example.yaml" || fail "no example in the NOTES" || return 1
-  k -n $NS apply -f "$E2E_STATE_DIR/notes-example.yaml" || return 1
-  k -n $NS wait --for=condition=Complete dispyjob/squares-7 --timeout=90s || return 1
-  field_is dj/squares-7 '{.status.status} {.status.result}' "Finished 49" ||
-    fail "squares-7: $(k -n $NS get dj squares-7 -o jsonpath='{.status}')" || return 1
-  k -n $NS delete -f "$E2E_STATE_DIR/notes-example.yaml" --wait=true --timeout=60s || return 1
-}
-
-# watchNamespaces: an upgrade swaps the ClusterRole for a Role in the watched namespace; the
-# restarted operator still runs JobClusters there and leaves other namespaces alone
-helm_watch_namespaces_checks() {
-  local pod pid
-  "$HELM" upgrade dispy-operator "$CHART" -n $HELM_NS --reuse-values --set "watchNamespaces={$NS}" --wait --timeout 120s || return 1
-  k -n $HELM_NS rollout status deployment/dispy-operator --timeout=90s || return 1
-  ! k get clusterrole dispy-operator >/dev/null 2>&1 || fail "ClusterRole still there with watchNamespaces" || return 1
-  k -n $NS get role dispy-operator >/dev/null || fail "no Role in $NS" || return 1
-  can_i yes create pods -n $NS || return 1
-  can_i no create pods -n default || return 1
-  can_i no list jobclusters.dispy.io --all-namespaces || return 1
-  pod=$(operator_pod)
-  pid=$(k -n $HELM_NS get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}'); pid=${pid#process://}
-  HELM_OPERATOR_PIDS+=("$pid")
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "--namespaces=$NS" || fail "the operator does not run with --namespaces=$NS" || return 1
-  wait_for 60 "Lease held by the new pod $pod" lease_held_by "$pod" || return 1
-  k -n default apply -f - <<'EOF' || return 1
-apiVersion: dispy.io/v1alpha1
-kind: JobCluster
-metadata: {name: helm-unwatched}
-spec:
-  nodes: {replicas: 1, cpus: 1, port: 9832}
-EOF
-  k -n $NS apply -f - <<'EOF' || return 1
-apiVersion: dispy.io/v1alpha1
-kind: JobCluster
-metadata: {name: helm-pool}
-spec:
-  nodes: {replicas: 1, cpus: 1, port: 9833}
-EOF
-  wait_for 90 "helm-pool 1/1 Ready" field_is jc/helm-pool '{.status.nodes} {.status.phase}' "1/1 Ready" ||
-    fail "status: $(k -n $NS get jc helm-pool -o jsonpath='{.status}')" || return 1
-  [[ -z "$(k -n default get jc helm-unwatched -o jsonpath='{.status}')" ]] || fail "a JobCluster outside watchNamespaces got a status" || return 1
-  [[ -z "$(k -n default get pods -l dispy.io/cluster=helm-unwatched -o name)" ]] || fail "a JobCluster outside watchNamespaces got pods" || return 1
-  k -n default delete jc helm-unwatched --wait=true --timeout=30s || return 1
-  k -n $NS delete jc helm-pool --wait=true --timeout=60s || return 1
-  wait_for 60 "helm-pool pods garbage-collected" none_left pods dispy.io/cluster=helm-pool || return 1
-}
 
 t_cluster_up_twice_and_after_a_crash() {
   local api_pid out
@@ -977,6 +190,10 @@ if [[ $LOCAL == 1 ]]; then
   phase "build process kubelet (Rust)"
   (cd "$REPO_DIR" && cargo build -q -p process-kubelet -p dispynode -p dispy-operator) || phase_failed "build process kubelet"
   phase_done "build process kubelet"
+  phase "build the Rust end-to-end tests"
+  (cd "$REPO_DIR" && cargo test -q --no-run -p dispy-e2e && cargo test -q --no-run -p dispy-operator --test chart) ||
+    phase_failed "build the Rust end-to-end tests"
+  phase_done "build the Rust end-to-end tests"
   phase "cluster up"
   "$E2E_DIR/cluster" up || {
     for f in "$E2E_STATE_DIR"/logs/*.log; do echo "--- $f"; tail -n 20 "$f"; done
@@ -993,55 +210,33 @@ else
 fi
 
 phase "tests"
-k create namespace $NS >/dev/null || phase_failed "create namespace $NS"
-run_test "control plane is up and controllers run" t_control_plane_up
 if [[ $LOCAL == 1 ]]; then
-  run_test "process nodes are Ready with Lease heartbeats" t_nodes_ready
-  run_test "Deployment of 2 becomes Available with distinct pod IPs" t_deployment_available
-  run_test "a killed process is restarted (restartCount, exit 137)" t_killed_process_restarts
-  run_test "deleting the Deployment kills the processes; GC removes ReplicaSet and Pods" t_delete_deployment_gc
-  run_test "env, ConfigMap/Secret/emptyDir/downwardAPI volumes, exit codes, OnFailure" t_pod_env_volumes_exit_codes
-  run_test "deletion waits the grace period, then SIGKILL" t_grace_period_then_sigkill
-  run_test "tcpSocket readiness: Ready when listening, not Ready when not" t_tcp_readiness_probe
-  run_test "a pod reaches the API server as its service account" t_service_account_access_from_a_pod
+  # the process kubelet: nodes, Deployments, restarts, deletion, env and volumes, probes, tokens
+  rust_tests -p dispy-e2e --test kubelet
 fi
-run_test "CRD with printer columns, schema and status subresource" t_crd_printer_columns
-run_test "server-side apply conflicts, finalizers, owner references on a custom resource" t_ssa_finalizers_owner_refs
-run_test "Lease create and renew" t_lease_create_renew
-run_test "helm installs and uninstalls a chart" t_helm_installs_a_chart
-run_test "dispy CRDs: explain, CEL rules, scale, category, printer columns" t_dispy_crds
-run_test "helm chart: lint --strict, template (kinds, security context, least-privilege RBAC, Roles per watched namespace, values schema)" t_helm_chart_lint_template
+# the API server as the operator relies on it, helm, dispy's CRDs, the chart's render checks
+rust_tests -p dispy-e2e --test api_server --test helm --test crds
+rust_tests -p dispy-operator --test chart
 if [[ $LOCAL == 1 ]]; then
-  run_test "helm chart: install, operator pod Available under its account, CRDs, Lease, metrics, RBAC, watchNamespaces upgrade, uninstall" t_helm_install_operator
-fi
-if [[ $LOCAL == 1 ]]; then
-  run_test "operator: node pods, Service, Secret, status, scale, garbage collection" t_operator_node_pods
+  # the chart installed, upgraded and uninstalled; the operator as a local process (no other
+  # operator runs during these)
+  rust_tests -p dispy-e2e --test chart_install --test cluster_pods
   # DispyJobs end to end, with the operator the chart installs
-  run_test "operator from the chart: installed and Ready" t_op_install
-  run_test "operator: the examples reach their statuses; kubectl get/wait; Events; one port per cluster" t_op_examples
-  run_test "operator: a job naming a missing cluster waits (condition, Event) and runs once it exists" t_op_cluster_appears_later
-  run_test "operator: deleting a running DispyJob terminates its process on the node" t_op_delete_running_job
-  run_test "operator: node killed, reentrant: its job finishes on the other node" t_op_reentrant_node_killed
-  run_test "operator: node killed, not reentrant: its job is Abandoned" t_op_not_reentrant_node_killed
-  run_test "operator killed mid-run: every job ends Finished and none ran twice" t_op_killed_mid_run
-  run_test "operator: a JobCluster without computation is a node pool with its addresses in status" t_op_node_pool
-  run_test "operator: /metrics, /readyz, Lease held" t_op_metrics
-  run_test "operator: suspend holds jobs; big output bounded with its ConfigMap; activeDeadlineSeconds; cleanup on delete" t_op_suspend_output_deadline_cleanup
-  run_test "operator: a running job's provisional result in status (ProvisionalResult), its sent file in a ConfigMap it owns" t_op_provisional_and_sent_files
-  run_test "operator: spec.tls — node pods serve TLS with the Secret, the operator pins it, a job runs" t_op_tls
-  run_test "operator: two replicas, the leader's pod deleted: the standby takes the Lease and runs jobs" t_op_leader_failover
-  run_test "operator from the chart: uninstalled" t_op_uninstall
-  run_test "operator in a private network namespace: spec.nodes.discover finds a bare-metal node by UDP broadcast and runs a job there" t_op_discover
-  t_op_discover_cleanup
+  run_test "bring-up: the operator from the chart installed and Ready" op_install
+  rust_tests -p dispy-e2e --test install --test examples --test jobs --test node_loss --test operator_restart \
+    --test node_pool --test metrics --test provisional --test tls --test leader_election
+  run_test "bring-down: the operator from the chart uninstalled" op_uninstall
+  # an operator in a private network namespace finds a bare-metal node by UDP broadcast
+  rust_tests -p dispy-e2e --test discovery
 fi
 if [[ $LOCAL == 1 ]]; then
   # these two restart and then remove the cluster: keep them last
   run_test "cluster up twice is a no-op; up after a crash recovers" t_cluster_up_twice_and_after_a_crash
-  k create namespace $NS >/dev/null 2>&1
+  k create namespace $NS >/dev/null
   run_test "cluster down stops every process it started, pods included" t_down_leaves_nothing
 fi
 if [[ $LOCAL == 0 ]]; then
-  k delete namespace $NS --wait=false >/dev/null
+  k delete namespace -l dispy.io/e2e=true --wait=false >/dev/null
   k delete crd widgets.e2e.dispy.io --wait=false >/dev/null
 fi
 phase_done "tests"
