@@ -165,6 +165,9 @@ struct Running {
     start: f64,
     pid: Option<i32>,
     terminating: bool,
+    /// Bytes of files the job has sent, against [`Node::max_sent_file`] (the host counts
+    /// too, but a job can write frames itself).
+    sent: usize,
 }
 
 fn event(computation: &str, job: JobId, kind: JobEventKind) -> Vec<u8> {
@@ -1011,12 +1014,24 @@ impl Node {
             Outcome::Job { run, result } => self.job_ended(st, run, result),
             Outcome::News { run, news } => {
                 // Only a job still running has news; its client gets it if connected.
-                let Some((id, job)) = st.runs.get(&run) else {
+                let max = self.max_sent_file();
+                let Some((id, job)) = st.runs.get(&run).cloned() else {
                     return;
                 };
-                let subscriber = st.comps.get(id).and_then(|c| c.subscriber.as_ref());
-                if let Some((_, outbox)) = subscriber {
-                    let _ = outbox.send(event(id, *job, news));
+                let Some(comp) = st.comps.get_mut(&id) else {
+                    return;
+                };
+                if let JobEventKind::File(file) = &news {
+                    let running = comp.jobs.get_mut(&job).and_then(|j| j.run.as_mut());
+                    let Some(running) = running else { return };
+                    running.sent += file.data.len();
+                    if running.sent > max {
+                        tracing::warn!(computation = %id, job, "a sent file dropped: the job has sent more than the {max} bytes a job may send");
+                        return;
+                    }
+                }
+                if let Some((_, outbox)) = &comp.subscriber {
+                    let _ = outbox.send(event(&id, job, news));
                 }
             }
             Outcome::HostExited {
@@ -1162,6 +1177,7 @@ impl Node {
                         start,
                         pid,
                         terminating: false,
+                        sent: 0,
                     });
                     if let Some((_, outbox)) = &comp.subscriber {
                         let _ = outbox.send(event(

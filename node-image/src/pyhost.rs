@@ -42,6 +42,10 @@ pub struct PyHost {
 struct Runs {
     by_run: HashMap<u64, u32>,
     by_worker: HashMap<u32, u64>,
+    /// Every run this host has started and not finished. A job process can write any frame
+    /// to the host's pipe, so a frame naming another run (another computation's job) is
+    /// dropped.
+    active: std::collections::HashSet<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,6 +367,7 @@ impl PyHost {
 
     /// Starts a job; `call` is the codec-encoded call (JSON `[args, kwargs]`).
     pub fn start_job(&self, run: u64, call: &[u8]) -> Result<(), String> {
+        self.runs.lock().unwrap().active.insert(run);
         let worker = match &self.idle_workers {
             None => None,
             Some(idle) => {
@@ -390,6 +395,7 @@ impl PyHost {
 
     /// Returns a reuse-mode worker to the idle list once its job is over.
     pub fn job_over(&self, run: u64) {
+        self.runs.lock().unwrap().active.remove(&run);
         if let Some(idle) = &self.idle_workers {
             let mut runs = self.runs.lock().unwrap();
             if let Some(w) = runs.by_run.remove(&run) {
@@ -531,18 +537,44 @@ enum Unread {
 
 /// Reads a file the host wrote into `dir` (and nowhere else), at most `max` bytes of it, and
 /// removes it.
+/// The file must be a regular file the host wrote there: a symlink is not followed and a FIFO
+/// is not waited on (a job could put either at the path it names), and no more than `max`
+/// bytes are read even if it grows meanwhile.
 async fn read_within(dir: &Path, path: &Path, max: usize) -> Result<Vec<u8>, Unread> {
     if path.parent() != Some(dir) {
         return Err(Unread::Outside);
     }
-    let size = tokio::fs::metadata(path).await.map_err(Unread::Io)?.len() as usize;
-    let data = if size > max {
-        Err(Unread::TooLarge(size))
-    } else {
-        tokio::fs::read(path).await.map_err(Unread::Io)
-    };
+    let owned = path.to_path_buf();
+    let data = tokio::task::spawn_blocking(move || read_regular(&owned, max))
+        .await
+        .unwrap_or_else(|e| Err(Unread::Io(std::io::Error::other(e))));
     let _ = tokio::fs::remove_file(path).await;
     data
+}
+
+fn read_regular(path: &Path, max: usize) -> Result<Vec<u8>, Unread> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(Unread::Io)?;
+    let meta = file.metadata().map_err(Unread::Io)?;
+    if !meta.is_file() {
+        return Err(Unread::Io(std::io::Error::other("not a regular file")));
+    }
+    if meta.len() as usize > max {
+        return Err(Unread::TooLarge(meta.len() as usize));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(max as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(Unread::Io)?;
+    if data.len() > max {
+        return Err(Unread::TooLarge(data.len()));
+    }
+    Ok(data)
 }
 
 /// Logs what the host writes to its stderr, within the bounds of [`HostOutput`].
@@ -622,8 +654,8 @@ async fn read_replies(
             if skipped.await.is_err() {
                 break "the Python host sent a truncated frame".to_string();
             }
-            if matches!(head[0], b'R' | b'F') {
-                let run = u64::from_be_bytes(head[1..9].try_into().unwrap());
+            let run = u64::from_be_bytes(head[1..9].try_into().unwrap());
+            if matches!(head[0], b'R' | b'F') && runs.lock().unwrap().active.contains(&run) {
                 let _ = outcomes.send(Outcome::Job {
                     run,
                     result: too_large(len, files.max_reply),
@@ -640,6 +672,14 @@ async fn read_replies(
         let kind = body[0];
         let body = &body[1..];
         let run = || u64::from_be_bytes(body[..8].try_into().unwrap());
+        let about_a_job = matches!(kind, b'R' | b'F' | b'P' | b'Q' | b'S' | b'X');
+        if about_a_job && (body.len() < 8 || !runs.lock().unwrap().active.contains(&run())) {
+            // A process's exit after its reply is the usual case; anything else is forged.
+            if kind != b'X' {
+                tracing::warn!(%computation, "a frame from the Python host about a run it does not have dropped");
+            }
+            continue;
+        }
         match kind {
             b'I' | b'C' => {
                 let control: Control = serde_json::from_slice(body).unwrap_or(Control {

@@ -195,3 +195,48 @@ def f():
     };
     assert_eq!(finished(result), "[-1, -1]");
 }
+
+#[tokio::test]
+async fn a_job_that_plants_a_symlink_or_a_fifo_as_its_sent_copy_gets_nothing_sent_and_the_node_serves_on(
+) {
+    let node = NodeProc::start(&[]).await;
+    let (client, mut events) = connect(&node).await;
+    // The job writes the node's pipe frames itself, naming a symlink to a file outside its
+    // directory and then a FIFO as the copy to send.
+    let src = r#"
+import json, struct
+def f():
+    d = os.path.join(os.getcwd(), ".dispy-sent")
+    os.makedirs(d, exist_ok=True)
+    link, fifo = os.path.join(d, "9-1"), os.path.join(d, "9-2")
+    os.symlink("/etc/hostname", link)
+    os.mkfifo(fifo)
+    run = dispy_host_current()
+    for path in (link, fifo):
+        body = struct.pack(">Q", run) + json.dumps({"path": path, "name": "x"}).encode()
+        os.write(dispy_host_fd(), struct.pack(">IB", len(body) + 1, ord("S")) + body)
+    return "planted"
+"#;
+    let mut py = python(src, "f");
+    // The hooks the job needs to write frames: the host's reply fd and its current run token.
+    py.source = format!(
+        "import gc\n{}\ndef dispy_host_current():\n    return [o for o in gc.get_objects() if type(o).__name__ == 'Host'][0].current[0]\ndef dispy_host_fd():\n    return [o for o in gc.get_objects() if type(o).__name__ == 'Host'][0].reply_fd\n",
+        py.source
+    );
+    open(&client, "plant", Computation::Python(py), &[]).await;
+    client.submit("plant", job(1, json!([]))).await.unwrap();
+    let seen = job_events(&mut events, 1).await;
+    assert!(
+        !seen.iter().any(|k| matches!(k, JobEventKind::File(_))),
+        "a planted copy was sent: {seen:?}"
+    );
+    let JobEventKind::Done(result) = seen.last().unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(finished(result), "\"planted\"");
+    // Still serving: the next job runs.
+    client.submit("plant", job(2, json!([]))).await.unwrap();
+    let next = job_events(&mut events, 2).await;
+    assert!(matches!(next.last(), Some(JobEventKind::Done(_))));
+    assert!(node.log().contains("a sent file dropped"), "{}", node.log());
+}

@@ -115,6 +115,11 @@ pub fn record_provisional_bounded(status: &mut DispyJobStatus, text: &str) {
 /// replaces the earlier one and keeps its key.
 pub fn record_sent_file(status: &mut DispyJobStatus, file: &SentFile) -> Option<String> {
     let earlier = status.sent_files.iter().find(|f| f.name == file.name);
+    // The list itself stays bounded too: names count against the budget, and so does each
+    // entry (a job may send any number of empty files).
+    if earlier.is_none() && status.sent_files.len() >= SENT_FILES_LISTED {
+        return None;
+    }
     let key = earlier
         .and_then(|f| f.saved_as.clone())
         .unwrap_or_else(|| file_key(&file.name, status));
@@ -124,8 +129,13 @@ pub fn record_sent_file(status: &mut DispyJobStatus, file: &SentFile) -> Option<
         .filter(|f| f.name != file.name && f.saved_as.is_some())
         .map(|f| f.size as usize + f.saved_as.as_ref().map_or(0, String::len))
         .sum();
+    let listed: usize = status
+        .sent_files
+        .iter()
+        .map(|f| f.name.len() + ENTRY_COST)
+        .sum();
     let size = file.data.len();
-    let fits = kept + size + key.len() <= CONFIG_MAP_LIMIT;
+    let fits = kept + listed + size + key.len() + file.name.len() <= CONFIG_MAP_LIMIT;
     status.record_sent_file(SentFileStatus {
         name: file.name.clone(),
         size: size as u64,
@@ -139,6 +149,12 @@ pub fn record_sent_file(status: &mut DispyJobStatus, file: &SentFile) -> Option<
     });
     fits.then_some(key)
 }
+
+/// Most sent files listed in a job's status; later ones (of new names) are neither listed nor
+/// kept.
+pub const SENT_FILES_LISTED: usize = 100;
+/// What a sent file's entry costs in the status besides its name, for the budget.
+const ENTRY_COST: usize = 64;
 
 /// A ConfigMap key (`[-._a-zA-Z0-9]+`, at most 253 characters) for a sent file's name, not
 /// used yet by another of the job's files.
@@ -356,6 +372,17 @@ mod tests {
         );
         // What was not kept takes no room: a small one still fits.
         assert!(record_sent_file(&mut s, &sent("c", 100)).is_some());
+    }
+
+    #[test]
+    fn the_list_of_sent_files_stays_bounded_however_many_empty_files_a_job_sends() {
+        let mut s = DispyJobStatus::default();
+        for i in 0..1000 {
+            record_sent_file(&mut s, &sent(&format!("{i:0>1000}"), 0));
+        }
+        assert_eq!(s.sent_files.len(), SENT_FILES_LISTED);
+        let listed: usize = s.sent_files.iter().map(|f| f.name.len()).sum();
+        assert!(listed <= CONFIG_MAP_LIMIT, "{listed}");
     }
 
     #[test]

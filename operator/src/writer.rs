@@ -187,21 +187,26 @@ impl Writer {
             ..Default::default()
         };
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &w.namespace);
-        match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&cm))
-            .await
-        {
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
+        match api.create(&PostParams::default(), &cm).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
             other => return other.map(|_| ()),
         }
-        match api.create(&PostParams::default(), &cm).await {
-            // Created meanwhile: merge into it.
-            Err(kube::Error::Api(e)) if e.code == 409 => api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&cm))
-                .await
-                .map(|_| ()),
-            other => other.map(|_| ()),
+        // It exists: merge into it only if it is this job's (a ConfigMap of that name made by
+        // someone else is not taken over, nor handed to the job's garbage collection).
+        let existing = api.get(&name).await?;
+        let ours = existing
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == w.uid);
+        if !ours {
+            tracing::warn!(job = %w.name, "ConfigMap {name} exists and is not the job's: its sent files are not stored");
+            return Ok(());
         }
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&cm))
+            .await
+            .map(|_| ())
     }
 
     /// A routine Event (a job's Normal one): published only within the budget.

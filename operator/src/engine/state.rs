@@ -221,6 +221,8 @@ pub struct Job {
     /// (a newer copy under the same key is not taken for stored).
     unsaved_files: BTreeMap<String, (u64, Vec<u8>)>,
     files_received: u64,
+    /// A `FileNotKept` Warning was published.
+    warned_files: bool,
     /// The node to acknowledge the result to once the terminal status is stored.
     ack: Option<NodeId>,
     /// A status write: due at this time (None: nothing to write).
@@ -247,6 +249,7 @@ impl Job {
             output: None,
             unsaved_files: BTreeMap::new(),
             files_received: 0,
+            warned_files: false,
             ack: None,
             write_due: None,
             write_in_flight: false,
@@ -837,8 +840,19 @@ impl EngineState {
                 job.deleted.get_or_insert_with(Vec::new).push(reply);
                 self.schedule(Event::CancelRequested { key });
             }
-            // Never on a node, or done with it.
-            _ => {
+            // Never on a node, or done with it. A result waiting for its store is let go with
+            // the DispyJob.
+            Some(job) => {
+                if let Some(node) = job.ack.take() {
+                    self.out.push(Effect::Ack {
+                        node,
+                        key: key.clone(),
+                    });
+                }
+                self.forget(&key);
+                self.out.push(Effect::Reply(reply));
+            }
+            None => {
                 self.forget(&key);
                 self.out.push(Effect::Reply(reply));
             }
@@ -960,12 +974,16 @@ impl EngineState {
                     .insert(cm_key, (job.files_received, file.data));
             }
             None => {
-                let note = format!(
-                    "the sent file {} ({} bytes) does not fit in the job's files ConfigMap",
-                    file.name,
-                    file.data.len()
-                );
-                self.job_event(&info, "FileNotKept", note, true);
+                // One Warning per job: a job may send any number of files.
+                if !job.warned_files {
+                    job.warned_files = true;
+                    let note = format!(
+                        "the sent file {} ({} bytes) does not fit in the job's files ConfigMap; later ones that do not fit are not reported",
+                        file.name,
+                        file.data.len()
+                    );
+                    self.job_event(&info, "FileNotKept", note, true);
+                }
             }
         }
         self.write(key);
@@ -995,6 +1013,23 @@ impl EngineState {
                 self.entry(&key, Stage::NodeOnly).early = Some((node, result));
                 return;
             }
+        }
+        if self.jobs[&key].sealed {
+            // Its terminal status is stored (or its DispyJob is gone): nothing more is
+            // recorded, and the node may forget the result.
+            self.out.push(Effect::Ack {
+                node: node.clone(),
+                key: key.clone(),
+            });
+            self.schedule(Event::JobDone {
+                key: key.clone(),
+                node,
+                status: result.status,
+            });
+            if self.jobs[&key].deleted.is_some() {
+                self.forget(&key);
+            }
+            return;
         }
         if self.is_live(&key, &node) {
             let (name, pod) = self.node_label(&key.cluster, &node);
@@ -1217,6 +1252,11 @@ impl EngineState {
                             key: key.clone(),
                         });
                     }
+                    // Deleted: its finalizer goes now, and no JobGone will come again.
+                    if job.deleted.is_some() {
+                        self.forget(&key);
+                        return;
+                    }
                 }
                 if job.write_due.is_some_and(|due| due <= now) {
                     self.flush(&key);
@@ -1231,6 +1271,7 @@ impl EngineState {
                 }
                 job.write_due = None;
                 job.sealed = true;
+                job.deleted.get_or_insert_with(Vec::new);
                 let open = self
                     .sched
                     .job(&key)

@@ -377,6 +377,44 @@ fn deleting_a_running_job_terminates_it_and_replies_once_it_stopped() {
 }
 
 #[test]
+fn a_deleted_job_is_forgotten_once_its_end_is_stored_and_a_vanished_one_once_its_node_answers() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A, B], false, 6), Vec::new());
+    t.step(Input::Job(job(1, DispyJobStatus::default())));
+    t.step(Input::Job(job(2, DispyJobStatus::default())));
+    let nodes: BTreeMap<u64, NodeId> = submits(&t.log.iter().collect::<Vec<_>>())
+        .into_iter()
+        .collect();
+    // Deleted while running: its end is stored, then nothing of it is left.
+    t.step(Input::JobGone {
+        key: key(1),
+        reply: ReplyTo(1),
+    });
+    t.done(&nodes[&1], 1, JobStatus::Terminated);
+    assert_eq!(acks(&t.written(1, Ok(()))), vec![(1, nodes[&1].clone())]);
+    assert!(t.s.job_entry(&key(1)).is_none());
+    // Its DispyJob vanished while it ran (a write found it gone): the node's answer to the
+    // cancel is acked and the job forgotten.
+    t.news(
+        &nodes[&2],
+        NodeNews::Started {
+            key: key(2),
+            start_time: 1.0,
+        },
+    );
+    t.advance(NOT_TERMINAL_DELAY);
+    let e = t.written(2, Err(StoreError::Gone));
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::Cancel { key, .. } if key.job == 2)),
+        "{e:?}"
+    );
+    let e = t.done(&nodes[&2], 2, JobStatus::Terminated);
+    assert_eq!(acks(&e), vec![(2, nodes[&2].clone())]);
+    assert!(t.s.job_entry(&key(2)).is_none());
+}
+
+#[test]
 fn deleting_a_job_that_never_reached_a_node_replies_at_once_and_forgets_it() {
     let mut t = T::new();
     t.step(Input::Job(job(1, DispyJobStatus::default())));
@@ -719,7 +757,11 @@ proptest! {
                     }
                     (Input::SubmitFailed { key: key(job), node: NODES[node].into(), reason: "no".into() }, None)
                 }
-                Op::Deleted { job } => (Input::JobGone { key: key(job), reply: ReplyTo(job) }, None),
+                Op::Deleted { job } => {
+                    // Its result goes with the DispyJob: acking it then loses nothing.
+                    seen.recorded.remove(&job);
+                    (Input::JobGone { key: key(job), reply: ReplyTo(job) }, None)
+                }
                 Op::Tick { millis } => {
                     t.now.at += Duration::from_millis(millis);
                     (Input::Tick, None)
@@ -760,7 +802,9 @@ fn check(
                     .push((key.job, write.status.status.is_terminal()));
             }
             Effect::Ack { node, key } => {
-                let early = live.as_ref() == Some(&(key.job, node.clone()));
+                // (A job whose DispyJob is gone has nothing left to store its result in.)
+                let early = live.as_ref() == Some(&(key.job, node.clone()))
+                    && !seen.sealed.contains(&key.job);
                 prop_assert!(
                     !early,
                     "job {}'s live result acked before it was stored",
