@@ -190,6 +190,9 @@ struct Run<'a> {
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
     interrupted: bool,
+    /// Each cluster's computation on the nodes, unique to this run (named once: every node
+    /// event is checked against it).
+    comp_ids: Vec<String>,
 }
 
 impl<'a> Run<'a> {
@@ -215,6 +218,14 @@ impl<'a> Run<'a> {
             tx,
             rx,
             interrupted: false,
+            comp_ids: plan
+                .clusters
+                .iter()
+                .map(|c| {
+                    let pid = std::process::id().to_string();
+                    dispy_core::driver::computation_id(&c.namespace, &c.name, &pid)
+                })
+                .collect(),
         };
         for (i, c) in plan.clusters.iter().enumerate() {
             let cluster = run.comp_id(i);
@@ -238,10 +249,9 @@ impl<'a> Run<'a> {
         self.actions.extend(actions);
     }
 
-    /// Cluster `i`'s computation on the nodes: unique to this run.
+    /// Cluster `i`'s computation on the nodes.
     fn comp_id(&self, i: usize) -> String {
-        let c = &self.plan.clusters[i];
-        dispy_core::driver::computation_id(&c.namespace, &c.name, &std::process::id().to_string())
+        self.comp_ids[i].clone()
     }
 
     fn key_of(&self, j: usize) -> JobKey {
@@ -251,7 +261,8 @@ impl<'a> Run<'a> {
     /// The job a key names, if it is one of this run's.
     fn job_of(&self, key: &JobKey) -> Option<usize> {
         let j = key.job as usize;
-        (j < self.views.len() && *key == self.key_of(j)).then_some(j)
+        let ours = j < self.views.len() && key.cluster == self.comp_ids[self.plan.jobs[j].cluster];
+        ours.then_some(j)
     }
 
     /// Connects to every node (a local one may still be starting); their events come in as
