@@ -21,7 +21,8 @@ mod server;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
@@ -47,6 +48,14 @@ struct Args {
     /// with it, only nodes matching the list are used.
     #[arg(short = 'n', long = "node", value_name = "HOST")]
     nodes: Vec<String>,
+
+    /// A file listing the nodes to use, one per line in the forms of --node (`#` comments),
+    /// read again every 2 s: nodes added are pinged, nodes removed are closed and dropped.
+    /// Only the nodes listed (here and by --node) are used, none while it lists none, and
+    /// the scheduler never broadcasts. For a node list kept by someone else (on Kubernetes,
+    /// the operator's ConfigMap).
+    #[arg(long = "nodes_file", alias = "nodes-file", value_name = "FILE")]
+    nodes_file: Option<PathBuf>,
 
     /// Address to serve on (repeatable). Default: this host's first IPv4 interface.
     #[arg(short = 'i', long = "host", value_name = "ADDR")]
@@ -231,7 +240,7 @@ fn node_alloc(spec: &str) -> Result<NodeAlloc, String> {
             h,
             Some(
                 p.parse::<u16>()
-                    .map_err(|_| format!("--node {spec:?}: {p:?} is not a port"))?,
+                    .map_err(|_| format!("{spec:?}: {p:?} is not a port"))?,
             ),
         ),
         _ => (spec, None),
@@ -242,10 +251,10 @@ fn node_alloc(spec: &str) -> Result<NodeAlloc, String> {
         use std::net::ToSocketAddrs;
         (host, 0)
             .to_socket_addrs()
-            .map_err(|e| format!("--node {spec:?}: cannot resolve {host:?}: {e}"))?
+            .map_err(|e| format!("{spec:?}: cannot resolve {host:?}: {e}"))?
             .find(|a| a.is_ipv4())
             .map(|a| a.ip().to_string())
-            .ok_or_else(|| format!("--node {spec:?}: {host:?} has no IPv4 address"))?
+            .ok_or_else(|| format!("{spec:?}: {host:?} has no IPv4 address"))?
     };
     Ok(NodeAlloc {
         host,
@@ -253,6 +262,73 @@ fn node_alloc(spec: &str) -> Result<NodeAlloc, String> {
         cpus: 0,
         setup_args: dispy_core::pickle::Value::Tuple(vec![]),
     })
+}
+
+/// The largest `--nodes_file` read.
+const NODES_FILE_MAX: u64 = 1 << 20;
+
+fn read_nodes_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(NODES_FILE_MAX).read_to_string(&mut text))
+        .map_err(|e| format!("--nodes_file {}: {e}", path.display()))?;
+    Ok(text)
+}
+
+/// The lines of a nodes file that name a node: blank lines and `#` comments are skipped.
+fn nodes_file_entries(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim()))
+        .filter(|(_, l)| !l.is_empty())
+}
+
+/// The nodes a nodes file lists; a line that is not a node is logged and skipped, so one
+/// bad line does not take the others away.
+fn nodes_file_allocs(path: &Path, text: &str) -> Vec<NodeAlloc> {
+    nodes_file_entries(text)
+        .filter_map(|(line, spec)| match node_alloc(spec) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!("--nodes_file {} line {line}: {e}; skipped", path.display());
+                None
+            }
+        })
+        .collect()
+}
+
+/// Reads the nodes file again every 2 s and gives the scheduler the new list when it changed
+/// (`fixed`: the --node list, always kept).
+async fn follow_nodes_file(runtime: Arc<server::Runtime>, path: PathBuf, fixed: Vec<NodeAlloc>) {
+    let mut last = read_nodes_file(&path).ok();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let p = path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let text = read_nodes_file(&p)?;
+            let allocs = nodes_file_allocs(&p, &text);
+            Ok::<_, String>((text, allocs))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match read {
+            Ok((text, allocs)) if last.as_ref() != Some(&text) => {
+                let mut nodes = fixed.clone();
+                nodes.extend(allocs);
+                tracing::info!(
+                    nodes = ?nodes.iter().map(|a| a.host.as_str()).collect::<Vec<_>>(),
+                    "node list changed ({})",
+                    path.display()
+                );
+                runtime.with(|s| s.set_nodes(server::now(), nodes));
+                last = Some(text);
+            }
+            Ok(_) => {}
+            // Kept as it was: a file being replaced may be missing for a moment.
+            Err(e) => tracing::debug!("{e}; the node list is kept"),
+        }
+    }
 }
 
 fn tls_pair(
@@ -355,8 +431,13 @@ async fn run(args: Args) -> Result<(), String> {
     let nodes = args
         .nodes
         .iter()
-        .map(|n| node_alloc(n))
+        .map(|n| node_alloc(n).map_err(|e| format!("--node {e}")))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut nodes_now = nodes.clone();
+    if let Some(path) = &args.nodes_file {
+        let text = read_nodes_file(path)?;
+        nodes_now.extend(nodes_file_allocs(path, &text));
+    }
 
     let dest = args
         .dest_path_prefix
@@ -423,7 +504,8 @@ async fn run(args: Args) -> Result<(), String> {
         ping_interval: (args.ping_interval > 0.0).then_some(args.ping_interval),
         zombie_interval: zombie,
         cooperative: args.cooperative,
-        nodes,
+        nodes: nodes_now,
+        listed_only: args.nodes_file.is_some(),
     };
     let sign = auth::new_sign();
     let runtime = server::Runtime::new(
@@ -495,6 +577,9 @@ async fn run(args: Args) -> Result<(), String> {
     );
     runtime.with(|s| s.start());
     tokio::spawn(runtime.clone().clock());
+    if let Some(path) = args.nodes_file.clone() {
+        tokio::spawn(follow_nodes_file(runtime.clone(), path, nodes));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
@@ -513,4 +598,31 @@ async fn run(args: Args) -> Result<(), String> {
     }
     tracing::info!("dispyscheduler stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nodes_file_names_one_node_per_line_and_a_bad_line_loses_only_itself() {
+        let text =
+            "# the operator's list\n127.0.0.11:9701\n\n  127.0.0.12:9701  # second\nnode:x\n";
+        let entries: Vec<(usize, &str)> = nodes_file_entries(text).collect();
+        assert_eq!(
+            entries,
+            vec![
+                (2, "127.0.0.11:9701"),
+                (4, "127.0.0.12:9701"),
+                (5, "node:x")
+            ]
+        );
+        let allocs = nodes_file_allocs(Path::new("nodes"), text);
+        let hosts: Vec<(&str, Option<u16>)> =
+            allocs.iter().map(|a| (a.host.as_str(), a.port)).collect();
+        assert_eq!(
+            hosts,
+            vec![("127.0.0.11", Some(9701)), ("127.0.0.12", Some(9701))]
+        );
+    }
 }

@@ -61,8 +61,12 @@ pub struct Config {
     pub zombie_interval: Option<f64>,
     /// `--cooperative`: clients' `NodeAllocate` cpus limit what a node runs for everyone.
     pub cooperative: bool,
-    /// The scheduler's own `-n` list: only nodes it matches are used. Empty: any node.
+    /// The scheduler's own `-n` list: only nodes it matches are used. Empty: any node,
+    /// unless `listed_only`.
     pub nodes: Vec<NodeAlloc>,
+    /// The list is all there is (`--nodes_file`): an empty list means no node, and the
+    /// scheduler never broadcasts.
+    pub listed_only: bool,
 }
 
 /// One element of a `nodes=` list (dispy's `NodeAllocate`): an address or pattern with `*`,
@@ -419,13 +423,14 @@ impl Scheduler {
 
     fn discover(&mut self, allocs: Option<Vec<NodeAlloc>>) {
         let allocs = allocs.unwrap_or_else(|| self.cfg.nodes.clone());
-        let mut broadcast = allocs.is_empty() && self.cfg.nodes.is_empty();
+        // Only the scheduler's own list may make it broadcast, and a fixed list never does.
+        let may_broadcast = !self.cfg.listed_only
+            && (self.cfg.nodes.is_empty() || self.cfg.nodes.iter().any(|n| n.is_pattern()));
+        let mut broadcast = may_broadcast && allocs.is_empty();
         for a in &allocs {
             if a.is_pattern() {
-                // Only the scheduler's own list may make it broadcast.
-                broadcast |=
-                    self.cfg.nodes.is_empty() || self.cfg.nodes.iter().any(|n| n.is_pattern());
-            } else if !self.nodes.contains_key(&a.host) && self.allowed(&a.host) {
+                broadcast |= may_broadcast;
+            } else if !self.nodes.contains_key(&a.host) && self.wants(&a.host) {
                 self.actions.push(Action::Ping {
                     ip: a.host.clone(),
                     port: a.port,
@@ -437,8 +442,43 @@ impl Scheduler {
         }
     }
 
-    fn allowed(&self, ip: &str) -> bool {
-        self.cfg.nodes.is_empty() || self.cfg.nodes.iter().any(|a| a.matches(ip))
+    /// Whether the scheduler's own list lets it use the node at `ip`.
+    pub fn wants(&self, ip: &str) -> bool {
+        (self.cfg.nodes.is_empty() && !self.cfg.listed_only)
+            || self.cfg.nodes.iter().any(|a| a.matches(ip))
+    }
+
+    /// A new list of the scheduler's own nodes (`--nodes_file` changed): nodes it no longer
+    /// matches are closed and dropped (their reentrant jobs run elsewhere), new addresses
+    /// are pinged.
+    pub fn set_nodes(&mut self, now: f64, nodes: Vec<NodeAlloc>) {
+        self.cfg.nodes = nodes;
+        let unlisted: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|ip| !self.wants(ip))
+            .cloned()
+            .collect();
+        for ip in unlisted {
+            let node = &self.nodes[&ip];
+            let on: BTreeSet<ComputeId> = (node.clusters.iter())
+                .chain(&node.setting_up)
+                .chain(&node.parked)
+                .copied()
+                .collect();
+            for id in &on {
+                if let Some(c) = self.clusters.get(id) {
+                    self.actions.push(Action::Close {
+                        node: target(node),
+                        compute_id: *id,
+                        node_auth: c.node_auth.clone(),
+                        terminate_pending: true,
+                    });
+                }
+            }
+            self.node_lost(now, &ip);
+        }
+        self.discover(None);
     }
 
     fn cluster_checked(&self, id: ComputeId, auth: &str) -> Result<&Cluster, Refusal> {
@@ -893,7 +933,7 @@ impl Scheduler {
     /// A node answered our ping with the right token. A known node with another token has
     /// restarted: what ran there is lost.
     pub fn node_found(&mut self, now: f64, info: NodeInfo) {
-        if !self.allowed(&info.ip) || info.cpus == 0 || info.port == 0 {
+        if !self.wants(&info.ip) || info.cpus == 0 || info.port == 0 {
             return;
         }
         let restarted = self

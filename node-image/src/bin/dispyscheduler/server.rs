@@ -1240,10 +1240,7 @@ impl Runtime {
             return;
         }
         let known = self.sched.lock().unwrap().node_known(&ip);
-        let wanted = {
-            let s = self.sched.lock().unwrap();
-            s.cfg.nodes.is_empty() || s.cfg.nodes.iter().any(|a| a.matches(&ip))
-        };
+        let wanted = self.sched.lock().unwrap().wants(&ip);
         if known || !wanted {
             return;
         }

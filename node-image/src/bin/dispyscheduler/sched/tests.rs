@@ -10,6 +10,7 @@ fn config(policy: Policy) -> Config {
         zombie_interval: Some(60.0),
         cooperative: false,
         nodes: vec![],
+        listed_only: false,
     }
 }
 
@@ -558,6 +559,87 @@ fn closing_a_computation_keeps_its_running_jobs_counted_until_their_node_replies
     let actions = settle(&mut s, 2.0);
     assert!(results(&actions).is_empty(), "a is gone: no result to send");
     assert_eq!(runs(&actions), vec![(ub, "10.0.0.2".into())]);
+}
+
+fn listed(hosts: &[&str]) -> Vec<NodeAlloc> {
+    hosts
+        .iter()
+        .map(|h| NodeAlloc {
+            host: h.to_string(),
+            port: Some(9701),
+            ..NodeAlloc::any()
+        })
+        .collect()
+}
+
+#[test]
+fn a_nodes_file_list_is_all_there_is_even_when_empty_and_never_broadcasts() {
+    let mut cfg = config(Policy::EarliestJob);
+    cfg.listed_only = true;
+    let mut s = Scheduler::new(cfg, 0.0);
+    s.start();
+    assert_eq!(
+        s.take_actions(),
+        vec![],
+        "no node listed: no ping, no broadcast"
+    );
+    node(&mut s, "10.0.0.5", 4);
+    assert!(s.nodes.is_empty(), "an empty file lists no node");
+    s.set_nodes(1.0, listed(&["10.0.0.2", "10.0.0.3"]));
+    assert_eq!(
+        s.take_actions(),
+        vec![
+            Action::Ping {
+                ip: "10.0.0.2".into(),
+                port: Some(9701)
+            },
+            Action::Ping {
+                ip: "10.0.0.3".into(),
+                port: Some(9701)
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_node_dropped_from_the_nodes_file_is_closed_and_its_reentrant_jobs_run_on_the_others() {
+    let mut cfg = config(Policy::EarliestJob);
+    cfg.listed_only = true;
+    cfg.nodes = listed(&["10.0.0.2", "10.0.0.3"]);
+    let mut s = Scheduler::new(cfg, 0.0);
+    node(&mut s, "10.0.0.2", 1);
+    node(&mut s, "10.0.0.3", 1);
+    let id = computation(&mut s, "a", false, true);
+    settle(&mut s, 0.0);
+    let a = submit(&mut s, id, "a");
+    let b = submit(&mut s, id, "a");
+    let started = runs(&settle(&mut s, 0.0));
+    assert_eq!(started.len(), 2);
+    let on_3 = started.iter().find(|(_, ip)| ip == "10.0.0.3").unwrap().0;
+    let on_2 = if on_3 == a { b } else { a };
+
+    // 10.0.0.4 joins (scale up): pinged, found, set up.
+    s.set_nodes(1.0, listed(&["10.0.0.2", "10.0.0.3", "10.0.0.4"]));
+    assert!(s.take_actions().contains(&Action::Ping {
+        ip: "10.0.0.4".into(),
+        port: Some(9701)
+    }));
+    node(&mut s, "10.0.0.4", 1);
+    settle(&mut s, 1.0);
+    assert!(s.nodes["10.0.0.4"].clusters.contains(&id));
+
+    // 10.0.0.3 leaves (scale down): closed there, its job runs again on the free node.
+    s.set_nodes(2.0, listed(&["10.0.0.2", "10.0.0.4"]));
+    let actions = settle(&mut s, 2.0);
+    assert!(actions.iter().any(|a| matches!(a,
+        Action::Close { node, compute_id, terminate_pending: true, .. }
+            if node.ip == "10.0.0.3" && *compute_id == id)));
+    assert!(!s.nodes.contains_key("10.0.0.3"));
+    assert_eq!(runs(&actions), vec![(on_3, "10.0.0.4".to_string())]);
+    assert_eq!(s.jobs[&on_2].node.as_deref(), Some("10.0.0.2"));
+    // An announcement from the dropped node is not taken.
+    node(&mut s, "10.0.0.3", 1);
+    assert!(!s.nodes.contains_key("10.0.0.3"));
 }
 
 #[test]
