@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds the dispynode image without a container engine: the same image as node-image/Dockerfile
-# (Debian bookworm with python3, dispynode and its health check, user dispy 10001:10001,
+# (Debian bookworm with python3, dispynode, dispynetrelay, dispyscheduler and the node's health
+# check, user dispy 10001:10001,
 # ENTRYPOINT ["dispynode"], 9701/tcp and 9701/udp, the same labels), as an OCI image layout
 # and a `docker load`-able tarball.
 #
-#   node-image/image/build.sh [--out DIR] [--binary PATH] [--relay-binary PATH] [--tag TAG] [--refresh]
+#   node-image/image/build.sh [--out DIR] [--binary PATH] [--relay-binary PATH]
+#                             [--scheduler-binary PATH] [--tag TAG] [--refresh]
 #
-# --binary and --relay-binary take built dispynode and dispynetrelay binaries (the relay
-# defaults to the one beside --binary); without them, cargo builds both in release mode.
+# --binary, --relay-binary and --scheduler-binary take built dispynode, dispynetrelay and
+# dispyscheduler binaries (the last two default to the ones beside --binary); without them,
+# cargo builds all three in release mode.
 #
 # Tools, all Debian packages: mmdebstrap (root filesystem), umoci (OCI layout: layers, config),
 # skopeo (OCI layout -> docker-archive). Runs as root (mmdebstrap's root mode).
@@ -17,7 +20,7 @@
 # into it, so a rebuild takes seconds. --refresh rebuilds it (to pick up Debian updates).
 #
 # Layers: 1 = the Debian root filesystem with python3 and the dispy user; 2 = dispynode,
-# dispynetrelay and dispynode-healthcheck in /usr/local/bin. The image's files and config are reproducible for a
+# dispynetrelay, dispyscheduler and dispynode-healthcheck in /usr/local/bin. The image's files and config are reproducible for a
 # given root filesystem, binary and SOURCE_DATE_EPOCH (default: the last commit's time).
 set -euo pipefail
 
@@ -27,6 +30,7 @@ repo="$(cd "$here/../.." && pwd)"
 out="$repo/target/image"
 binary=""
 relay=""
+scheduler=""
 tag=""
 refresh=0
 while [ $# -gt 0 ]; do
@@ -34,9 +38,10 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift 2 ;;
     --binary) binary="$2"; shift 2 ;;
     --relay-binary) relay="$2"; shift 2 ;;
+    --scheduler-binary) scheduler="$2"; shift 2 ;;
     --tag) tag="$2"; shift 2 ;;
     --refresh) refresh=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -64,7 +69,8 @@ if [ -z "$binary" ]; then
   binary="$repo/target/release/dispynode"
 fi
 relay="${relay:-$(dirname "$binary")/dispynetrelay}"
-for b in "$binary" "$relay"; do
+scheduler="${scheduler:-$(dirname "$binary")/dispyscheduler}"
+for b in "$binary" "$relay" "$scheduler"; do
   [ -x "$b" ] || { echo "build.sh: no executable at $b" >&2; exit 1; }
 done
 
@@ -105,15 +111,17 @@ else
   echo "== root filesystem from cache: $rootfs"
 fi
 
-# --- layer 2: dispynode, dispynetrelay and the health check
+# --- layer 2: dispynode, dispynetrelay, dispyscheduler and the health check
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/app/usr/local/bin"
 # Debug info stays in the build; the image gets the stripped binary (as in the Dockerfile).
 objcopy --strip-debug "$binary" "$work/app/usr/local/bin/dispynode"
 objcopy --strip-debug "$relay" "$work/app/usr/local/bin/dispynetrelay"
+objcopy --strip-debug "$scheduler" "$work/app/usr/local/bin/dispyscheduler"
 install -m 0755 "$here/dispynode-healthcheck" "$work/app/usr/local/bin/dispynode-healthcheck"
-chmod 0755 "$work/app/usr/local/bin/dispynode" "$work/app/usr/local/bin/dispynetrelay"
+chmod 0755 "$work/app/usr/local/bin/dispynode" "$work/app/usr/local/bin/dispynetrelay" \
+  "$work/app/usr/local/bin/dispyscheduler"
 tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
   -C "$work/app" -cf "$work/app.tar" usr
 
@@ -127,7 +135,7 @@ umoci new --image "$img"
 umoci raw add-layer --image "$img" --history.created "$created" \
   --history.created_by "mmdebstrap --variant=apt --include=python3 $suite; useradd dispy (10001)" "$rootfs"
 umoci raw add-layer --image "$img" --history.created "$created" \
-  --history.created_by "COPY dispynode dispynetrelay dispynode-healthcheck /usr/local/bin/" "$work/app.tar"
+  --history.created_by "COPY dispynode dispynetrelay dispyscheduler dispynode-healthcheck /usr/local/bin/" "$work/app.tar"
 # The same user, entrypoint, ports and labels as node-image/Dockerfile. (Docker's HEALTHCHECK
 # is no field of the OCI image config; the daemonless image ships the same script, and
 # Kubernetes uses its own probes anyway.)

@@ -96,6 +96,8 @@ fn image() -> &'static Image {
             .arg(env!("CARGO_BIN_EXE_dispynode"))
             .arg("--relay-binary")
             .arg(env!("CARGO_BIN_EXE_dispynetrelay"))
+            .arg("--scheduler-binary")
+            .arg(env!("CARGO_BIN_EXE_dispyscheduler"))
             .arg("--out")
             .arg(&out)
             .status()
@@ -247,6 +249,7 @@ fn image_config_and_layers_carry_user_entrypoint_ports_labels_and_python() {
     for f in [
         "usr/local/bin/dispynode",
         "usr/local/bin/dispynetrelay",
+        "usr/local/bin/dispyscheduler",
         "usr/local/bin/dispynode-healthcheck",
     ] {
         let line = app
@@ -490,11 +493,15 @@ fn the_image_runs_python_and_program_jobs_from_its_own_root_filesystem() {
         String::from_utf8_lossy(&h.stderr)
     );
 
-    // dispynetrelay runs from the image too (its libraries are there).
+    // dispynetrelay and dispyscheduler run from the image too (their libraries are there).
     let v = run(Command::new("chroot")
         .arg(&rootfs)
         .args(["/usr/local/bin/dispynetrelay", "--version"]));
     assert_eq!(v.trim(), format!("dispynetrelay {TAG}"));
+    let v = run(Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/usr/local/bin/dispyscheduler", "--version"]));
+    assert_eq!(v.trim(), format!("dispyscheduler {TAG}"));
 
     // A Python computation (setup, a data file, hashlib), a program computation, and a Python
     // job that reports where it runs — all from namespace B with the dispy CLI.

@@ -106,7 +106,11 @@ enum Wake {
     Stop,
     Event(Event),
     Timer,
+    Refresh,
 }
+
+/// How often a running pod's ConfigMap and Secret volumes are brought up to date.
+const VOLUME_REFRESH: Duration = Duration::from_secs(2);
 
 enum Outcome {
     Deleted { grace: Duration },
@@ -399,6 +403,8 @@ impl Worker {
             }
         };
         self.sandbox_ready = true;
+        let mut refresh = tokio::time::interval_at(Instant::now() + VOLUME_REFRESH, VOLUME_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             self.start_due(&volumes).await;
@@ -420,6 +426,7 @@ impl Worker {
                 _ = self.stop.changed() => Wake::Stop,
                 Some(ev) = self.events.recv() => Wake::Event(ev),
                 _ = sleep_until(wake) => Wake::Timer,
+                _ = refresh.tick() => Wake::Refresh,
             };
             match woke {
                 Wake::Pod(ok) => {
@@ -430,6 +437,11 @@ impl Worker {
                 Wake::Stop => return self.finish(Outcome::Shutdown).await,
                 Wake::Event(ev) => self.handle(ev),
                 Wake::Timer => self.start_probes(),
+                Wake::Refresh => {
+                    if let Err(e) = spec::refresh_volumes(&self.ctx, &self.pod, &self.dir).await {
+                        tracing::debug!(pod = %name_of(&self.pod), "volumes not refreshed: {e:#}");
+                    }
+                }
             }
         }
     }

@@ -54,6 +54,24 @@ impl PodDir {
     }
 }
 
+/// The program `command[0]` names in an image whose entrypoint is `entry`: the entrypoint
+/// itself when it names that file, another program of the image when the entrypoint's
+/// directory has one of that name (an image holds several, e.g. dispynode and
+/// dispyscheduler), else `command[0]` as written (an absolute path, or looked up on PATH).
+fn image_program(entry: &str, first: &str) -> String {
+    let entry = Path::new(entry);
+    let Some(base) = Path::new(first).file_name() else {
+        return first.to_string();
+    };
+    if entry.file_name() == Some(base) {
+        return entry.to_string_lossy().into_owned();
+    }
+    match entry.parent().map(|d| d.join(base)) {
+        Some(sibling) if sibling.is_file() => sibling.to_string_lossy().into_owned(),
+        _ => first.to_string(),
+    }
+}
+
 /// What to exec for one container.
 #[derive(Debug, Clone)]
 pub struct Launch {
@@ -179,11 +197,53 @@ fn write_file(dir: &Path, rel: &str, data: &[u8], mode: Option<i32>) -> anyhow::
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
+    if std::fs::read(&path).is_ok_and(|now| now == data) {
+        return Ok(());
+    }
+    // Written beside and renamed over: a program reading the file while it is refreshed sees
+    // the old content or the new, never a part.
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!("..{name}.tmp"));
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::set_permissions(
-        &path,
+        &tmp,
         std::fs::Permissions::from_mode(mode.unwrap_or(0o644) as u32 & 0o777),
     )?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Rewrites the files of the pod's ConfigMap and Secret volumes whose objects changed since
+/// the pod started, as a kubelet's periodic sync does (a kubelet takes up to a minute or so;
+/// this one the refresh interval). Keys removed from the object stay on disk.
+pub async fn refresh_volumes(ctx: &Context, pod: &Pod, dir: &PodDir) -> anyhow::Result<()> {
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    for v in volumes.into_iter().flatten() {
+        let what = format!("volume {:?}", v.name);
+        let path = dir.volume(&v.name);
+        if let Some(c) = &v.config_map {
+            if let Some(cm) = config_map(ctx, pod, &c.name, true).await? {
+                write_entries(
+                    &path,
+                    &config_map_entries(&cm),
+                    &c.items,
+                    c.default_mode,
+                    &what,
+                )?;
+            }
+        } else if let Some(s) = &v.secret {
+            let name = s.secret_name.clone().unwrap_or_default();
+            if let Some(sec) = secret(ctx, pod, &name, true).await? {
+                write_entries(
+                    &path,
+                    &secret_entries(&sec),
+                    &s.items,
+                    s.default_mode,
+                    &what,
+                )?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -600,14 +660,10 @@ pub async fn launch(
     let (program, mut argv) = if command.is_empty() {
         (entry.program.clone(), entry.args.clone())
     } else {
-        let first = &command[0];
-        let entry_base = Path::new(&entry.program).file_name();
-        let program = if Path::new(first).file_name() == entry_base && entry_base.is_some() {
-            entry.program.clone()
-        } else {
-            first.clone()
-        };
-        (program, command[1..].to_vec())
+        (
+            image_program(&entry.program, &command[0]),
+            command[1..].to_vec(),
+        )
     };
     argv.extend(args);
 
@@ -635,6 +691,26 @@ pub async fn launch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_names_the_entrypoint_another_program_beside_it_or_a_program_on_path() {
+        let dir = std::env::temp_dir().join(format!("image-program-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dispynode"), "").unwrap();
+        std::fs::write(dir.join("dispyscheduler"), "").unwrap();
+        let entry = dir.join("dispynode").to_string_lossy().into_owned();
+        let beside = dir.join("dispyscheduler").to_string_lossy().into_owned();
+        assert_eq!(image_program(&entry, "dispynode"), entry);
+        assert_eq!(image_program(&entry, "/usr/local/bin/dispynode"), entry);
+        assert_eq!(image_program(&entry, "dispyscheduler"), beside);
+        assert_eq!(
+            image_program(&entry, "/usr/local/bin/dispyscheduler"),
+            beside
+        );
+        assert_eq!(image_program(&entry, "python3"), "python3");
+        assert_eq!(image_program(&entry, "/bin/sh"), "/bin/sh");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn mount_paths_are_rewritten_at_the_start_or_after_equals() {
