@@ -190,6 +190,9 @@ if [[ $LOCAL == 1 ]]; then
   phase "build process kubelet (Rust)"
   (cd "$REPO_DIR" && cargo build -q -p process-kubelet -p dispynode -p dispy-operator) || phase_failed "build process kubelet"
   phase_done "build process kubelet"
+  phase "the dispy client from PyPI (image e2e/dispy-python)"
+  bash "$REPO_DIR/node-image/tests/compat/venv.sh" >/dev/null || phase_failed "the dispy client venv"
+  phase_done "the dispy client from PyPI (image e2e/dispy-python)"
   phase "build the Rust end-to-end tests"
   (cd "$REPO_DIR" && cargo test -q --no-run -p dispy-e2e && cargo test -q --no-run -p dispy-operator --test chart) ||
     phase_failed "build the Rust end-to-end tests"
@@ -224,7 +227,7 @@ if [[ $LOCAL == 1 ]]; then
   # DispyJobs end to end, with the operator the chart installs
   run_test "bring-up: the operator from the chart installed and Ready" op_install
   rust_tests -p dispy-e2e --test install --test examples --test jobs --test node_loss --test operator_restart \
-    --test node_pool --test metrics --test provisional --test tls --test leader_election
+    --test node_pool --test metrics --test provisional --test tls --test scheduler --test leader_election
   run_test "bring-down: the operator from the chart uninstalled" op_uninstall
   # an operator in a private network namespace finds a bare-metal node by UDP broadcast
   rust_tests -p dispy-e2e --test discovery

@@ -73,10 +73,21 @@ pub struct Meta {
             name = "Age",
             type_ = "date",
             json_path = ".metadata.creationTimestamp"
+        ),
+        printcolumn(
+            name = "Scheduler",
+            type_ = "string",
+            json_path = ".status.scheduler.address",
+            description = "address of the shared dispyscheduler for SharedJobCluster clients",
+            priority = 1
         )
     )
 )]
 #[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.scheduler) || !self.scheduler.enabled || (!has(self.computation) && (!has(self.nodes) || !has(self.nodes.dispyProtocol) || self.nodes.dispyProtocol))",
+        "message": "spec.scheduler is for a node pool shared by SharedJobCluster clients: a JobCluster with an enabled scheduler has no computation, and its nodes serve dispy's protocol (nodes.dispyProtocol not false)"
+    },
     {
         "rule": "has(self.computation) == has(oldSelf.computation) && (!has(self.computation) || self.computation == oldSelf.computation) && has(self.depends) == has(oldSelf.depends) && (!has(self.depends) || self.depends == oldSelf.depends)",
         "message": "computation and depends cannot change on an existing JobCluster (its nodes run what they were sent at the start): delete the JobCluster and apply it again"
@@ -113,6 +124,68 @@ pub struct JobClusterSpec {
     /// Dispatch no new jobs while true; running jobs go on.
     #[serde(default)]
     pub suspend: bool,
+    /// A dispyscheduler in front of the node pods, so that many `dispy.SharedJobCluster`
+    /// programs share them, each with its own computation (Kubernetes only; for a JobCluster
+    /// without a computation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerSpec>,
+}
+
+/// The shared scheduler of a node pool: a Deployment of one `dispyscheduler` and a Service
+/// `<jobcluster>-scheduler` for its clients.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SchedulerSpec {
+    /// Run the scheduler.
+    #[serde(default)]
+    pub enabled: bool,
+    /// dispy's base port (`dispyscheduler -p`, default 9700): nodes reach the scheduler on
+    /// it, clients on it + 2 (9702, the Service's port and `SharedJobCluster`'s default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65533))]
+    pub port: Option<u16>,
+    /// Which computation's job gets a free cpu: the job submitted first (dispy's default),
+    /// the computation served longest ago (`--fair_cluster_scheduler`), or the computation
+    /// created first (`--early_cluster_scheduler`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<SchedulerPolicy>,
+    /// Minutes a client may be silent before its computation is closed (dispy's
+    /// `--zombie_interval`, default 60; 0: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zombie_interval: Option<u32>,
+    /// The scheduler's image (default: the nodes' image, which has `dispyscheduler`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The scheduler container's resources (requests and limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub resources: Option<serde_json::Value>,
+    /// Overrides merged into the scheduler's pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub template: Option<serde_json::Value>,
+}
+
+impl SchedulerSpec {
+    /// dispy's default base port for a scheduler.
+    pub const DEFAULT_PORT: u16 = 9700;
+
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(Self::DEFAULT_PORT)
+    }
+
+    /// The port clients connect to (dispy's `SharedSchedulerPort`: base + 2).
+    pub fn client_port(&self) -> u16 {
+        self.port() + 2
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub enum SchedulerPolicy {
+    #[default]
+    EarliestJob,
+    FairCluster,
+    EarliestCluster,
 }
 
 /// Exactly one of `python` or `program`.
@@ -490,6 +563,23 @@ pub struct JobClusterStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The shared scheduler, when `spec.scheduler` runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulerStatus {
+    /// `host:port` for `SharedJobCluster(scheduler_host=...)`: the Service's DNS name and the
+    /// clients' port.
+    pub address: String,
+    /// Its pod is ready.
+    #[serde(default)]
+    pub ready: bool,
+    /// Nodes it is given (ready node pods and external nodes).
+    #[serde(default)]
+    pub nodes: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]

@@ -6,12 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-VENV=$ROOT/target/dispy-compat-venv
-if ! "$VENV/bin/python" -c "import dispy; assert dispy.__version__ == '4.15.2'" 2>/dev/null; then
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q dispy==4.15.2 pycos==4.12.2 "pytest>=7,<9"
-fi
+VENV=$(bash $ROOT/node-image/tests/compat/venv.sh)
 cargo build --release -q -p dispynode --bin dispynode
 echo "== machine: $(nproc) cpus, $($VENV/bin/python --version), load $(cut -d' ' -f1-3 /proc/loadavg)"
 [ "$(id -u)" = 0 ] || { echo "needs root for a private network namespace"; exit 1; }

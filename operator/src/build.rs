@@ -30,7 +30,7 @@ pub enum BuildError {
     Template { name: String, detail: String },
 }
 
-fn name_of(jc: &JobClusterResource) -> String {
+pub(crate) fn name_of(jc: &JobClusterResource) -> String {
     format!(
         "{}/{}",
         jc.metadata.namespace.as_deref().unwrap_or("default"),
@@ -38,7 +38,7 @@ fn name_of(jc: &JobClusterResource) -> String {
     )
 }
 
-fn owner(jc: &JobClusterResource) -> Result<OwnerReference, BuildError> {
+pub(crate) fn owner(jc: &JobClusterResource) -> Result<OwnerReference, BuildError> {
     jc.controller_owner_ref(&())
         .ok_or_else(|| BuildError::NoUid(name_of(jc)))
 }
@@ -254,7 +254,7 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
 
 /// JSON merge patch (RFC 7386): objects merge key by key, `null` removes, anything else
 /// replaces. Lists are replaced whole, so a template that sets `containers` sets them all.
-fn merge(target: &mut Value, patch: &Value) {
+pub(crate) fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
         (Value::Object(t), Value::Object(p)) => {
             for (k, v) in p {

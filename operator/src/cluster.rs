@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispy_core::manifest::{JobClusterResource, JobClusterStatus, NodeSummary};
+use dispy_core::manifest::{JobClusterResource, JobClusterStatus, NodeSummary, SchedulerStatus};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -19,7 +20,7 @@ use kube::ResourceExt;
 
 use crate::build::{self, BuildError, CLUSTER_LABEL, SECRET_KEY};
 use crate::engine::{ClusterInfo, ClusterStats, File, Request};
-use crate::{Ctx, MANAGER};
+use crate::{scheduler, Ctx, MANAGER};
 
 /// Held until the computation is closed on every node.
 pub const FINALIZER: &str = "dispy.io/close-computation";
@@ -165,10 +166,77 @@ async fn apply(jc: Arc<JobClusterResource>, ctx: Arc<Ctx>) -> Result<Action, Err
         message,
     })?;
     ctx.engine.send(Request::Cluster(Box::new(info.clone())));
-    write_status(&ctx, &jc, &ns, &full, &info, &plan).await?;
+    let scheduler = apply_scheduler(&ctx, &jc, &ns, &full, &info).await?;
+    let waiting = scheduler.as_ref().is_some_and(|s| !s.ready);
+    write_status(&ctx, &jc, &ns, &full, &info, &plan, scheduler).await?;
     // Pods change through the watch; nodes and jobs through the engine's notices; discovered
-    // nodes through the discovery task; external nodes need a look now and then.
-    Ok(Action::requeue(Duration::from_secs(30)))
+    // nodes through the discovery task; external nodes need a look now and then. The
+    // scheduler's Deployment is not watched (that would need list and watch on every
+    // Deployment): a look every 2 s until its pod is ready.
+    let every = if waiting { 2 } else { 30 };
+    Ok(Action::requeue(Duration::from_secs(every)))
+}
+
+/// Applies the scheduler's node list, Service and Deployment when `spec.scheduler` asks for
+/// one, or deletes them when it no longer does (the status says one was running). Returns the
+/// scheduler's status.
+async fn apply_scheduler(
+    ctx: &Ctx,
+    jc: &JobClusterResource,
+    ns: &str,
+    full: &str,
+    info: &ClusterInfo,
+) -> Result<Option<SchedulerStatus>, Error> {
+    let name = scheduler::name(jc);
+    let Some(spec) = scheduler::wanted(jc) else {
+        if jc.status.as_ref().is_some_and(|s| s.scheduler.is_some()) {
+            let dp = DeleteParams::background();
+            let c = &ctx.client;
+            let r = Api::<Deployment>::namespaced(c.clone(), ns)
+                .delete(&name, &dp)
+                .await;
+            gone(r.map(|_| ())).map_err(kube_err(full, "delete the scheduler's Deployment"))?;
+            let r = Api::<Service>::namespaced(c.clone(), ns)
+                .delete(&name, &dp)
+                .await;
+            gone(r.map(|_| ())).map_err(kube_err(full, "delete the scheduler's Service"))?;
+            let r = Api::<ConfigMap>::namespaced(c.clone(), ns)
+                .delete(&name, &dp)
+                .await;
+            gone(r.map(|_| ())).map_err(kube_err(full, "delete the scheduler's node list"))?;
+            tracing::info!(cluster = %full, "scheduler removed (spec.scheduler not enabled)");
+        }
+        return Ok(None);
+    };
+    let nodes: Vec<String> = info.nodes.keys().cloned().collect();
+    let plan = scheduler::plan(jc, spec, &ctx.image, &nodes)?;
+    let apply = PatchParams::apply(MANAGER).force();
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+        .patch(&name, &apply, &Patch::Apply(&plan.nodes))
+        .await
+        .map_err(kube_err(full, "apply the scheduler's node list"))?;
+    Api::<Service>::namespaced(ctx.client.clone(), ns)
+        .patch(&name, &apply, &Patch::Apply(&plan.service))
+        .await
+        .map_err(kube_err(full, "apply the scheduler's Service"))?;
+    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+        .patch(&name, &apply, &Patch::Apply(&plan.deployment))
+        .await
+        .map_err(kube_err(full, "apply the scheduler's Deployment"))?;
+    Ok(Some(scheduler::status(
+        jc,
+        spec,
+        scheduler::is_ready(&deployment),
+        nodes.len(),
+    )))
+}
+
+/// A delete of something already gone succeeded.
+fn gone(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        r => r,
+    }
 }
 
 fn kube_err(cluster: &str, action: &'static str) -> impl FnOnce(kube::Error) -> Error {
@@ -500,6 +568,7 @@ async fn write_status(
     full: &str,
     info: &ClusterInfo,
     plan: &build::NodePlan,
+    scheduler: Option<SchedulerStatus>,
 ) -> Result<(), Error> {
     let desired = jc.spec.nodes.replicas.unwrap_or(1) + jc.spec.nodes.external.len() as u32;
     let live: Vec<&Pod> = plan.live.iter().collect();
@@ -510,7 +579,8 @@ async fn write_status(
     };
     // A pool's node is ready with its pod; otherwise once the computation is set up on it.
     let ready = stats.nodes.iter().filter(|n| n.ready).count() as u32;
-    let status = cluster_status(jc, ready, desired, &stats);
+    let mut status = cluster_status(jc, ready, desired, &stats);
+    status.scheduler = scheduler;
     let patch = serde_json::json!({
         "apiVersion": "dispy.io/v1alpha1",
         "kind": "JobCluster",
@@ -683,6 +753,7 @@ pub fn cluster_status(
         node_port: Some(build::node_port(jc)),
         conditions,
         observed_generation: jc.metadata.generation,
+        scheduler: None,
     }
 }
 

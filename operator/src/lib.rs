@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod engine;
 pub mod jobs;
 pub mod metrics;
+pub mod scheduler;
 pub mod status;
 pub mod writer;
 

@@ -151,12 +151,13 @@ fn rules(role: &Value) -> Vec<String> {
 }
 
 /// What the operator needs where it watches, and not one verb more.
-const LEAST_PRIVILEGE: [&str; 9] = [
+const LEAST_PRIVILEGE: [&str; 10] = [
     "dispy.io|jobclusters,dispyjobs||get,list,watch,patch,update",
     "dispy.io|jobclusters/status,dispyjobs/status||get,patch,update",
     "dispy.io|jobclusters/finalizers,dispyjobs/finalizers||update",
     "|pods||get,list,watch,create,delete",
-    "|services||get,list,watch,create,patch",
+    "|services||get,list,watch,create,patch,delete",
+    "apps|deployments||create,patch,delete",
     "|secrets||get,list,watch,create",
     "|configmaps||get,list,watch,create,patch,update,delete",
     "|events||create,patch",

@@ -78,7 +78,11 @@ otherwise a Role in each watched namespace.
   verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
+# spec.scheduler's Deployment: applied (create, patch) and removed; never listed or watched
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [create, patch, delete]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch, create]

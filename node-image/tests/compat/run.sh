@@ -8,23 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 ROOT=$PWD
 HERE=node-image/tests/compat
-VENV=$ROOT/target/dispy-compat-venv
-DISPY_VERSION=4.15.2
 
 if [ "$(id -u)" != 0 ]; then
   echo "the dispy compatibility suite needs root (private network namespaces)"
   echo "0 passed, 1 failed"
   exit 1
 fi
-if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
-fi
-if ! "$VENV/bin/python" -c "import dispy, pytest; assert dispy.__version__ == '$DISPY_VERSION'" 2>/dev/null; then
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "dispy==$DISPY_VERSION" "pycos==4.12.2" "pytest>=7,<9"
-fi
+VENV=$(bash $HERE/venv.sh)
 command -v openssl >/dev/null || { apt-get update -q; DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; }
 
 cargo build -q -p dispynode --bin dispynode --bin dispynetrelay --bin dispyscheduler
