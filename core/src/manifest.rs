@@ -404,6 +404,184 @@ pub struct DispyJobSpec {
     pub active_deadline_seconds: Option<u64>,
 }
 
+/// Many jobs of one JobCluster's computation, indexed from 0: one object for thousands of
+/// jobs, whose results go to ConfigMaps it owns (`dispy.io/job-array=<name>`), as JSON lines.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[allow(clippy::duplicated_attributes)]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "dispy.io",
+        version = "v1alpha1",
+        kind = "DispyJobArray",
+        root = "DispyJobArrayResource",
+        namespaced,
+        shortname = "dja",
+        category = "dispy",
+        status = "DispyJobArrayStatus",
+        derive = "PartialEq",
+        doc = "Many dispy jobs of one JobCluster's computation, indexed from 0, with their results in ConfigMaps",
+        selectable = ".spec.cluster",
+        printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster"),
+        printcolumn(name = "Total", type_ = "integer", json_path = ".status.total"),
+        printcolumn(name = "Running", type_ = "integer", json_path = ".status.running"),
+        printcolumn(name = "Finished", type_ = "integer", json_path = ".status.finished"),
+        printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
+// CEL cannot see `args` (lists of any JSON have no CEL type), so "exactly one of args and
+// argsFrom" is checked by the operator (the array fails with that message) and by `dispy run`.
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.argsFrom) == has(oldSelf.argsFrom) && (!has(self.argsFrom) || self.argsFrom == oldSelf.argsFrom)", "message": "argsFrom cannot change on an existing DispyJobArray: delete it and apply it again"}
+]))]
+pub struct DispyJobArraySpec {
+    /// The JobCluster (same namespace) whose computation runs the jobs. Cannot be changed.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "cluster is immutable"}
+    ]))]
+    pub cluster: String,
+    /// The jobs' positional arguments, one list per job: job i gets `args[i]`. Read once, when
+    /// the array starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "json_lists")]
+    pub args: Option<Vec<Vec<serde_json::Value>>>,
+    /// The jobs' arguments from a ConfigMap key holding JSON lines, one positional-args list
+    /// per line (`[1, "a"]`) or an object with `args` and `kwargs`
+    /// (`{"args": [1], "kwargs": {"k": 2}}`). Read once, when the array starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_from: Option<ArgsFrom>,
+    /// Requeue a job whose node is lost (default: the JobCluster's `reentrant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reentrant: Option<bool>,
+    /// Requeues of a job after losing its node before it is Abandoned (default: the
+    /// JobCluster's `backoffLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<u32>,
+    /// Start no more of its jobs while true; running ones go on.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Delete the array (and its result ConfigMaps) this long after every job ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArgsFrom {
+    pub config_map_ref: ConfigMapKeyRef,
+}
+
+/// One job of an array as a results ConfigMap holds it (one JSON line).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArrayResult {
+    pub index: u32,
+    pub status: JobStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exception: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
+    /// Why it ended as it did, when not Finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The label on an array's result ConfigMaps, with the array's name.
+pub const JOB_ARRAY_LABEL: &str = "dispy.io/job-array";
+/// The key of the JSON lines in a result ConfigMap.
+pub const RESULTS_KEY: &str = "results.jsonl";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DispyJobArrayStatus {
+    /// Jobs in the array.
+    #[serde(default)]
+    pub total: u32,
+    /// Ended Finished.
+    #[serde(default)]
+    pub finished: u32,
+    /// Ended Terminated, Cancelled or Abandoned.
+    #[serde(default)]
+    pub failed: u32,
+    #[serde(default)]
+    pub running: u32,
+    /// RFC 3339: when the first job was sent to a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// RFC 3339: when the last job ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// Result ConfigMaps written (`<name>-results-<n>`, from 0).
+    #[serde(default)]
+    pub result_config_maps: u32,
+    /// Why the array is where it is, in a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `Complete` (every job Finished) or `Failed` (every job ended, some not Finished).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The arguments of one job of an array, from a JSON line of `argsFrom`.
+pub fn array_line_args(
+    line: &str,
+) -> Result<(Vec<serde_json::Value>, serde_json::Map<String, serde_json::Value>), String> {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Array(args)) => Ok((args, Default::default())),
+        Ok(serde_json::Value::Object(mut o)) => {
+            if let Some(k) = o.keys().find(|k| *k != "args" && *k != "kwargs") {
+                return Err(format!("unknown key {k:?} (an object has args and kwargs)"));
+            }
+            let args = match o.remove("args") {
+                None => vec![],
+                Some(serde_json::Value::Array(a)) => a,
+                Some(_) => return Err("args is not a list".into()),
+            };
+            let kwargs = match o.remove("kwargs") {
+                None => Default::default(),
+                Some(serde_json::Value::Object(k)) => k,
+                Some(_) => return Err("kwargs is not an object".into()),
+            };
+            Ok((args, kwargs))
+        }
+        Ok(_) => Err("not a list of arguments or an object with args and kwargs".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+/// Every job's arguments from an `argsFrom` value: one JSON line each, blank lines skipped.
+/// Errors name the line.
+#[allow(clippy::type_complexity)]
+pub fn array_args_from_lines(
+    text: &str,
+) -> Result<Vec<(Vec<serde_json::Value>, serde_json::Map<String, serde_json::Value>)>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| array_line_args(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}
+
 /// A job's outcome, in dispy's terms.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -633,6 +811,13 @@ fn json_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+fn json_lists(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "array", "items": {"x-kubernetes-preserve-unknown-fields": true}}
+    })
+}
+
 fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
@@ -655,6 +840,13 @@ pub struct DispyJob {
     pub spec: DispyJobSpec,
 }
 
+/// A whole DispyJobArray document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispyJobArray {
+    pub metadata: Meta,
+    pub spec: DispyJobArraySpec,
+}
+
 /// A ConfigMap: the source of `depends` files and of Python source.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigMap {
@@ -669,6 +861,7 @@ pub struct ConfigMap {
 pub enum Document {
     JobCluster(JobCluster),
     DispyJob(DispyJob),
+    DispyJobArray(DispyJobArray),
     ConfigMap(ConfigMap),
 }
 
@@ -774,6 +967,13 @@ pub fn parse_documents(text: &str, source: &str) -> Result<Vec<Document>, Manife
                     spec: o.spec,
                 })
             }
+            (API_VERSION, "DispyJobArray") => {
+                let o: Object<DispyJobArraySpec> = from_value(value).map_err(|(f, m)| err(name.clone(), f, m))?;
+                Document::DispyJobArray(DispyJobArray {
+                    metadata: o.metadata,
+                    spec: o.spec,
+                })
+            }
             ("v1", "ConfigMap") => {
                 let o: ConfigMapDoc = from_value(value).map_err(|(f, m)| err(name.clone(), f, m))?;
                 let mut binary_data = BTreeMap::new();
@@ -789,7 +989,7 @@ pub fn parse_documents(text: &str, source: &str) -> Result<Vec<Document>, Manife
                     binary_data,
                 })
             }
-            (_, "JobCluster" | "DispyJob") => {
+            (_, "JobCluster" | "DispyJob" | "DispyJobArray") => {
                 return Err(err(
                     name,
                     Some("apiVersion".into()),
@@ -800,7 +1000,7 @@ pub fn parse_documents(text: &str, source: &str) -> Result<Vec<Document>, Manife
                 return Err(err(
                     name,
                     Some("kind".into()),
-                    format!("{kind} ({api}) is not one of JobCluster, DispyJob ({API_VERSION}) or ConfigMap (v1)"),
+                    format!("{kind} ({api}) is not one of JobCluster, DispyJob, DispyJobArray ({API_VERSION}) or ConfigMap (v1)"),
                 ))
             }
         };
@@ -834,6 +1034,7 @@ pub fn validate(doc: &Document) -> Result<(), (String, String)> {
     let meta = match doc {
         Document::JobCluster(c) => &c.metadata,
         Document::DispyJob(j) => &j.metadata,
+        Document::DispyJobArray(a) => &a.metadata,
         Document::ConfigMap(m) => &m.metadata,
     };
     if !name_ok(&meta.name) {
@@ -907,6 +1108,20 @@ pub fn validate(doc: &Document) -> Result<(), (String, String)> {
                 return Err((
                     "spec.activeDeadlineSeconds".into(),
                     "must be at least 1".into(),
+                ));
+            }
+        }
+        Document::DispyJobArray(a) => {
+            if a.spec.cluster.trim().is_empty() {
+                return Err(("spec.cluster".into(), "must name a JobCluster".into()));
+            }
+            if a.spec.args.is_some() == a.spec.args_from.is_some() {
+                return Err(("spec".into(), "set exactly one of args or argsFrom".into()));
+            }
+            if a.spec.ttl_seconds_after_finished.is_some_and(|t| t < 0) {
+                return Err((
+                    "spec.ttlSecondsAfterFinished".into(),
+                    "must be at least 0".into(),
                 ));
             }
         }

@@ -14,7 +14,7 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispy_core::manifest::{DispyJobResource, JobClusterResource};
+use dispy_core::manifest::{DispyJobArrayResource, DispyJobResource, JobClusterResource};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -25,9 +25,13 @@ use kube::{Api, Client, CustomResourceExt, ResourceExt};
 /// Field manager and event reporter name.
 pub const MANAGER: &str = "dispy-operator";
 
-/// Both CRDs as one multi-document YAML text (`dispy-operator crd`).
+/// The CRDs as one multi-document YAML text (`dispy-operator crd`).
 pub fn crds_yaml() -> String {
-    let docs = [JobClusterResource::crd(), DispyJobResource::crd()];
+    let docs = [
+        JobClusterResource::crd(),
+        DispyJobResource::crd(),
+        DispyJobArrayResource::crd(),
+    ];
     docs.iter()
         .map(|crd| {
             let mut value = serde_json::to_value(crd).expect("a CRD serializes");
