@@ -2,6 +2,7 @@
 //! clients and `dispynode`, a client for it, and the scheduler with what drives it. No
 //! Kubernetes and no process management here.
 
+pub mod array;
 pub mod auth;
 pub mod client;
 pub mod discovery;

@@ -545,7 +545,13 @@ pub struct DispyJobArrayStatus {
 /// The arguments of one job of an array, from a JSON line of `argsFrom`.
 pub fn array_line_args(
     line: &str,
-) -> Result<(Vec<serde_json::Value>, serde_json::Map<String, serde_json::Value>), String> {
+) -> Result<
+    (
+        Vec<serde_json::Value>,
+        serde_json::Map<String, serde_json::Value>,
+    ),
+    String,
+> {
     match serde_json::from_str::<serde_json::Value>(line) {
         Ok(serde_json::Value::Array(args)) => Ok((args, Default::default())),
         Ok(serde_json::Value::Object(mut o)) => {
@@ -574,7 +580,13 @@ pub fn array_line_args(
 #[allow(clippy::type_complexity)]
 pub fn array_args_from_lines(
     text: &str,
-) -> Result<Vec<(Vec<serde_json::Value>, serde_json::Map<String, serde_json::Value>)>, String> {
+) -> Result<
+    Vec<(
+        Vec<serde_json::Value>,
+        serde_json::Map<String, serde_json::Value>,
+    )>,
+    String,
+> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
