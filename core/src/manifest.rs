@@ -709,6 +709,13 @@ pub fn summary(v: &serde_json::Value) -> String {
     }
 }
 
+/// Unix seconds of an RFC 3339 timestamp (as Kubernetes writes times).
+pub fn parse_rfc3339(text: &str) -> Option<f64> {
+    text.parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_nanosecond() as f64 / 1e9)
+}
+
 /// Unix seconds as an RFC 3339 UTC timestamp, as Kubernetes writes times.
 pub fn rfc3339(secs: f64) -> String {
     let nanos = (secs * 1e9) as i128;

@@ -5,6 +5,7 @@
 pub mod build;
 pub mod cluster;
 pub mod engine;
+pub mod job_arrays;
 pub mod jobs;
 pub mod metrics;
 pub mod scheduler;
@@ -174,6 +175,17 @@ pub async fn run(
         )
         .with_config(ControllerConfig::default().concurrency(options.concurrency))
         .graceful_shutdown_on(shutdown.clone());
+        let arrays = Controller::new(
+            api::<DispyJobArrayResource>(&client, ns),
+            watcher::Config::default(),
+        )
+        .graceful_shutdown_on(shutdown.clone());
+        let c = ctx.clone();
+        tasks.push(tokio::spawn(
+            arrays
+                .run(job_arrays::reconcile, job_arrays::error_policy, c)
+                .for_each(|_| async {}),
+        ));
         let c = ctx.clone();
         tasks.push(tokio::spawn(
             clusters

@@ -160,6 +160,56 @@ impl Writer {
         })
     }
 
+    /// Writes an array's result ConfigMaps (each whole, server-side apply), then its status.
+    pub async fn store_array(
+        &self,
+        w: crate::engine::arrays::ArrayWrite,
+    ) -> Result<(), StoreError> {
+        use dispy_core::manifest::{DispyJobArrayResource, JOB_ARRAY_LABEL, RESULTS_KEY};
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let apply = PatchParams::apply(MANAGER).force();
+        let config_maps = Api::<ConfigMap>::namespaced(self.client.clone(), &w.namespace);
+        for (n, text) in &w.chunks {
+            let name = dispy_core::array::chunk_name(&w.name, *n);
+            let cm = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": name,
+                    "namespace": w.namespace,
+                    "labels": {"app.kubernetes.io/managed-by": MANAGER, JOB_ARRAY_LABEL: w.name},
+                    "ownerReferences": [{
+                        "apiVersion": "dispy.io/v1alpha1",
+                        "kind": "DispyJobArray",
+                        "name": w.name,
+                        "uid": w.uid,
+                        "controller": true,
+                        // Not blocking: that would need update on dispyjobarrays/finalizers.
+                        "blockOwnerDeletion": false,
+                    }],
+                },
+                "data": {RESULTS_KEY: text},
+            });
+            config_maps
+                .patch(&name, &apply, &Patch::Apply(&cm))
+                .await
+                .map_err(|e| describe(&e, "result ConfigMap"))?;
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "dispy.io/v1alpha1",
+            "kind": "DispyJobArray",
+            "status": w.status,
+        });
+        let result = Api::<DispyJobArrayResource>::namespaced(self.client.clone(), &w.namespace)
+            .patch_status(&w.name, &apply, &Patch::Apply(&patch))
+            .await;
+        self.metrics.status_writes.inc();
+        result.map(|_| ()).map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 404 => StoreError::Gone,
+            e => describe(&e, "status"),
+        })
+    }
+
     /// Adds files to the job's files ConfigMap (a merge: the files stored before stay),
     /// creating it the first time.
     async fn add_files(&self, w: &Write) -> Result<(), kube::Error> {

@@ -151,10 +151,12 @@ fn rules(role: &Value) -> Vec<String> {
 }
 
 /// What the operator needs where it watches, and not one verb more.
-const LEAST_PRIVILEGE: [&str; 10] = [
+const LEAST_PRIVILEGE: [&str; 12] = [
     "dispy.io|jobclusters,dispyjobs||get,list,watch,patch,update",
     "dispy.io|jobclusters/status,dispyjobs/status||get,patch,update",
     "dispy.io|jobclusters/finalizers,dispyjobs/finalizers||update",
+    "dispy.io|dispyjobarrays||get,list,watch,patch,delete",
+    "dispy.io|dispyjobarrays/status||patch",
     "|pods||get,list,watch,create,delete",
     "|services||get,list,watch,create,patch,delete",
     "apps|deployments||create,patch,delete",

@@ -73,6 +73,13 @@ otherwise a Role in each watched namespace.
 - apiGroups: [dispy.io]
   resources: [jobclusters/finalizers, dispyjobs/finalizers]
   verbs: [update]
+# DispyJobArrays: read, their finalizer (patch), status, and deleted after ttlSecondsAfterFinished
+- apiGroups: [dispy.io]
+  resources: [dispyjobarrays]
+  verbs: [get, list, watch, patch, delete]
+- apiGroups: [dispy.io]
+  resources: [dispyjobarrays/status]
+  verbs: [patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete]

@@ -8,6 +8,7 @@
 //! task whose outcome comes back as the next input. It holds only what cannot be data: the
 //! node connections, the writer, and the controllers' reply channels.
 
+pub mod arrays;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -92,6 +93,17 @@ pub enum Request {
     Drain {
         reply: oneshot::Sender<()>,
     },
+    /// A DispyJobArray read for the first time.
+    Array(Box<arrays::ArrayInfo>),
+    ArraySuspend {
+        key: arrays::ArrayKey,
+        suspended: bool,
+    },
+    /// The DispyJobArray is being deleted: terminate its running jobs, reply once they stopped.
+    ArrayGone {
+        key: arrays::ArrayKey,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What reaches the engine's task.
@@ -113,6 +125,8 @@ pub struct Handle {
     stats: Arc<Mutex<HashMap<String, ClusterStats>>>,
     /// Jobs the engine has been given (and not told gone): sending them again changes nothing.
     known: Arc<Mutex<HashSet<JobKey>>>,
+    /// The same for DispyJobArrays, by `namespace/name`.
+    known_arrays: Arc<Mutex<HashSet<arrays::ArrayKey>>>,
 }
 
 impl Handle {
@@ -124,6 +138,11 @@ impl Handle {
     /// ConfigMaps and send it again.
     pub fn knows(&self, key: &JobKey) -> bool {
         self.known.lock().unwrap().contains(key)
+    }
+
+    /// Whether the engine already has this array.
+    pub fn knows_array(&self, key: &str) -> bool {
+        self.known_arrays.lock().unwrap().contains(key)
     }
 
     /// Stats of the JobCluster `namespace/name`.
@@ -157,6 +176,7 @@ pub fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(Mutex::new(HashMap::new()));
     let known = Arc::new(Mutex::new(HashSet::new()));
+    let known_arrays = Arc::new(Mutex::new(HashSet::new()));
     let io = Io {
         state: EngineState::new(now(), metrics),
         rx,
@@ -167,10 +187,16 @@ pub fn start(
         writer,
         stats: stats.clone(),
         known: known.clone(),
+        known_arrays: known_arrays.clone(),
         changed,
     };
     tokio::spawn(io.run());
-    Handle { tx, stats, known }
+    Handle {
+        tx,
+        stats,
+        known,
+        known_arrays,
+    }
 }
 
 fn now() -> Now {
@@ -190,6 +216,7 @@ struct Io {
     writer: Writer,
     stats: Arc<Mutex<HashMap<String, ClusterStats>>>,
     known: Arc<Mutex<HashSet<JobKey>>>,
+    known_arrays: Arc<Mutex<HashSet<arrays::ArrayKey>>>,
     /// Told the `namespace/name` of a JobCluster whose stats changed.
     changed: mpsc::UnboundedSender<(String, String)>,
 }
@@ -234,6 +261,14 @@ impl Io {
                 reply: self.reply_to(reply),
             },
             Msg::Request(Request::Drain { reply }) => Input::Drain {
+                reply: self.reply_to(reply),
+            },
+            Msg::Request(Request::Array(info)) => Input::Array(Arc::new(*info)),
+            Msg::Request(Request::ArraySuspend { key, suspended }) => {
+                Input::ArraySuspend { key, suspended }
+            }
+            Msg::Request(Request::ArrayGone { key, reply }) => Input::ArrayGone {
+                key,
                 reply: self.reply_to(reply),
             },
             Msg::Client { node, client } => {
@@ -390,6 +425,21 @@ impl Io {
             }
             Effect::Knows { key, known } => {
                 let mut set = self.known.lock().unwrap();
+                if known {
+                    set.insert(key);
+                } else {
+                    set.remove(&key);
+                }
+            }
+            Effect::StoreArray { key, write } => {
+                let (writer, back) = (self.writer.clone(), self.back());
+                tokio::spawn(async move {
+                    let result = writer.store_array(*write).await;
+                    back(Input::ArrayWritten { key, result });
+                });
+            }
+            Effect::ArrayKnows { key, known } => {
+                let mut set = self.known_arrays.lock().unwrap();
                 if known {
                     set.insert(key);
                 } else {

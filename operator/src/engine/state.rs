@@ -30,6 +30,7 @@ use dispy_core::protocol::{JobState as HeldJob, SentFile};
 use dispy_core::scheduler::{Action, ClusterId, Event, JobKey, JobSpec, NodeId, Scheduler};
 use k8s_openapi::api::core::v1::ObjectReference;
 
+use super::arrays::{Array, ArrayInfo, ArrayKey, ArrayWrite};
 use super::{ClusterInfo, ClusterStats, JobInfo};
 use crate::metrics::Metrics;
 use crate::writer::{StoreError, Write};
@@ -98,6 +99,21 @@ pub enum Input {
         key: JobKey,
         node: NodeId,
         reason: String,
+    },
+    /// A DispyJobArray read for the first time (its args and what its result ConfigMaps hold).
+    Array(Arc<ArrayInfo>),
+    ArraySuspend {
+        key: ArrayKey,
+        suspended: bool,
+    },
+    /// The DispyJobArray is being deleted: terminate its running jobs, then reply.
+    ArrayGone {
+        key: ArrayKey,
+        reply: ReplyTo,
+    },
+    ArrayWritten {
+        key: ArrayKey,
+        result: Result<(), StoreError>,
     },
     Written {
         key: JobKey,
@@ -179,6 +195,16 @@ pub enum Effect {
         key: JobKey,
         known: bool,
     },
+    /// Write an array's result ConfigMaps and status.
+    StoreArray {
+        key: ArrayKey,
+        write: Box<ArrayWrite>,
+    },
+    /// Whether the engine has the array (for `Handle::knows_array`).
+    ArrayKnows {
+        key: ArrayKey,
+        known: bool,
+    },
 }
 
 /// Where a job stands.
@@ -232,6 +258,10 @@ pub struct Job {
     sealed: bool,
     /// The DispyJob is being deleted: these wait for the job to stop.
     deleted: Option<Vec<ReplyTo>>,
+    /// A job of a DispyJobArray: the array and the index (no DispyJob is written for it).
+    array: Option<(ArrayKey, u32)>,
+    /// An array job's row, from its node's result.
+    row: Option<dispy_core::manifest::ArrayResult>,
 }
 
 impl Job {
@@ -255,6 +285,8 @@ impl Job {
             write_in_flight: false,
             sealed: false,
             deleted: None,
+            array: None,
+            row: None,
         }
     }
 }
@@ -299,8 +331,16 @@ pub struct EngineState {
     drains: Vec<ReplyTo>,
     /// The stats last published, by `namespace/name`.
     published: HashMap<String, ClusterStats>,
+    arrays: HashMap<ArrayKey, Array>,
+    /// Array jobs ended in this input: forgotten at its end, once the scheduler heard.
+    forget_later: Vec<JobKey>,
+    /// Arrays that may start more jobs at the end of this input.
+    feed_later: BTreeSet<ArrayKey>,
     out: Vec<Effect>,
 }
+
+#[path = "array_state.rs"]
+mod array_state;
 
 impl EngineState {
     pub fn new(now: Now, metrics: Arc<Metrics>) -> EngineState {
@@ -315,6 +355,9 @@ impl EngineState {
             next_seq: 0,
             drains: Vec::new(),
             published: HashMap::new(),
+            arrays: HashMap::new(),
+            forget_later: Vec::new(),
+            feed_later: BTreeSet::new(),
             out: Vec::new(),
         }
     }
@@ -339,13 +382,19 @@ impl EngineState {
                 self.schedule(Event::DispatchFailed { key, node, reason })
             }
             Input::Written { key, files, result } => self.written(key, files, result),
+            Input::Array(info) => self.array(info),
+            Input::ArraySuspend { key, suspended } => self.array_suspend(key, suspended),
+            Input::ArrayGone { key, reply } => self.array_gone(key, reply),
+            Input::ArrayWritten { key, result } => self.array_written(key, result),
             Input::Tick => self.tick(),
         }
+        self.array_housekeeping();
         if !self.drains.is_empty()
             && !self
                 .jobs
                 .values()
                 .any(|j| j.write_due.is_some() || j.write_in_flight)
+            && !self.arrays_writing()
         {
             for reply in std::mem::take(&mut self.drains) {
                 self.out.push(Effect::Reply(reply));
@@ -570,6 +619,7 @@ impl EngineState {
                         job.held = Some((node.clone(), h.status));
                     }
                 }
+                self.claim_array_reports(&id);
                 self.schedule(Event::ClusterReady {
                     cluster: id.clone(),
                     node,
@@ -601,6 +651,11 @@ impl EngineState {
         for (_, key) in parked {
             self.admit(key);
         }
+        let arrays: Vec<ArrayKey> = (self.arrays.iter())
+            .filter(|(_, a)| a.info.cluster == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.feed_later.extend(arrays);
     }
 
     fn drop_node(&mut self, node: &str, reason: String) {
@@ -1004,6 +1059,13 @@ impl EngineState {
     }
 
     fn done(&mut self, node: NodeId, key: JobKey, result: JobResult) {
+        if !self.jobs.contains_key(&key) {
+            if let Some((akey, index)) = self.array_index(&key) {
+                if self.array_result_without_entry(&node, &key, &akey, index) {
+                    return;
+                }
+            }
+        }
         let stage = self.jobs.get(&key).map(|j| j.stage);
         match stage {
             Some(Stage::Admitted) => {}
@@ -1035,6 +1097,9 @@ impl EngineState {
             let (name, pod) = self.node_label(&key.cluster, &node);
             let job = self.jobs.get_mut(&key).unwrap();
             let info = job.info.clone().expect("admitted jobs have their DispyJob");
+            if let Some((_, index)) = &job.array {
+                job.row = Some(super::arrays::row_of(*index, &result, Some(name.clone())));
+            }
             job.output = crate::status::record_bounded(&mut job.status, &result);
             job.status.node = Some(name);
             job.status.pod = pod;
@@ -1075,6 +1140,13 @@ impl EngineState {
                     };
                     job.status.attempts = attempt;
                     job.waiting = None;
+                    if let Some((akey, _)) = &job.array {
+                        if let Some(a) = self.arrays.get_mut(akey) {
+                            a.status
+                                .start_time
+                                .get_or_insert_with(|| rfc3339(self.now.unix));
+                        }
+                    }
                     if let Some(at) = job.queued_at.take() {
                         self.metrics
                             .scheduling_latency
@@ -1158,6 +1230,9 @@ impl EngineState {
     /// answered once its end is known.
     fn write(&mut self, key: &JobKey) {
         self.count(key);
+        if let Some((akey, index)) = self.jobs.get(key).and_then(|j| j.array.clone()) {
+            return self.array_job_changed(key, &akey, index);
+        }
         let now = self.now.at;
         let Some(job) = self.jobs.get_mut(key) else {
             return;
@@ -1301,6 +1376,7 @@ impl EngineState {
         for key in due {
             self.flush(&key);
         }
+        self.arrays_due();
         let retry: Vec<NodeId> = self
             .nodes
             .iter()
@@ -1320,6 +1396,20 @@ impl EngineState {
     // --- what others see ------------------------------------------------------------------
 
     fn job_event(&mut self, info: &JobInfo, reason: &str, note: String, warning: bool) {
+        if let Some((akey, index)) = self.jobs.get(&info.key).and_then(|j| j.array.clone()) {
+            // One object for many jobs: only what goes wrong is told, on the array.
+            if warning {
+                let name = akey.rsplit('/').next().unwrap_or_default();
+                self.out.push(Effect::Event {
+                    on: crate::writer::reference("DispyJobArray", &info.namespace, name, &info.uid),
+                    reason: reason.to_string(),
+                    note: format!("job {index}: {note}"),
+                    warning,
+                    routine: false,
+                });
+            }
+            return;
+        }
         self.out.push(Effect::Event {
             on: crate::writer::reference("DispyJob", &info.namespace, &info.name, &info.uid),
             reason: reason.to_string(),
