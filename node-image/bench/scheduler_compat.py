@@ -115,7 +115,7 @@ def main():
     py_sched = os.path.join(os.path.dirname(sys.executable), "dispyscheduler.py")
     for i in range(runs):
         for label, cmd in (
-            ("ours (debug build)", [sched_bin, "--daemon", "-i", "127.0.0.3", "-n", "127.0.0.1", "-n", "127.0.0.2"]),
+            ("ours", [sched_bin, "--daemon", "-i", "127.0.0.3", "-n", "127.0.0.1", "-n", "127.0.0.2"]),
             ("dispyscheduler.py", [sys.executable, py_sched, "--daemon", "-i", "127.0.0.3",
                                    "-n", "127.0.0.1", "-n", "127.0.0.2"]),
         ):
