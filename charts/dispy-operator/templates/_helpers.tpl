@@ -57,37 +57,42 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-What the controllers do in the namespaces they watch, and nothing more: read and update
-JobClusters and DispyJobs (status by server-side apply, finalizers on DispyJobs), create and
-delete node pods, create the headless Service and the generated Secret, keep outputs too large
-for a status in ConfigMaps, and record Events. A ClusterRole with all namespaces watched,
-otherwise a Role in each watched namespace.
+What the controllers call in the namespaces they watch, and nothing more (e2e/tests/tests/rbac.rs
+checks each verb against the API server's audit log): watch JobClusters and DispyJobs and patch
+their finalizers and statuses (server-side apply), delete DispyJobs past their
+ttlSecondsAfterFinished, create and delete node pods, apply the headless Service (an apply that
+creates needs create), read or create the node Secret (never list or watch: Secrets are read
+by name), read depends ConfigMaps and write the output and files ConfigMaps, and record Events
+(events.k8s.io; patch counts a repeated one). The finalizers subresources are not called: the
+OwnerReferencesPermissionEnforcement admission plugin asks for update on them when the operator
+creates objects whose owner reference blocks the owner's deletion. A ClusterRole with all
+namespaces watched, otherwise a Role in each watched namespace.
 */}}
 {{- define "dispy-operator.rules" -}}
 - apiGroups: [dispy.io]
   resources: [jobclusters, dispyjobs]
-  verbs: [get, list, watch, patch, update]
+  verbs: [list, watch, patch]
+- apiGroups: [dispy.io]
+  resources: [dispyjobs]
+  verbs: [delete]
 - apiGroups: [dispy.io]
   resources: [jobclusters/status, dispyjobs/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 - apiGroups: [dispy.io]
   resources: [jobclusters/finalizers, dispyjobs/finalizers]
   verbs: [update]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [list, watch, create, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, list, watch, create, patch]
+  verbs: [create, patch]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, patch, update, delete]
-- apiGroups: [""]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
