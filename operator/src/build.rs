@@ -28,7 +28,9 @@ pub enum BuildError {
     NoUid(String),
     #[error("JobCluster {name}: spec.nodes.template cannot be merged into a pod: {detail}")]
     Template { name: String, detail: String },
-    #[error("JobCluster {name}: spec.nodes.maxFileSize {value:?} is not a size such as 10Mi or 1G")]
+    #[error(
+        "JobCluster {name}: spec.nodes.maxFileSize {value:?} is not a size such as 10Mi or 1G"
+    )]
     MaxFileSize { name: String, value: String },
 }
 
@@ -192,11 +194,18 @@ pub fn max_file_size(jc: &JobClusterResource) -> Result<u64, BuildError> {
 
 /// The size limit of a node pod's work volume (the computations' and jobs' files, and what
 /// jobs write) for a largest file of `max_file_size` bytes: room for [`WORK_FILES`] such
-/// files, at least [`WORK_FLOOR`], in MiB; none when files are not limited (0).
+/// files, at least [`WORK_FLOOR`], in whole MiB (as the API server writes it back); none when
+/// files are not limited (0).
 pub fn work_size_limit(max_file_size: u64) -> Option<String> {
     (max_file_size > 0).then(|| {
-        let bytes = max_file_size.saturating_mul(WORK_FILES).max(WORK_FLOOR);
-        format!("{}Mi", bytes.div_ceil(1 << 20))
+        let mib = max_file_size
+            .saturating_mul(WORK_FILES)
+            .max(WORK_FLOOR)
+            .div_ceil(1 << 20);
+        match mib % 1024 {
+            0 => format!("{}Gi", mib / 1024),
+            _ => format!("{mib}Mi"),
+        }
     })
 }
 
@@ -659,7 +668,7 @@ mod tests {
         assert_eq!(tmpdir.and_then(|e| e.value.as_deref()), Some(DEST_PATH));
         let work = spec.volumes.unwrap().into_iter().find(|v| v.name == "work");
         let limit = work.unwrap().empty_dir.unwrap().size_limit.unwrap();
-        assert_eq!(limit.0, "1024Mi", "the floor, for the default 10Mi files");
+        assert_eq!(limit.0, "1Gi", "the floor, for the default 10Mi files");
     }
 
     #[test]
@@ -673,7 +682,8 @@ mod tests {
         assert_eq!(max_file_size(&with("512")), Ok(512));
         assert_eq!(max_file_size(&with("1k")), Ok(1000));
         assert_eq!(work_size_limit(100 << 20).as_deref(), Some("3200Mi"));
-        assert_eq!(work_size_limit(1).as_deref(), Some("1024Mi"));
+        assert_eq!(work_size_limit(64 << 20).as_deref(), Some("2Gi"));
+        assert_eq!(work_size_limit(1).as_deref(), Some("1Gi"));
         assert_eq!(work_size_limit(0), None, "0: files and volume unlimited");
         let pod = node_pod(&with("0"), 0, "img").unwrap();
         let volumes = pod.spec.unwrap().volumes.unwrap();
@@ -699,11 +709,22 @@ mod tests {
         let spec = node_pod(&jc, 0, "img").unwrap().spec.unwrap();
         let psc = spec.security_context.unwrap();
         assert_eq!(psc.run_as_user, Some(2000));
-        assert_eq!(psc.run_as_group, Some(NODE_USER), "what the template leaves");
+        assert_eq!(
+            psc.run_as_group,
+            Some(NODE_USER),
+            "what the template leaves"
+        );
         assert!(psc.seccomp_profile.is_none(), "null removes");
         let volumes = spec.volumes.unwrap();
         assert_eq!(
-            volumes[0].empty_dir.as_ref().unwrap().size_limit.as_ref().unwrap().0,
+            volumes[0]
+                .empty_dir
+                .as_ref()
+                .unwrap()
+                .size_limit
+                .as_ref()
+                .unwrap()
+                .0,
             "5Gi"
         );
     }

@@ -75,7 +75,11 @@ enum Cmd {
         event_burst: u32,
         /// Delete a DispyJob this many seconds after it ended, unless its
         /// spec.ttlSecondsAfterFinished says otherwise. Default: keep it.
-        #[arg(long, env = "DISPY_JOB_TTL_SECONDS_AFTER_FINISHED", value_name = "SECONDS")]
+        #[arg(
+            long,
+            env = "DISPY_JOB_TTL_SECONDS_AFTER_FINISHED",
+            value_name = "SECONDS"
+        )]
         job_ttl_seconds_after_finished: Option<u64>,
     },
 }

@@ -89,7 +89,10 @@ mod tests {
 
     #[test]
     fn a_job_that_has_not_ended_or_has_no_ttl_is_kept() {
-        assert_eq!(expiry(Some(&ended(JobStatus::Finished)), None, END + 1e6), None);
+        assert_eq!(
+            expiry(Some(&ended(JobStatus::Finished)), None, END + 1e6),
+            None
+        );
         for going in [JobStatus::Created, JobStatus::Running] {
             let s = ended(going);
             assert_eq!(expiry(Some(&s), Some(0), END + 1e6), None, "{going:?}");

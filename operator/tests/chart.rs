@@ -506,7 +506,10 @@ fn chart_values_schema_refuses_wrong_types_unknown_keys_and_bad_values() {
         (&["metrics.port=70000"], "metrics.port 70000"),
         (&["watchNamespaces={Bad_Name}"], "namespace Bad_Name"),
         (&["jobs.ttlSecondsAfterFinished=-1"], "a negative ttl"),
-        (&["jobs.ttlSecondsAfterFinished=soon"], "a ttl that is no number"),
+        (
+            &["jobs.ttlSecondsAfterFinished=soon"],
+            "a ttl that is no number",
+        ),
         // two replicas without a Lease would both reconcile
         (
             &["replicaCount=2", "leaderElection.enabled=false"],
@@ -524,8 +527,14 @@ fn chart_offers_edit_and_view_roles_aggregated_into_the_default_ones() {
     let out = render(&[]);
     let edit = find(&out, "ClusterRole", "dispy-operator-edit", "");
     let labels = &edit["metadata"]["labels"];
-    assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-edit"], "true");
-    assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-admin"], "true");
+    assert_eq!(
+        labels["rbac.authorization.k8s.io/aggregate-to-edit"],
+        "true"
+    );
+    assert_eq!(
+        labels["rbac.authorization.k8s.io/aggregate-to-admin"],
+        "true"
+    );
     assert!(labels["rbac.authorization.k8s.io/aggregate-to-view"].is_null());
     assert_eq!(
         rules(edit),
