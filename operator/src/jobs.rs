@@ -67,7 +67,7 @@ pub async fn reconcile(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Acti
     let expiry = match job.metadata.deletion_timestamp {
         Some(_) => None,
         None => ttl::expiry(
-            job.status.as_ref(),
+            job.status.as_ref().and_then(ttl::job_ended),
             job.spec.ttl_seconds_after_finished.or(ctx.job_ttl),
             dispy_core::job::now_secs(),
         ),

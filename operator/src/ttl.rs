@@ -1,4 +1,4 @@
-//! `ttlSecondsAfterFinished`: when a DispyJob that has ended is due for deletion. A job ends
+//! `ttlSecondsAfterFinished`: when an object that has ended is due for deletion. A DispyJob ends
 //! at its `endTime`, or, when it has none (it ended without reaching a node), when its
 //! `Complete` or `Failed` condition turned true. Pure: the DispyJob controller requeues the
 //! job until it is due and then deletes it.
@@ -8,23 +8,18 @@ use std::time::Duration;
 use dispy_core::manifest::DispyJobStatus;
 use k8s_openapi::jiff::Timestamp;
 
-/// When a job is due for deletion.
+/// When an object is due for deletion.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Expiry {
     Now,
     In(Duration),
 }
 
-/// When the job whose status is `status` is due for deletion at `now` (Unix seconds), with
-/// `ttl` seconds to live after it ended: `None` while it has not ended, without a ttl, or
-/// when no time of its end is known (then it is kept).
-pub fn expiry(status: Option<&DispyJobStatus>, ttl: Option<u64>, now: f64) -> Option<Expiry> {
-    let (status, ttl) = (status?, ttl?);
-    if !status.status.is_terminal() {
-        return None;
-    }
-    let ended = ended_at(status)?;
-    let left = ended + ttl as f64 - now;
+/// When an object that `ended` (Unix seconds; `None`: it has not, or no time is known) is due
+/// for deletion at `now`, with `ttl` seconds to live after that: `None` without a ttl or an
+/// end (it is kept).
+pub fn expiry(ended: Option<f64>, ttl: Option<u64>, now: f64) -> Option<Expiry> {
+    let left = ended? + ttl? as f64 - now;
     Some(if left <= 0.0 {
         Expiry::Now
     } else {
@@ -32,8 +27,12 @@ pub fn expiry(status: Option<&DispyJobStatus>, ttl: Option<u64>, now: f64) -> Op
     })
 }
 
-/// When the job ended, in Unix seconds.
-fn ended_at(status: &DispyJobStatus) -> Option<f64> {
+/// When the DispyJob whose status is `status` ended, in Unix seconds: its `endTime`, else when
+/// its `Complete` or `Failed` condition turned true; `None` while it has not ended.
+pub fn job_ended(status: &DispyJobStatus) -> Option<f64> {
+    if !status.status.is_terminal() {
+        return None;
+    }
     let from_conditions = || {
         status
             .conditions
@@ -42,7 +41,11 @@ fn ended_at(status: &DispyJobStatus) -> Option<f64> {
             .last_transition_time
             .clone()
     };
-    let time = status.end_time.clone().or_else(from_conditions)?;
+    unix_seconds(&status.end_time.clone().or_else(from_conditions)?)
+}
+
+/// An RFC 3339 time as Unix seconds.
+pub fn unix_seconds(time: &str) -> Option<f64> {
     let t: Timestamp = time.parse().ok()?;
     Some(t.as_nanosecond() as f64 / 1e9)
 }
@@ -56,6 +59,10 @@ mod tests {
     /// 2026-01-01T00:00:00Z
     const END: f64 = 1_767_225_600.0;
 
+    fn job_expiry(status: Option<&DispyJobStatus>, ttl: Option<u64>, now: f64) -> Option<Expiry> {
+        expiry(status.and_then(job_ended), ttl, now)
+    }
+
     fn ended(status: JobStatus) -> DispyJobStatus {
         DispyJobStatus {
             status,
@@ -68,19 +75,25 @@ mod tests {
     fn a_finished_job_is_due_ttl_seconds_after_its_end_time() {
         let s = ended(JobStatus::Finished);
         assert_eq!(
-            expiry(Some(&s), Some(60), END + 15.0),
+            job_expiry(Some(&s), Some(60), END + 15.0),
             Some(Expiry::In(Duration::from_secs(45)))
         );
-        assert_eq!(expiry(Some(&s), Some(60), END + 60.0), Some(Expiry::Now));
-        assert_eq!(expiry(Some(&s), Some(60), END + 3600.0), Some(Expiry::Now));
-        assert_eq!(expiry(Some(&s), Some(0), END), Some(Expiry::Now));
+        assert_eq!(
+            job_expiry(Some(&s), Some(60), END + 60.0),
+            Some(Expiry::Now)
+        );
+        assert_eq!(
+            job_expiry(Some(&s), Some(60), END + 3600.0),
+            Some(Expiry::Now)
+        );
+        assert_eq!(job_expiry(Some(&s), Some(0), END), Some(Expiry::Now));
         for failed in [
             JobStatus::Terminated,
             JobStatus::Cancelled,
             JobStatus::Abandoned,
         ] {
             assert_eq!(
-                expiry(Some(&ended(failed)), Some(1), END + 1.0),
+                job_expiry(Some(&ended(failed)), Some(1), END + 1.0),
                 Some(Expiry::Now),
                 "{failed:?}"
             );
@@ -90,14 +103,14 @@ mod tests {
     #[test]
     fn a_job_that_has_not_ended_or_has_no_ttl_is_kept() {
         assert_eq!(
-            expiry(Some(&ended(JobStatus::Finished)), None, END + 1e6),
+            job_expiry(Some(&ended(JobStatus::Finished)), None, END + 1e6),
             None
         );
         for going in [JobStatus::Created, JobStatus::Running] {
             let s = ended(going);
-            assert_eq!(expiry(Some(&s), Some(0), END + 1e6), None, "{going:?}");
+            assert_eq!(job_expiry(Some(&s), Some(0), END + 1e6), None, "{going:?}");
         }
-        assert_eq!(expiry(None, Some(0), END), None, "no status yet");
+        assert_eq!(job_expiry(None, Some(0), END), None, "no status yet");
     }
 
     #[test]
@@ -106,7 +119,11 @@ mod tests {
             status: JobStatus::Cancelled,
             ..Default::default()
         };
-        assert_eq!(expiry(Some(&s), Some(10), END + 1e6), None, "no time known");
+        assert_eq!(
+            job_expiry(Some(&s), Some(10), END + 1e6),
+            None,
+            "no time known"
+        );
         let condition = |type_: &str, status: &str, at: &str| Condition {
             type_: type_.into(),
             status: status.into(),
@@ -118,7 +135,7 @@ mod tests {
             condition("Failed", "True", "2026-01-01T00:00:00Z"),
         ];
         assert_eq!(
-            expiry(Some(&s), Some(10), END + 4.0),
+            job_expiry(Some(&s), Some(10), END + 4.0),
             Some(Expiry::In(Duration::from_secs(6)))
         );
     }
