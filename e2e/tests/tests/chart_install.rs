@@ -463,36 +463,22 @@ async fn users_checks(client: &Client, ns: &TestNamespace) {
         },
     )
     .await;
-    for (user, verb, resource, namespace, want) in [
-        ("e2e-editor", "delete", "dispyjobs.dispy.io", n, true),
-        ("e2e-editor", "patch", "jobclusters.dispy.io/scale", n, true),
-        (
-            "e2e-admin",
-            "deletecollection",
-            "dispyjobs.dispy.io",
-            n,
-            true,
-        ),
-        ("e2e-viewer", "get", "dispyjobs.dispy.io/status", n, true),
-        ("e2e-viewer", "watch", "dispyjobs.dispy.io", n, true),
-        ("e2e-viewer", "create", "jobclusters.dispy.io", n, false),
-        ("e2e-viewer", "create", "dispyjobs.dispy.io", n, false),
-        (
-            "e2e-viewer",
-            "patch",
-            "jobclusters.dispy.io/scale",
-            n,
-            false,
-        ),
-        (
-            "e2e-editor",
-            "create",
-            "jobclusters.dispy.io",
-            Some("default"),
-            false,
-        ),
-        ("e2e-editor", "patch", "dispyjobs.dispy.io/status", n, false),
+    // "user verb resource", where (None: all namespaces at once), allowed
+    for (asked, namespace, want) in [
+        ("e2e-editor delete dispyjobs.dispy.io", n, true),
+        ("e2e-editor patch jobclusters.dispy.io/scale", n, true),
+        ("e2e-admin deletecollection dispyjobs.dispy.io", n, true),
+        ("e2e-viewer get dispyjobs.dispy.io/status", n, true),
+        ("e2e-viewer watch dispyjobs.dispy.io", n, true),
+        ("e2e-viewer create jobclusters.dispy.io", n, false),
+        ("e2e-viewer create dispyjobs.dispy.io", n, false),
+        ("e2e-viewer patch jobclusters.dispy.io/scale", n, false),
+        ("e2e-editor create jobclusters.dispy.io", None, false),
+        ("e2e-editor patch dispyjobs.dispy.io/status", n, false),
     ] {
+        let [user, verb, resource] = asked.split(' ').collect::<Vec<_>>()[..] else {
+            unreachable!("{asked}")
+        };
         assert_eq!(
             can(user, verb, resource, namespace).await,
             want,
@@ -500,28 +486,22 @@ async fn users_checks(client: &Client, ns: &TestNamespace) {
         );
     }
     // kubectl's own answer, as a user would ask it
-    let out = kubectl_output(&[
-        "auth",
-        "can-i",
-        "create",
-        "jobclusters.dispy.io",
-        "-n",
-        &ns.name,
-        "--as",
-        "e2e-viewer",
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no");
-    let out = kubectl_output(&[
-        "auth",
-        "can-i",
-        "create",
-        "jobclusters.dispy.io",
-        "-n",
-        &ns.name,
-        "--as",
-        "e2e-editor",
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes");
+    for (user, answer) in [("e2e-viewer", "no"), ("e2e-editor", "yes")] {
+        let asked = [
+            "auth",
+            "can-i",
+            "create",
+            "jobclusters.dispy.io",
+            "--as",
+            user,
+        ];
+        let out = kubectl_output(&[&asked[..], &["-n", &ns.name]].concat());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            answer,
+            "kubectl auth can-i create jobclusters --as {user}"
+        );
+    }
 }
 
 /// The YAML between `kubectl apply -f - <<'YAML'` and `YAML` in the NOTES, dedented.
