@@ -227,7 +227,11 @@ if [[ $LOCAL == 1 ]]; then
   # DispyJobs end to end, with the operator the chart installs
   run_test "bring-up: the operator from the chart installed and Ready" op_install
   rust_tests -p dispy-e2e --test install --test examples --test jobs --test node_loss --test operator_restart \
-    --test node_pool --test metrics --test provisional --test tls --test scheduler --test job_arrays --test leader_election
+    --test node_pool --test metrics --test provisional --test tls --test scheduler --test job_arrays \
+    --test leader_election --test ttl --test pod_security
+  # last while it runs: what the operator asked of the API server (its audit log) against the
+  # chart's rules
+  rust_tests -p dispy-e2e --test rbac
   run_test "bring-down: the operator from the chart uninstalled" op_uninstall
   # an operator in a private network namespace finds a bare-metal node by UDP broadcast
   rust_tests -p dispy-e2e --test discovery

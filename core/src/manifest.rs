@@ -329,6 +329,12 @@ pub struct NodesSpec {
     /// The node port (default 9701).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Largest file a client may send a node pod (`dispynode --max-file-size`), in bytes or
+    /// with a suffix: `10Mi`, `1Gi` (binary) or `10M`, `1G` (decimal). Default `10Mi`. Node
+    /// pods' work volume is limited to 32 times this, and at least 1Gi (Kubernetes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub max_file_size: Option<String>,
     /// Overrides merged into the node pods' template (Kubernetes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
@@ -402,6 +408,12 @@ pub struct DispyJobSpec {
     /// Terminate the job when it runs longer than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_deadline_seconds: Option<u64>,
+    /// Delete the job this many seconds after it ended (Finished, Terminated, Cancelled or
+    /// Abandoned), as a Job's ttlSecondsAfterFinished. Unset: the operator's default
+    /// (`--job-ttl-seconds-after-finished`, chart value `jobs.ttlSecondsAfterFinished`), by
+    /// default none: the job is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<u64>,
 }
 
 /// Many jobs of one JobCluster's computation, indexed from 0: one object for thousands of

@@ -28,6 +28,10 @@ pub enum BuildError {
     NoUid(String),
     #[error("JobCluster {name}: spec.nodes.template cannot be merged into a pod: {detail}")]
     Template { name: String, detail: String },
+    #[error(
+        "JobCluster {name}: spec.nodes.maxFileSize {value:?} is not a size such as 10Mi or 1G"
+    )]
+    MaxFileSize { name: String, value: String },
 }
 
 pub(crate) fn name_of(jc: &JobClusterResource) -> String {
@@ -148,8 +152,70 @@ pub fn serves_dispy_protocol(jc: &JobClusterResource) -> bool {
         .unwrap_or(jc.spec.computation.is_none())
 }
 
+/// The node image's user and group (`dispy`, node-image/Dockerfile): node pods run as it.
+pub const NODE_USER: i64 = 10001;
+/// `spec.nodes.maxFileSize` when it is not set.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 10 << 20;
+/// The work volume holds this many files of the largest size...
+const WORK_FILES: u64 = 32;
+/// ...and never less than this, for the jobs' own output and temporary files.
+const WORK_FLOOR: u64 = 1 << 30;
+
+/// `spec.nodes.maxFileSize` in bytes: a number with an optional binary (Ki, Mi, Gi, Ti) or
+/// decimal (k, M, G, T) suffix, as a Kubernetes quantity.
+pub fn max_file_size(jc: &JobClusterResource) -> Result<u64, BuildError> {
+    let Some(value) = jc.spec.nodes.max_file_size.as_deref() else {
+        return Ok(DEFAULT_MAX_FILE_SIZE);
+    };
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, suffix) = value.split_at(digits);
+    let unit: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => 0,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| unit > 0)
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| BuildError::MaxFileSize {
+            name: name_of(jc),
+            value: value.to_string(),
+        })
+}
+
+/// The size limit of a node pod's work volume (the computations' and jobs' files, and what
+/// jobs write) for a largest file of `max_file_size` bytes: room for [`WORK_FILES`] such
+/// files, at least [`WORK_FLOOR`], in whole MiB (as the API server writes it back); none when
+/// files are not limited (0).
+pub fn work_size_limit(max_file_size: u64) -> Option<String> {
+    (max_file_size > 0).then(|| {
+        let mib = max_file_size
+            .saturating_mul(WORK_FILES)
+            .max(WORK_FLOOR)
+            .div_ceil(1 << 20);
+        match mib % 1024 {
+            0 => format!("{}Gi", mib / 1024),
+            _ => format!("{mib}Mi"),
+        }
+    })
+}
+
 pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod, BuildError> {
     let name = jc.metadata.name.clone().unwrap_or_default();
+    let max_file_size = max_file_size(jc)?;
+    let mut work = json!({});
+    if let Some(limit) = work_size_limit(max_file_size) {
+        work["sizeLimit"] = json!(limit);
+    }
     let port = node_port(jc);
     let host_network = host_network(jc);
     let cpus = jc.spec.nodes.cpus.unwrap_or(0);
@@ -188,6 +254,15 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
             "dnsPolicy": if host_network { "ClusterFirstWithHostNet" } else { "ClusterFirst" },
             "restartPolicy": "Always",
             "terminationGracePeriodSeconds": 30,
+            // Kubernetes' restricted Pod Security profile (with `hostNetwork: false`, node
+            // pods meet it whole). A template's securityContext merges over this.
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": NODE_USER,
+                "runAsGroup": NODE_USER,
+                "fsGroup": NODE_USER,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
             "containers": [{
                 "name": "dispynode",
                 "image": image,
@@ -197,6 +272,7 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
                     "--name", "$(POD_NAME)",
                     "--ext-host", "$(POD_IP)",
                     "--dest-path-prefix", DEST_PATH,
+                    "--max-file-size", max_file_size.to_string(),
                     "--shutdown-grace", "20s",
                     "--daemon",
                     // The pod's own address: announcements go to that network only (with host
@@ -207,13 +283,21 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                     {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                     {"name": "DISPYNODE_SECRET", "valueFrom": {"secretKeyRef": {"name": secret_name(jc), "key": SECRET_KEY}}},
+                    // The root filesystem is read-only: jobs' temporary files go to the work
+                    // volume, where dispynode keeps everything it writes.
+                    {"name": "TMPDIR", "value": DEST_PATH},
                 ],
                 "ports": container_ports,
                 "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 2},
                 "resources": resources,
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]},
+                },
                 "volumeMounts": [{"name": "work", "mountPath": DEST_PATH}],
             }],
-            "volumes": [{"name": "work", "emptyDir": {}}],
+            "volumes": [{"name": "work", "emptyDir": work}],
         },
     });
     if !serves_dispy_protocol(jc) {
@@ -557,6 +641,91 @@ mod tests {
         assert_eq!(
             volume.secret.unwrap().secret_name.as_deref(),
             Some("node-tls")
+        );
+    }
+
+    #[test]
+    fn node_pods_run_restricted_with_a_read_only_root_and_a_bounded_work_volume() {
+        let pod = node_pod(&cluster(WORDCOUNT), 0, "img").unwrap();
+        let spec = pod.spec.unwrap();
+        let psc = spec.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            (psc.run_as_user, psc.run_as_group, psc.fs_group),
+            (Some(NODE_USER), Some(NODE_USER), Some(NODE_USER))
+        );
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c = &spec.containers[0];
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+        // dispynode writes only under its dest path; jobs' temporary files go there too
+        let args = c.args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--dest-path-prefix /var/lib/dispy"), "{args}");
+        assert!(args.contains("--max-file-size 10485760"), "{args}");
+        let tmpdir = c.env.as_ref().unwrap().iter().find(|e| e.name == "TMPDIR");
+        assert_eq!(tmpdir.and_then(|e| e.value.as_deref()), Some(DEST_PATH));
+        let work = spec.volumes.unwrap().into_iter().find(|v| v.name == "work");
+        let limit = work.unwrap().empty_dir.unwrap().size_limit.unwrap();
+        assert_eq!(limit.0, "1Gi", "the floor, for the default 10Mi files");
+    }
+
+    #[test]
+    fn the_work_volume_follows_max_file_size() {
+        let with = |size: &str| {
+            cluster(&WORDCOUNT.replace("cpus: 2}", &format!("cpus: 2, maxFileSize: '{size}'}}")))
+        };
+        assert_eq!(max_file_size(&cluster(WORDCOUNT)), Ok(10 << 20));
+        assert_eq!(max_file_size(&with("100Mi")), Ok(100 << 20));
+        assert_eq!(max_file_size(&with("2G")), Ok(2_000_000_000));
+        assert_eq!(max_file_size(&with("512")), Ok(512));
+        assert_eq!(max_file_size(&with("1k")), Ok(1000));
+        assert_eq!(work_size_limit(100 << 20).as_deref(), Some("3200Mi"));
+        assert_eq!(work_size_limit(64 << 20).as_deref(), Some("2Gi"));
+        assert_eq!(work_size_limit(1).as_deref(), Some("1Gi"));
+        assert_eq!(work_size_limit(0), None, "0: files and volume unlimited");
+        let pod = node_pod(&with("0"), 0, "img").unwrap();
+        let volumes = pod.spec.unwrap().volumes.unwrap();
+        assert!(volumes[0].empty_dir.as_ref().unwrap().size_limit.is_none());
+        for bad in ["10MB", "1.5Gi", "99999999999Ti"] {
+            let err = node_pod(&with(bad), 0, "img").unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "JobCluster team/wordcount: spec.nodes.maxFileSize {bad:?} is not a size \
+                     such as 10Mi or 1G"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn the_template_wins_over_the_security_context() {
+        let jc = cluster(&WORDCOUNT.replace(
+            "nodes: {replicas: 2, cpus: 2}",
+            "nodes:\n    template:\n      spec:\n        securityContext: {runAsUser: 2000, seccompProfile: null}\n        volumes: [{name: work, emptyDir: {sizeLimit: 5Gi}}]",
+        ));
+        let spec = node_pod(&jc, 0, "img").unwrap().spec.unwrap();
+        let psc = spec.security_context.unwrap();
+        assert_eq!(psc.run_as_user, Some(2000));
+        assert_eq!(
+            psc.run_as_group,
+            Some(NODE_USER),
+            "what the template leaves"
+        );
+        assert!(psc.seccomp_profile.is_none(), "null removes");
+        let volumes = spec.volumes.unwrap();
+        assert_eq!(
+            volumes[0]
+                .empty_dir
+                .as_ref()
+                .unwrap()
+                .size_limit
+                .as_ref()
+                .unwrap()
+                .0,
+            "5Gi"
         );
     }
 }

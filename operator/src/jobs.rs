@@ -1,7 +1,8 @@
 //! The DispyJob controller: hands each DispyJob of an existing JobCluster to the engine, which
 //! schedules it and writes its status. A job naming a cluster that does not exist waits, with a
 //! `Waiting` condition and an Event that say so, and runs once the cluster appears. Deleting a
-//! job that runs terminates it on its node first (finalizer).
+//! job that runs terminates it on its node first (finalizer). A job that has ended is deleted
+//! once its `ttlSecondsAfterFinished` (or the operator's default) has passed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use dispy_core::job::JobStatus;
 use dispy_core::manifest::{DispyJobResource, DispyJobStatus, JobClusterResource};
 use dispy_core::protocol::JobRequest;
 use dispy_core::scheduler::JobKey;
-use kube::api::Api;
+use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::ResourceExt;
@@ -18,7 +19,7 @@ use kube::ResourceExt;
 use crate::cluster::{computation_id, depends_files};
 use crate::engine::{JobInfo, Request};
 use crate::status::{conditions, job_id};
-use crate::Ctx;
+use crate::{ttl, Ctx};
 
 /// Held until the job is no longer on a node.
 pub const FINALIZER: &str = "dispy.io/terminate";
@@ -63,6 +64,15 @@ pub async fn reconcile(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Acti
     let terminal = job.status.as_ref().is_some_and(|s| s.status.is_terminal());
     let ns = job.namespace().unwrap_or_else(|| "default".into());
     let api = Api::<DispyJobResource>::namespaced(ctx.client.clone(), &ns);
+    let expiry = match job.metadata.deletion_timestamp {
+        Some(_) => None,
+        None => ttl::expiry(
+            job.status.as_ref().and_then(ttl::job_ended),
+            job.spec.ttl_seconds_after_finished.or(ctx.job_ttl),
+            dispy_core::job::now_secs(),
+        ),
+    };
+    let (name, uid) = (job.name_any(), job.metadata.uid.clone());
     let result =
         if terminal && job.finalizers().is_empty() && job.metadata.deletion_timestamp.is_none() {
             // Done before its finalizer was ever needed: only counted.
@@ -81,9 +91,46 @@ pub async fn reconcile(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Acti
                 other => Error::Finalizer(other.to_string()),
             })
         };
+    let result = match (result, expiry) {
+        // an ended job goes when due, even one the engine cannot take (say, invalid kwargs)
+        (_, Some(ttl::Expiry::Now)) => delete_expired(&api, &ns, &name, uid).await,
+        (Ok(_), Some(ttl::Expiry::In(left))) => Ok(Action::requeue(left)),
+        (result, _) => result,
+    };
     ctx.metrics
         .reconciled("dispyjob", result.as_ref().err().map(Error::kind));
     result
+}
+
+/// Deletes a job past its `ttlSecondsAfterFinished` (only this very object: a job created
+/// again under its name has another uid). It has ended, so its finalizer lets it go at once;
+/// what it owns (output and files ConfigMaps) goes with it in the background.
+async fn delete_expired(
+    api: &Api<DispyJobResource>,
+    ns: &str,
+    name: &str,
+    uid: Option<String>,
+) -> Result<Action, Error> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => tracing::info!(job = %format!("{ns}/{name}"), "deleted: ttlSecondsAfterFinished"),
+        // gone already, or another object by now
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(source) => {
+            return Err(Error::Kube {
+                job: format!("{ns}/{name}"),
+                action: "delete it (ttlSecondsAfterFinished)",
+                source,
+            })
+        }
+    }
+    Ok(Action::await_change())
 }
 
 fn cluster_of(job: &DispyJobResource, ctx: &Ctx) -> Option<Arc<JobClusterResource>> {

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod scheduler;
 pub mod status;
+pub mod ttl;
 pub mod writer;
 
 use std::sync::Arc;
@@ -76,6 +77,8 @@ pub struct Ctx {
     pub ports: Arc<std::sync::Mutex<std::collections::HashMap<String, u16>>>,
     /// Nodes the discovery task last found (for `spec.nodes.discover`), shared likewise.
     pub discovered: Arc<std::sync::Mutex<Vec<String>>>,
+    /// `ttlSecondsAfterFinished` of DispyJobs that set none; `None`: they are kept.
+    pub job_ttl: Option<u64>,
 }
 
 pub struct Options {
@@ -89,6 +92,8 @@ pub struct Options {
     /// Routine Events a second (and how many may be saved up); warnings are not limited.
     pub event_qps: f64,
     pub event_burst: u32,
+    /// `ttlSecondsAfterFinished` of DispyJobs that set none.
+    pub job_ttl: Option<u64>,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -167,6 +172,7 @@ pub async fn run(
             clusters: clusters.store(),
             ports: ports.clone(),
             discovered: discovered.clone(),
+            job_ttl: options.job_ttl,
         });
         stores.push(clusters.store());
         let jobs = Controller::new(

@@ -73,6 +73,14 @@ enum Cmd {
         /// Routine Events that may go at once after a quiet time.
         #[arg(long, default_value_t = 25)]
         event_burst: u32,
+        /// Delete a DispyJob this many seconds after it ended, unless its
+        /// spec.ttlSecondsAfterFinished says otherwise. Default: keep it.
+        #[arg(
+            long,
+            env = "DISPY_JOB_TTL_SECONDS_AFTER_FINISHED",
+            value_name = "SECONDS"
+        )]
+        job_ttl_seconds_after_finished: Option<u64>,
     },
 }
 
@@ -92,6 +100,7 @@ fn main() {
             write_concurrency,
             event_qps,
             event_burst,
+            job_ttl_seconds_after_finished,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info".into());
@@ -110,6 +119,7 @@ fn main() {
                 write_concurrency,
                 event_qps,
                 event_burst,
+                job_ttl: job_ttl_seconds_after_finished,
             };
             let code = runtime.block_on(async move {
                 let metrics = Arc::new(Metrics::new());

@@ -57,48 +57,57 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-What the controllers do in the namespaces they watch, and nothing more: read and update
-JobClusters and DispyJobs (status by server-side apply, finalizers on DispyJobs), create and
-delete node pods, create the headless Service and the generated Secret, keep outputs too large
-for a status in ConfigMaps, and record Events. A ClusterRole with all namespaces watched,
-otherwise a Role in each watched namespace.
+What the controllers call in the namespaces they watch, and nothing more (e2e/tests/tests/rbac.rs
+checks each verb against the API server's audit log): watch JobClusters and DispyJobs and patch
+their finalizers and statuses (server-side apply), delete DispyJobs past their
+ttlSecondsAfterFinished, create and delete node pods, apply the headless Service (an apply that
+creates needs create), read or create the node Secret (never list or watch: Secrets are read
+by name), read depends ConfigMaps and write the output and files ConfigMaps, list and write a
+DispyJobArray's result ConfigMaps and its status, delete a DispyJobArray past its
+ttlSecondsAfterFinished, apply and remove spec.scheduler's Deployment, Service and node-list
+ConfigMap, and record Events
+(events.k8s.io; patch counts a repeated one). The finalizers subresources are not called: the
+OwnerReferencesPermissionEnforcement admission plugin asks for update on them when the operator
+creates objects whose owner reference blocks the owner's deletion. A ClusterRole with all
+namespaces watched, otherwise a Role in each watched namespace.
 */}}
 {{- define "dispy-operator.rules" -}}
 - apiGroups: [dispy.io]
   resources: [jobclusters, dispyjobs]
-  verbs: [get, list, watch, patch, update]
+  verbs: [list, watch, patch]
+- apiGroups: [dispy.io]
+  resources: [dispyjobs]
+  verbs: [delete]
 - apiGroups: [dispy.io]
   resources: [jobclusters/status, dispyjobs/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 - apiGroups: [dispy.io]
   resources: [jobclusters/finalizers, dispyjobs/finalizers]
   verbs: [update]
 # DispyJobArrays: read, their finalizer (patch), status, and deleted after ttlSecondsAfterFinished
 - apiGroups: [dispy.io]
   resources: [dispyjobarrays]
-  verbs: [get, list, watch, patch, delete]
+  verbs: [list, watch, patch, delete]
 - apiGroups: [dispy.io]
   resources: [dispyjobarrays/status]
   verbs: [patch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [list, watch, create, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [create, patch, delete]
 # spec.scheduler's Deployment: applied (create, patch) and removed; never listed or watched
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [create, patch, delete]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, patch, update, delete]
-- apiGroups: [""]
-  resources: [events]
-  verbs: [create, patch]
+  # list: a DispyJobArray's result ConfigMaps; delete: spec.scheduler's node list
+  verbs: [get, list, create, patch, delete]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -28,6 +28,23 @@ const ACCOUNT: &str = "system:serviceaccount:dispy-system:dispy-operator";
 /// What the API server's authorizer answers for the operator's service account. `resource`
 /// is `plural[.group][/status | /name]`, as `kubectl auth can-i` takes it.
 async fn can_i(client: &Client, verb: &str, resource: &str, namespace: Option<&str>) -> bool {
+    let groups = [
+        "system:serviceaccounts".to_string(),
+        format!("system:serviceaccounts:{OP_NS}"),
+        "system:authenticated".into(),
+    ];
+    user_can(client, ACCOUNT, &groups, verb, resource, namespace).await
+}
+
+/// The same for any user in `groups`.
+async fn user_can(
+    client: &Client,
+    user: &str,
+    groups: &[String],
+    verb: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> bool {
     let (resource, after) = resource.split_once('/').unwrap_or((resource, ""));
     let (subresource, name) = match after {
         "" => (None, None),
@@ -38,12 +55,8 @@ async fn can_i(client: &Client, verb: &str, resource: &str, namespace: Option<&s
     let (resource, group) = (resource.to_string(), group.to_string());
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
-            user: Some(ACCOUNT.into()),
-            groups: Some(vec![
-                "system:serviceaccounts".into(),
-                format!("system:serviceaccounts:{OP_NS}"),
-                "system:authenticated".into(),
-            ]),
+            user: Some(user.into()),
+            groups: Some(groups.to_vec()),
             resource_attributes: Some(ResourceAttributes {
                 verb: Some(verb.into()),
                 resource: Some(resource),
@@ -194,6 +207,12 @@ async fn the_chart_installs_a_least_privilege_operator_upgrades_to_watched_names
             .is_none(),
         "ClusterRole left"
     );
+    for users in ["dispy-operator-edit", "dispy-operator-view"] {
+        assert!(
+            cluster_roles.get_opt(users).await.unwrap().is_none(),
+            "ClusterRole {users} left"
+        );
+    }
     let op_roles: Api<Role> = Api::namespaced(client.clone(), OP_NS);
     assert!(
         op_roles
@@ -351,6 +370,13 @@ async fn installed_operator_checks(client: &Client, ns: &TestNamespace, pids: &m
     assert_can(client, false, "update", "pods", n).await;
     assert_can(client, false, "create", "deployments.apps", n).await;
     assert_can(client, false, "create", "jobclusters.dispy.io", n).await;
+    // Secrets are read by name only
+    assert_can(client, true, "get", "secrets", n).await;
+    assert_can(client, false, "list", "secrets", n).await;
+    assert_can(client, false, "watch", "secrets", n).await;
+    assert_can(client, true, "delete", "dispyjobs.dispy.io", n).await;
+    assert_can(client, false, "delete", "jobclusters.dispy.io", n).await;
+    users_checks(client, ns).await;
 
     // and it is enough to run a JobCluster: node pods from the chart's node image
     ns.apply(
@@ -397,6 +423,84 @@ async fn installed_operator_checks(client: &Client, ns: &TestNamespace, pids: &m
             Some("JobCluster") => delete_and_wait(&ns.clusters(), &obj.name_any(), 60).await,
             _ => delete_and_wait(&ns.jobs(), &obj.name_any(), 60).await,
         }
+    }
+}
+
+/// The chart's aggregated roles: a namespace's `admin` and `edit` users may create and delete
+/// JobClusters and DispyJobs there, its `view` users may only read them; none may elsewhere.
+async fn users_checks(client: &Client, ns: &TestNamespace) {
+    for (user, role) in [
+        ("e2e-admin", "admin"),
+        ("e2e-editor", "edit"),
+        ("e2e-viewer", "view"),
+    ] {
+        ns.apply(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
+             metadata: {{name: {user}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {role}}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n"
+        ))
+        .await;
+    }
+    let groups = ["system:authenticated".to_string()];
+    let n = Some(ns.name.as_str());
+    let can = async |user: &str, verb: &str, resource: &str, namespace: Option<&str>| {
+        user_can(client, user, &groups, verb, resource, namespace).await
+    };
+    // the aggregation controller adds the chart's rules to the default roles shortly
+    wait_for(
+        "dispy's rules aggregated into admin, edit and view",
+        60,
+        async || {
+            let now = [
+                can("e2e-admin", "create", "jobclusters.dispy.io", n).await,
+                can("e2e-editor", "create", "jobclusters.dispy.io", n).await,
+                can("e2e-viewer", "list", "jobclusters.dispy.io", n).await,
+            ];
+            (now == [true; 3])
+                .then_some(())
+                .ok_or(format!("admin, edit, view: {now:?}"))
+        },
+    )
+    .await;
+    // "user verb resource", where (None: all namespaces at once), allowed
+    for (asked, namespace, want) in [
+        ("e2e-editor delete dispyjobs.dispy.io", n, true),
+        ("e2e-editor patch jobclusters.dispy.io/scale", n, true),
+        ("e2e-admin deletecollection dispyjobs.dispy.io", n, true),
+        ("e2e-viewer get dispyjobs.dispy.io/status", n, true),
+        ("e2e-viewer watch dispyjobs.dispy.io", n, true),
+        ("e2e-viewer create jobclusters.dispy.io", n, false),
+        ("e2e-viewer create dispyjobs.dispy.io", n, false),
+        ("e2e-viewer patch jobclusters.dispy.io/scale", n, false),
+        ("e2e-editor create jobclusters.dispy.io", None, false),
+        ("e2e-editor patch dispyjobs.dispy.io/status", n, false),
+    ] {
+        let [user, verb, resource] = asked.split(' ').collect::<Vec<_>>()[..] else {
+            unreachable!("{asked}")
+        };
+        assert_eq!(
+            can(user, verb, resource, namespace).await,
+            want,
+            "can {user} {verb} {resource} in {namespace:?}?"
+        );
+    }
+    // kubectl's own answer, as a user would ask it
+    for (user, answer) in [("e2e-viewer", "no"), ("e2e-editor", "yes")] {
+        let asked = [
+            "auth",
+            "can-i",
+            "create",
+            "jobclusters.dispy.io",
+            "--as",
+            user,
+        ];
+        let out = kubectl_output(&[&asked[..], &["-n", &ns.name]].concat());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            answer,
+            "kubectl auth can-i create jobclusters --as {user}"
+        );
     }
 }
 
