@@ -1,13 +1,15 @@
-//! Reads manifests into what `dispy run` needs: each JobCluster's computation and files, and
-//! each DispyJob's call, with ConfigMaps resolved into file contents.
+//! Reads manifests into what `dispy run` needs: each JobCluster's computation and files, each
+//! DispyJob's call, and each DispyJobArray's calls, with ConfigMaps resolved into file contents
+//! and `argsFrom` lines.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use dispy_core::manifest::{
-    self, ConfigMap, DependsSource, DispyJobSpec, Document, JobClusterSpec,
+    self, ConfigMap, DependsSource, DispyJobArray, DispyJobSpec, Document, JobClusterSpec,
 };
 use dispy_core::protocol::Computation;
+use dispy_core::scheduler::ClusterPolicy;
 
 pub struct ClusterPlan {
     pub name: String,
@@ -28,9 +30,26 @@ pub struct JobPlan {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
+/// One index's call: positional and keyword arguments as JSON text.
+pub struct Call {
+    pub args: Box<str>,
+    pub kwargs: Box<str>,
+}
+
+pub struct ArrayPlan {
+    pub name: String,
+    /// Index into `Plan::clusters`.
+    pub cluster: usize,
+    /// Index `i`'s call is `calls[i]`.
+    pub calls: Vec<Call>,
+    pub policy: ClusterPolicy,
+    pub suspend: bool,
+}
+
 pub struct Plan {
     pub clusters: Vec<ClusterPlan>,
     pub jobs: Vec<JobPlan>,
+    pub arrays: Vec<ArrayPlan>,
 }
 
 /// Reads and checks every file; errors name the file, the document and the field.
@@ -160,8 +179,101 @@ pub fn plan(docs: Vec<Document>) -> Result<Plan, String> {
             spec: j.spec.clone(),
         });
     }
-    if jobs.is_empty() {
-        return Err("the manifests hold no DispyJob: nothing to run".into());
+    let mut arrays: Vec<ArrayPlan> = Vec::new();
+    for d in &docs {
+        let Document::DispyJobArray(a) = d else {
+            continue;
+        };
+        let namespace = ns(&a.metadata.namespace);
+        let owner = format!("DispyJobArray {namespace}/{}", a.metadata.name);
+        if arrays
+            .iter()
+            .any(|p| p.name == a.metadata.name && clusters[p.cluster].namespace == namespace)
+        {
+            return Err(format!("{owner} appears twice"));
+        }
+        let cluster = clusters
+            .iter()
+            .position(|c| c.name == a.spec.cluster && c.namespace == namespace)
+            .ok_or_else(|| {
+                format!(
+                    "{owner}: cluster {:?} not found in the manifests",
+                    a.spec.cluster
+                )
+            })?;
+        let c = &clusters[cluster];
+        let calls = array_calls(a, &namespace, &config_maps)
+            .and_then(|calls| {
+                let program = matches!(c.computation, Computation::Program(_));
+                match calls
+                    .iter()
+                    .position(|(_, kwargs)| program && !kwargs.is_empty())
+                {
+                    Some(i) => Err(format!("index {i}: a program computation takes no kwargs")),
+                    None => Ok(calls),
+                }
+            })
+            .map_err(|e| format!("{owner}: {e}"))?;
+        arrays.push(ArrayPlan {
+            name: a.metadata.name.clone(),
+            cluster,
+            calls: calls
+                .into_iter()
+                .map(|(args, kwargs)| Call {
+                    args: serde_json::Value::Array(args).to_string().into(),
+                    kwargs: serde_json::Value::Object(kwargs).to_string().into(),
+                })
+                .collect(),
+            policy: dispy_core::driver::array_policy(&c.spec, &a.spec),
+            suspend: a.spec.suspend,
+        });
     }
-    Ok(Plan { clusters, jobs })
+    if jobs.is_empty() && arrays.is_empty() {
+        return Err("the manifests hold no DispyJob or DispyJobArray: nothing to run".into());
+    }
+    Ok(Plan {
+        clusters,
+        jobs,
+        arrays,
+    })
+}
+
+type Args = (
+    Vec<serde_json::Value>,
+    serde_json::Map<String, serde_json::Value>,
+);
+
+/// An array's calls from `spec.args` or from its `argsFrom` ConfigMap's JSON lines. (The
+/// manifest loader has checked that exactly one of them is set.)
+fn array_calls(
+    a: &DispyJobArray,
+    namespace: &str,
+    config_maps: &BTreeMap<(String, String), ConfigMap>,
+) -> Result<Vec<Args>, String> {
+    if let Some(args) = &a.spec.args {
+        return Ok(args
+            .iter()
+            .map(|a| (a.clone(), Default::default()))
+            .collect());
+    }
+    let Some(from) = &a.spec.args_from else {
+        return Err("field spec: set exactly one of args or argsFrom".into());
+    };
+    let r = &from.config_map_ref;
+    let cm = config_maps
+        .get(&(namespace.to_string(), r.name.clone()))
+        .ok_or_else(|| {
+            format!(
+                "ConfigMap {namespace}/{} (spec.argsFrom.configMapRef) is not in the manifests",
+                r.name
+            )
+        })?;
+    let text = cm.data.get(&r.key).ok_or_else(|| {
+        format!(
+            "ConfigMap {namespace}/{} has no key {:?} (spec.argsFrom.configMapRef.key)",
+            r.name, r.key
+        )
+    })?;
+    manifest::array_args_from_lines(text)
+        .map_err(|e| format!("ConfigMap {namespace}/{} key {:?}: {e}", r.name, r.key))
 }
