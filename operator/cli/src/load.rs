@@ -277,3 +277,95 @@ fn array_calls(
     manifest::array_args_from_lines(text)
         .map_err(|e| format!("ConfigMap {namespace}/{} key {:?}: {e}", r.name, r.key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: &str = "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: sq}\nspec:\n  reentrant: true\n  computation:\n    python: {source: 'def sq(n, k=1): return n * k', function: sq}\n";
+
+    fn plan_of(yaml: &str) -> Result<Plan, String> {
+        let text = format!("{CLUSTER}---\n{yaml}");
+        plan(manifest::parse_documents(&text, "t.yaml").map_err(|e| e.to_string())?)
+    }
+
+    fn lines(data: &str) -> String {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: in}}\ndata:\n  lines: |\n{data}---\napiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {{name: a}}\nspec: {{cluster: sq, argsFrom: {{configMapRef: {{name: in, key: lines}}}}}}\n")
+    }
+
+    #[test]
+    fn an_array_s_calls_come_from_argsfrom_lines_blank_lines_skipped() {
+        let p = plan_of(&lines(
+            "    [1]\n\n    {\"args\": [2], \"kwargs\": {\"k\": 3}}\n    {}\n",
+        ))
+        .unwrap();
+        assert!(p.jobs.is_empty());
+        let calls: Vec<(&str, &str)> = p.arrays[0]
+            .calls
+            .iter()
+            .map(|c| (&*c.args, &*c.kwargs))
+            .collect();
+        assert_eq!(calls, [("[1]", "{}"), ("[2]", "{\"k\":3}"), ("[]", "{}")]);
+        assert_eq!(p.arrays[0].policy.reentrant, true, "the cluster's");
+    }
+
+    #[test]
+    fn inline_args_and_the_array_s_own_policy() {
+        let p = plan_of("apiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {name: a}\nspec: {cluster: sq, args: [[1], [2, 3]], reentrant: false, backoffLimit: 1, suspend: true, ttlSecondsAfterFinished: 60}\n").unwrap();
+        let a = &p.arrays[0];
+        assert_eq!(a.calls.len(), 2);
+        assert_eq!(&*a.calls[1].args, "[2,3]");
+        assert_eq!((a.policy.reentrant, a.policy.backoff_limit), (false, 1));
+        assert!(a.suspend);
+    }
+
+    #[test]
+    fn argsfrom_errors_name_the_array_the_config_map_the_key_and_the_line() {
+        let bad_line = plan_of(&lines("    [1]\n    [2\n")).err().unwrap();
+        assert!(
+            bad_line.starts_with(
+                "DispyJobArray default/a: ConfigMap default/in key \"lines\": line 2: not JSON"
+            ),
+            "{bad_line}"
+        );
+        let not_args = plan_of(&lines("    7\n")).err().unwrap();
+        assert!(
+            not_args.contains("line 1: not a list of arguments"),
+            "{not_args}"
+        );
+        let no_key = plan_of(&lines("    [1]\n").replace("key: lines", "key: rows"))
+            .err()
+            .unwrap();
+        assert_eq!(no_key, "DispyJobArray default/a: ConfigMap default/in has no key \"rows\" (spec.argsFrom.configMapRef.key)");
+        let no_map = plan_of(&lines("    [1]\n").replace("name: in,", "name: gone,"))
+            .err()
+            .unwrap();
+        assert_eq!(no_map, "DispyJobArray default/a: ConfigMap default/gone (spec.argsFrom.configMapRef) is not in the manifests");
+        let no_cluster = plan_of(&lines("    [1]\n").replace("cluster: sq", "cluster: cube"))
+            .err()
+            .unwrap();
+        assert_eq!(
+            no_cluster,
+            "DispyJobArray default/a: cluster \"cube\" not found in the manifests"
+        );
+    }
+
+    #[test]
+    fn a_program_array_takes_no_kwargs_and_an_array_appears_once() {
+        let program = "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: p}\nspec:\n  computation: {program: {command: [echo]}}\n---\n";
+        let with_kwargs =
+            lines("    [1]\n    {\"kwargs\": {\"k\": 1}}\n").replace("cluster: sq", "cluster: p");
+        let err = plan_of(&format!("{program}{with_kwargs}")).err().unwrap();
+        assert_eq!(
+            err,
+            "DispyJobArray default/a: index 1: a program computation takes no kwargs"
+        );
+        let plain = lines("    [\"x\"]\n").replace("cluster: sq", "cluster: p");
+        assert!(plan_of(&format!("{program}{plain}")).is_ok());
+        let again = "---\napiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {name: a}\nspec: {cluster: sq, args: [[2]]}\n";
+        let err = plan_of(&format!("{}{again}", lines("    [1]\n")))
+            .err()
+            .unwrap();
+        assert_eq!(err, "DispyJobArray default/a appears twice");
+    }
+}

@@ -310,6 +310,10 @@ struct Run<'a> {
     /// The scheduler's clusters: `comp_ids`, then one per array.
     lanes: Vec<String>,
     lane_of: HashMap<String, usize>,
+    /// Results to acknowledge, by node and computation: sent together in `act`.
+    acks: BTreeMap<(String, String), Vec<JobId>>,
+    /// Acknowledgements on their way, awaited before the computations are closed.
+    acking: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl<'a> Run<'a> {
@@ -381,6 +385,8 @@ impl<'a> Run<'a> {
             comp_ids,
             lane_of: lanes.iter().cloned().zip(0..).collect(),
             lanes,
+            acks: BTreeMap::new(),
+            acking: Vec::new(),
         };
         for (i, c) in plan.clusters.iter().enumerate() {
             let policy = dispy_core::driver::policy(&c.spec);
@@ -745,6 +751,7 @@ impl<'a> Run<'a> {
                 },
             }
         }
+        self.send_acks();
         for ((node, cluster), jobs) in batches {
             let (client, tx) = (self.clients.get(&node).cloned(), self.tx.clone());
             tokio::spawn(async move {
@@ -758,6 +765,17 @@ impl<'a> Run<'a> {
                     });
                 }
             });
+        }
+    }
+
+    fn send_acks(&mut self) {
+        self.acking.retain(|a| !a.is_finished());
+        for ((node, cluster), jobs) in std::mem::take(&mut self.acks) {
+            if let Some(client) = self.clients.get(&node).cloned() {
+                self.acking.push(tokio::spawn(async move {
+                    let _ = client.ack(&cluster, jobs).await;
+                }));
+            }
         }
     }
 
@@ -913,11 +931,10 @@ impl<'a> Run<'a> {
         let name = self.names.get(&node).cloned();
         if let NodeNews::Done { result, .. } = &news {
             // Nothing is kept beyond this run: the node may forget the result at once.
-            if let Some(client) = self.clients.get(&node).cloned() {
-                tokio::spawn(async move {
-                    let _ = client.ack(&node_key.cluster, vec![node_key.job]).await;
-                });
-            }
+            self.acks
+                .entry((node.clone(), node_key.cluster))
+                .or_default()
+                .push(node_key.job);
             if let Owner::Index(a, i) = owner {
                 let status = result.status;
                 let why = self.arrays[a]
@@ -1084,8 +1101,13 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Closes every computation on every node (cleanup runs there).
+    /// Closes every computation on every node (cleanup runs there), once the last results
+    /// are acknowledged.
     async fn close(&mut self) {
+        self.send_acks();
+        for a in std::mem::take(&mut self.acking) {
+            let _ = a.await;
+        }
         let mut closes = Vec::new();
         for client in self.clients.values() {
             for i in 0..self.plan.clusters.len() {
@@ -1240,6 +1262,21 @@ mod tests {
             name: name.into(),
             data: b"data".to_vec(),
         }
+    }
+
+    #[test]
+    fn node_job_ids_of_dispyjobs_and_of_arrays_indexes_never_meet() {
+        for owner in [
+            Owner::Job(0),
+            Owner::Job(499),
+            Owner::Index(0, 0),
+            Owner::Index(0, u32::MAX),
+            Owner::Index(3, 7),
+        ] {
+            assert_eq!(Owner::of(owner.id()), owner);
+        }
+        assert_ne!(Owner::Job(7).id(), Owner::Index(0, 7).id());
+        assert_ne!(Owner::Index(0, 7).id(), Owner::Index(1, 7).id());
     }
 
     #[test]
