@@ -7,7 +7,7 @@
 //! a fixed sequence of requests on one [`NodeClient`].
 
 use crate::job::{JobResult, JobStatus};
-use crate::manifest::JobClusterSpec;
+use crate::manifest::{DispyJobArraySpec, JobClusterSpec};
 use crate::protocol::{
     Computation, ComputeRequest, ErrorCode, JobEventKind, JobRequest, JobState, SentFile,
 };
@@ -24,6 +24,16 @@ pub fn policy(spec: &JobClusterSpec) -> ClusterPolicy {
         backoff_limit: spec
             .backoff_limit
             .unwrap_or(ClusterPolicy::default().backoff_limit),
+    }
+}
+
+/// A DispyJobArray's policy: its own `reentrant` and `backoffLimit` where it sets them, else
+/// its JobCluster's.
+pub fn array_policy(cluster: &JobClusterSpec, array: &DispyJobArraySpec) -> ClusterPolicy {
+    let base = policy(cluster);
+    ClusterPolicy {
+        reentrant: array.reentrant.unwrap_or(base.reentrant),
+        backoff_limit: array.backoff_limit.unwrap_or(base.backoff_limit),
     }
 }
 
@@ -243,6 +253,25 @@ mod tests {
             }
         );
         assert_eq!(computation_id("ns", "jc", "1a2b"), "ns/jc/1a2b");
+    }
+
+    #[test]
+    fn an_array_s_policy_overrides_its_cluster_s_where_it_is_set() {
+        let mut cluster: JobClusterSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        cluster.reentrant = true;
+        cluster.backoff_limit = Some(2);
+        let mut array = DispyJobArraySpec::default();
+        assert_eq!(array_policy(&cluster, &array), policy(&cluster));
+        array.reentrant = Some(false);
+        assert_eq!(
+            array_policy(&cluster, &array),
+            ClusterPolicy {
+                reentrant: false,
+                backoff_limit: 2
+            }
+        );
+        array.backoff_limit = Some(0);
+        assert_eq!(array_policy(&cluster, &array).backoff_limit, 0);
     }
 
     #[test]

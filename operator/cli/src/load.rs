@@ -1,13 +1,15 @@
-//! Reads manifests into what `dispy run` needs: each JobCluster's computation and files, and
-//! each DispyJob's call, with ConfigMaps resolved into file contents.
+//! Reads manifests into what `dispy run` needs: each JobCluster's computation and files, each
+//! DispyJob's call, and each DispyJobArray's calls, with ConfigMaps resolved into file contents
+//! and `argsFrom` lines.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use dispy_core::manifest::{
-    self, ConfigMap, DependsSource, DispyJobSpec, Document, JobClusterSpec,
+    self, ConfigMap, DependsSource, DispyJobArray, DispyJobSpec, Document, JobClusterSpec,
 };
 use dispy_core::protocol::Computation;
+use dispy_core::scheduler::ClusterPolicy;
 
 pub struct ClusterPlan {
     pub name: String,
@@ -28,9 +30,26 @@ pub struct JobPlan {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
+/// One index's call: positional and keyword arguments as JSON text.
+pub struct Call {
+    pub args: Box<str>,
+    pub kwargs: Box<str>,
+}
+
+pub struct ArrayPlan {
+    pub name: String,
+    /// Index into `Plan::clusters`.
+    pub cluster: usize,
+    /// Index `i`'s call is `calls[i]`.
+    pub calls: Vec<Call>,
+    pub policy: ClusterPolicy,
+    pub suspend: bool,
+}
+
 pub struct Plan {
     pub clusters: Vec<ClusterPlan>,
     pub jobs: Vec<JobPlan>,
+    pub arrays: Vec<ArrayPlan>,
 }
 
 /// Reads and checks every file; errors name the file, the document and the field.
@@ -160,8 +179,193 @@ pub fn plan(docs: Vec<Document>) -> Result<Plan, String> {
             spec: j.spec.clone(),
         });
     }
-    if jobs.is_empty() {
-        return Err("the manifests hold no DispyJob: nothing to run".into());
+    let mut arrays: Vec<ArrayPlan> = Vec::new();
+    for d in &docs {
+        let Document::DispyJobArray(a) = d else {
+            continue;
+        };
+        let namespace = ns(&a.metadata.namespace);
+        let owner = format!("DispyJobArray {namespace}/{}", a.metadata.name);
+        if arrays
+            .iter()
+            .any(|p| p.name == a.metadata.name && clusters[p.cluster].namespace == namespace)
+        {
+            return Err(format!("{owner} appears twice"));
+        }
+        let cluster = clusters
+            .iter()
+            .position(|c| c.name == a.spec.cluster && c.namespace == namespace)
+            .ok_or_else(|| {
+                format!(
+                    "{owner}: cluster {:?} not found in the manifests",
+                    a.spec.cluster
+                )
+            })?;
+        let c = &clusters[cluster];
+        let calls = array_calls(a, &namespace, &config_maps)
+            .and_then(|calls| {
+                let program = matches!(c.computation, Computation::Program(_));
+                match calls
+                    .iter()
+                    .position(|(_, kwargs)| program && !kwargs.is_empty())
+                {
+                    Some(i) => Err(format!("index {i}: a program computation takes no kwargs")),
+                    None => Ok(calls),
+                }
+            })
+            .map_err(|e| format!("{owner}: {e}"))?;
+        arrays.push(ArrayPlan {
+            name: a.metadata.name.clone(),
+            cluster,
+            calls: calls
+                .into_iter()
+                .map(|(args, kwargs)| Call {
+                    args: serde_json::Value::Array(args).to_string().into(),
+                    kwargs: serde_json::Value::Object(kwargs).to_string().into(),
+                })
+                .collect(),
+            policy: dispy_core::driver::array_policy(&c.spec, &a.spec),
+            suspend: a.spec.suspend,
+        });
     }
-    Ok(Plan { clusters, jobs })
+    if jobs.is_empty() && arrays.is_empty() {
+        return Err("the manifests hold no DispyJob or DispyJobArray: nothing to run".into());
+    }
+    Ok(Plan {
+        clusters,
+        jobs,
+        arrays,
+    })
+}
+
+type Args = (
+    Vec<serde_json::Value>,
+    serde_json::Map<String, serde_json::Value>,
+);
+
+/// An array's calls from `spec.args` or from its `argsFrom` ConfigMap's JSON lines. (The
+/// manifest loader has checked that exactly one of them is set.)
+fn array_calls(
+    a: &DispyJobArray,
+    namespace: &str,
+    config_maps: &BTreeMap<(String, String), ConfigMap>,
+) -> Result<Vec<Args>, String> {
+    if let Some(args) = &a.spec.args {
+        return Ok(args
+            .iter()
+            .map(|a| (a.clone(), Default::default()))
+            .collect());
+    }
+    let Some(from) = &a.spec.args_from else {
+        return Err("field spec: set exactly one of args or argsFrom".into());
+    };
+    let r = &from.config_map_ref;
+    let cm = config_maps
+        .get(&(namespace.to_string(), r.name.clone()))
+        .ok_or_else(|| {
+            format!(
+                "ConfigMap {namespace}/{} (spec.argsFrom.configMapRef) is not in the manifests",
+                r.name
+            )
+        })?;
+    let text = cm.data.get(&r.key).ok_or_else(|| {
+        format!(
+            "ConfigMap {namespace}/{} has no key {:?} (spec.argsFrom.configMapRef.key)",
+            r.name, r.key
+        )
+    })?;
+    manifest::array_args_from_lines(text)
+        .map_err(|e| format!("ConfigMap {namespace}/{} key {:?}: {e}", r.name, r.key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: &str = "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: sq}\nspec:\n  reentrant: true\n  computation:\n    python: {source: 'def sq(n, k=1): return n * k', function: sq}\n";
+
+    fn plan_of(yaml: &str) -> Result<Plan, String> {
+        let text = format!("{CLUSTER}---\n{yaml}");
+        plan(manifest::parse_documents(&text, "t.yaml").map_err(|e| e.to_string())?)
+    }
+
+    fn lines(data: &str) -> String {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: in}}\ndata:\n  lines: |\n{data}---\napiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {{name: a}}\nspec: {{cluster: sq, argsFrom: {{configMapRef: {{name: in, key: lines}}}}}}\n")
+    }
+
+    #[test]
+    fn an_array_s_calls_come_from_argsfrom_lines_blank_lines_skipped() {
+        let p = plan_of(&lines(
+            "    [1]\n\n    {\"args\": [2], \"kwargs\": {\"k\": 3}}\n    {}\n",
+        ))
+        .unwrap();
+        assert!(p.jobs.is_empty());
+        let calls: Vec<(&str, &str)> = p.arrays[0]
+            .calls
+            .iter()
+            .map(|c| (&*c.args, &*c.kwargs))
+            .collect();
+        assert_eq!(calls, [("[1]", "{}"), ("[2]", "{\"k\":3}"), ("[]", "{}")]);
+        assert_eq!(p.arrays[0].policy.reentrant, true, "the cluster's");
+    }
+
+    #[test]
+    fn inline_args_and_the_array_s_own_policy() {
+        let p = plan_of("apiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {name: a}\nspec: {cluster: sq, args: [[1], [2, 3]], reentrant: false, backoffLimit: 1, suspend: true, ttlSecondsAfterFinished: 60}\n").unwrap();
+        let a = &p.arrays[0];
+        assert_eq!(a.calls.len(), 2);
+        assert_eq!(&*a.calls[1].args, "[2,3]");
+        assert_eq!((a.policy.reentrant, a.policy.backoff_limit), (false, 1));
+        assert!(a.suspend);
+    }
+
+    #[test]
+    fn argsfrom_errors_name_the_array_the_config_map_the_key_and_the_line() {
+        let bad_line = plan_of(&lines("    [1]\n    [2\n")).err().unwrap();
+        assert!(
+            bad_line.starts_with(
+                "DispyJobArray default/a: ConfigMap default/in key \"lines\": line 2: not JSON"
+            ),
+            "{bad_line}"
+        );
+        let not_args = plan_of(&lines("    7\n")).err().unwrap();
+        assert!(
+            not_args.contains("line 1: not a list of arguments"),
+            "{not_args}"
+        );
+        let no_key = plan_of(&lines("    [1]\n").replace("key: lines", "key: rows"))
+            .err()
+            .unwrap();
+        assert_eq!(no_key, "DispyJobArray default/a: ConfigMap default/in has no key \"rows\" (spec.argsFrom.configMapRef.key)");
+        let no_map = plan_of(&lines("    [1]\n").replace("name: in,", "name: gone,"))
+            .err()
+            .unwrap();
+        assert_eq!(no_map, "DispyJobArray default/a: ConfigMap default/gone (spec.argsFrom.configMapRef) is not in the manifests");
+        let no_cluster = plan_of(&lines("    [1]\n").replace("cluster: sq", "cluster: cube"))
+            .err()
+            .unwrap();
+        assert_eq!(
+            no_cluster,
+            "DispyJobArray default/a: cluster \"cube\" not found in the manifests"
+        );
+    }
+
+    #[test]
+    fn a_program_array_takes_no_kwargs_and_an_array_appears_once() {
+        let program = "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: p}\nspec:\n  computation: {program: {command: [echo]}}\n---\n";
+        let with_kwargs =
+            lines("    [1]\n    {\"kwargs\": {\"k\": 1}}\n").replace("cluster: sq", "cluster: p");
+        let err = plan_of(&format!("{program}{with_kwargs}")).err().unwrap();
+        assert_eq!(
+            err,
+            "DispyJobArray default/a: index 1: a program computation takes no kwargs"
+        );
+        let plain = lines("    [\"x\"]\n").replace("cluster: sq", "cluster: p");
+        assert!(plan_of(&format!("{program}{plain}")).is_ok());
+        let again = "---\napiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {name: a}\nspec: {cluster: sq, args: [[2]]}\n";
+        let err = plan_of(&format!("{}{again}", lines("    [1]\n")))
+            .err()
+            .unwrap();
+        assert_eq!(err, "DispyJobArray default/a appears twice");
+    }
 }

@@ -1,8 +1,11 @@
-//! `dispy`: run JobCluster and DispyJob manifests without Kubernetes.
+//! `dispy`: run JobCluster, DispyJob and DispyJobArray manifests without Kubernetes, and read
+//! a DispyJobArray's results from a cluster.
 
 mod load;
 mod output;
 mod progress;
+mod results;
+mod rows;
 mod run;
 
 use std::path::PathBuf;
@@ -14,10 +17,10 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "dispy",
     version,
-    about = "Run dispy computations from JobCluster and DispyJob manifests, without Kubernetes",
-    long_about = "Run dispy computations from the same JobCluster and DispyJob manifests that \
-                  `kubectl apply` takes, on local or LAN nodes (dispynode). With no node given, \
-                  local nodes are started for the run and stopped at its end."
+    about = "Run dispy computations from JobCluster, DispyJob and DispyJobArray manifests, without Kubernetes",
+    long_about = "Run dispy computations from the same JobCluster, DispyJob and DispyJobArray \
+                  manifests that `kubectl apply` takes, on local or LAN nodes (dispynode). With \
+                  no node given, local nodes are started for the run and stopped at its end."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,12 +29,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run every DispyJob of the manifests on their JobClusters' computations.
+    /// Run every DispyJob and DispyJobArray of the manifests on their JobClusters'
+    /// computations.
     Run {
         /// Manifest files (multi-document YAML; ConfigMaps included); `-` reads stdin.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
-        /// Output: a table like `kubectl get dispyjobs`, or the full objects.
+        /// Output: tables like `kubectl get dispyjobs` and `kubectl get dja`, the full objects,
+        /// or (jsonl) the arrays' result rows.
         #[arg(short = 'o', long, value_enum, default_value_t = output::Format::Table)]
         output: output::Format,
         /// Local nodes to start when no node is given.
@@ -49,7 +54,15 @@ enum Cmd {
         /// outside the default namespace).
         #[arg(long, default_value = ".")]
         files_dir: PathBuf,
+        /// Where each DispyJobArray's result rows are written, in index order: DIR/NAME.results.jsonl
+        /// (DIR/NAMESPACE/NAME.results.jsonl outside the default namespace); with `-o jsonl`
+        /// they go to stdout instead.
+        #[arg(long, default_value = ".")]
+        results_dir: PathBuf,
     },
+    /// Print a DispyJobArray's result rows from a Kubernetes cluster, as JSON lines in index
+    /// order.
+    Results(results::ResultsArgs),
     /// List reachable nodes: cpus, busy, version.
     Nodes {
         #[command(flatten)]
@@ -102,6 +115,7 @@ fn main() {
                 pulse_interval,
                 quiet,
                 files_dir,
+                results_dir,
             } => {
                 let plan = match load::load(&files) {
                     Ok(p) => p,
@@ -118,17 +132,25 @@ fn main() {
                     pulse_interval: Duration::from_secs(pulse_interval.max(1)),
                     quiet,
                     files_dir,
+                    results_dir: (output != output::Format::Jsonl).then_some(results_dir),
                 };
                 match run::run(&plan, &opts).await {
-                    Ok(outcomes) => {
-                        print!("{}", output::render(&outcomes, output));
-                        let all_finished = outcomes
-                            .iter()
-                            .all(|o| o.status.status == dispy_core::JobStatus::Finished);
-                        if all_finished {
-                            0
+                    Ok(mut report) => {
+                        let table = output::render(&report, output);
+                        if output == output::Format::Jsonl {
+                            if !quiet {
+                                eprint!("{table}");
+                            }
                         } else {
-                            1
+                            print!("{table}");
+                        }
+                        match write_results(&mut report, quiet) {
+                            Ok(()) if report.all_finished() => 0,
+                            Ok(()) => 1,
+                            Err(e) => {
+                                eprintln!("dispy: {e}");
+                                2
+                            }
                         }
                     }
                     Err(e) => {
@@ -137,6 +159,7 @@ fn main() {
                     }
                 }
             }
+            Cmd::Results(args) => results::results(args).await,
             Cmd::Nodes {
                 nodes:
                     NodeArgs {
@@ -148,4 +171,26 @@ fn main() {
         }
     });
     std::process::exit(code);
+}
+
+/// Arrays' rows spooled for stdout go there, one array after another; a results file that
+/// could not be written is an error.
+fn write_results(report: &mut run::Report, quiet: bool) -> Result<(), String> {
+    let mut stdout = std::io::stdout().lock();
+    for a in &mut report.arrays {
+        let rows = std::mem::replace(&mut a.rows, run::Rows::Failed(String::new()));
+        match rows {
+            run::Rows::Written(path) if !quiet => {
+                eprintln!(
+                    "dispy: DispyJobArray {}: results in {}",
+                    a.name,
+                    path.display()
+                )
+            }
+            run::Rows::Written(_) => {}
+            run::Rows::Spooled(spool) => spool.finish(&mut stdout)?,
+            run::Rows::Failed(e) => return Err(format!("DispyJobArray {}: {e}", a.name)),
+        }
+    }
+    Ok(())
 }

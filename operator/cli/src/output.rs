@@ -5,41 +5,108 @@ use std::time::Duration;
 use dispy_core::manifest::API_VERSION;
 use dispy_core::{ClientConfig, NodeClient};
 
-use crate::run::JobReport;
+use crate::run::{ArrayReport, JobReport, Report};
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 pub enum Format {
     Table,
     Yaml,
     Json,
+    /// Arrays' result rows as JSON lines (each array's in index order, one array after
+    /// another); the table goes to stderr.
+    Jsonl,
 }
 
-pub fn render(outcomes: &[JobReport], format: Format) -> String {
+pub fn render(report: &Report, format: Format) -> String {
     match format {
-        Format::Table => table(outcomes),
-        Format::Yaml => serde_yaml::to_string(&list(outcomes)).expect("serializable"),
-        Format::Json => serde_json::to_string_pretty(&list(outcomes)).expect("serializable") + "\n",
+        Format::Table | Format::Jsonl => {
+            let mut parts = Vec::new();
+            if !report.jobs.is_empty() {
+                parts.push(job_table(&report.jobs));
+            }
+            if !report.arrays.is_empty() {
+                parts.push(array_table(&report.arrays));
+            }
+            parts.join("\n")
+        }
+        Format::Yaml => serde_yaml::to_string(&list(report)).expect("serializable"),
+        Format::Json => serde_json::to_string_pretty(&list(report)).expect("serializable") + "\n",
     }
 }
 
-/// The jobs as a Kubernetes List of DispyJob objects, as `kubectl get -o yaml` prints.
-fn list(outcomes: &[JobReport]) -> serde_json::Value {
-    let items: Vec<_> = outcomes
-        .iter()
-        .map(|o| {
-            serde_json::json!({
-                "apiVersion": API_VERSION,
-                "kind": "DispyJob",
-                "metadata": {"name": o.name, "namespace": o.namespace},
-                "spec": {"cluster": o.cluster},
-                "status": o.status,
-            })
+/// The jobs and arrays as a Kubernetes List of DispyJob and DispyJobArray objects, as
+/// `kubectl get -o yaml` prints.
+fn list(report: &Report) -> serde_json::Value {
+    let object = |kind: &str, name: &str, namespace: &str, cluster: &str, status| {
+        serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"cluster": cluster},
+            "status": status,
         })
-        .collect();
+    };
+    let jobs = report.jobs.iter().map(|o| {
+        let status = serde_json::to_value(&o.status).expect("serializable");
+        object("DispyJob", &o.name, &o.namespace, &o.cluster, status)
+    });
+    let arrays = report.arrays.iter().map(|a| {
+        let status = serde_json::to_value(&a.status).expect("serializable");
+        object("DispyJobArray", &a.name, &a.namespace, &a.cluster, status)
+    });
+    let items: Vec<_> = jobs.chain(arrays).collect();
     serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
-fn table(outcomes: &[JobReport]) -> String {
+/// Rows under a header, in columns three spaces apart.
+fn columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let header = header.map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// As `kubectl get dja`.
+fn array_table(arrays: &[ArrayReport]) -> String {
+    let rows: Vec<[String; 7]> = arrays
+        .iter()
+        .map(|a| {
+            let s = &a.status;
+            [
+                a.name.clone(),
+                a.cluster.clone(),
+                s.total.to_string(),
+                s.running.to_string(),
+                s.finished.to_string(),
+                s.failed.to_string(),
+                age(a.submitted.elapsed()),
+            ]
+        })
+        .collect();
+    columns(
+        [
+            "NAME", "CLUSTER", "TOTAL", "RUNNING", "FINISHED", "FAILED", "AGE",
+        ],
+        &rows,
+    )
+}
+
+/// As `kubectl get dispyjobs`.
+fn job_table(outcomes: &[JobReport]) -> String {
     let rows: Vec<[String; 6]> = outcomes
         .iter()
         .map(|o| {
@@ -54,24 +121,10 @@ fn table(outcomes: &[JobReport]) -> String {
             ]
         })
         .collect();
-    let header = ["NAME", "CLUSTER", "STATUS", "NODE", "RESULT", "AGE"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
-    out
+    columns(
+        ["NAME", "CLUSTER", "STATUS", "NODE", "RESULT", "AGE"],
+        &rows,
+    )
 }
 
 fn age(d: Duration) -> String {

@@ -2,13 +2,16 @@
 
 use std::io::IsTerminal;
 
-use dispy_core::job::JobStatus;
-use dispy_core::manifest::DispyJobStatus;
+use dispy_core::manifest::{ArrayResult, DispyJobStatus};
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// Failed indexes of arrays told on stderr as they end; the rest are only in the results.
+const FAILED_INDEXES_TOLD: u32 = 20;
 
 pub struct Progress {
     bar: Option<ProgressBar>,
     quiet: bool,
+    failed_indexes: u32,
 }
 
 impl Progress {
@@ -23,20 +26,20 @@ impl Progress {
             );
             bar
         });
-        Progress { bar, quiet }
+        Progress {
+            bar,
+            quiet,
+            failed_indexes: 0,
+        }
     }
 
-    /// Counts by status for the bar's message.
-    pub fn update(&mut self, jobs: &[(JobStatus, bool)]) {
+    /// Jobs (and arrays' indexes) running, ended Finished, and ended.
+    pub fn update(&mut self, running: usize, finished: usize, done: usize) {
         let Some(bar) = &self.bar else { return };
-        let count = |s: JobStatus| jobs.iter().filter(|(st, _)| *st == s).count();
-        let done = jobs.iter().filter(|(_, d)| *d).count();
         bar.set_position(done as u64);
         bar.set_message(format!(
-            "running {}  finished {}  failed {}",
-            count(JobStatus::Running),
-            count(JobStatus::Finished),
-            done - count(JobStatus::Finished),
+            "running {running}  finished {finished}  failed {}",
+            done - finished,
         ));
     }
 
@@ -55,6 +58,36 @@ impl Progress {
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
         eprintln!("dispy: job {name} {}{on}{why}", status.status);
+    }
+
+    /// An array's index ended other than Finished: the first few are told.
+    pub fn index_failed(&mut self, array: &str, row: &ArrayResult) {
+        self.failed_indexes += 1;
+        let text = match self.failed_indexes {
+            n if n > FAILED_INDEXES_TOLD + 1 => return,
+            n if n == FAILED_INDEXES_TOLD + 1 => {
+                "further failed indexes are only in the results".to_string()
+            }
+            _ => {
+                let on = row
+                    .node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default();
+                // The exception's last line says what was raised.
+                let why = row
+                    .message
+                    .as_deref()
+                    .or(row.exception.as_deref().and_then(|e| e.lines().last()))
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                format!(
+                    "DispyJobArray {array} index {} {}{on}{why}",
+                    row.index, row.status
+                )
+            }
+        };
+        self.note(&text);
     }
 
     pub fn note(&mut self, text: &str) {

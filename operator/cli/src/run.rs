@@ -1,5 +1,10 @@
 //! `dispy run`: connects to the nodes (starting local ones when none are given), ships each
 //! computation, then lets core's scheduler place the jobs and follows them to the end.
+//!
+//! A DispyJobArray's indexes are jobs of its cluster's computation, in a scheduler cluster of
+//! their own (the array's policy, its suspend). They reach the scheduler a window at a time
+//! and leave it when they end, each as one row spooled to disk, so a run holds a few words per
+//! index however large the array.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -7,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dispy_core::driver::{NodeNames, NodeNews, Outgoing};
-use dispy_core::job::{JobId, JobStatus};
-use dispy_core::manifest::{rfc3339, DispyJobStatus, SentFileStatus};
+use dispy_core::job::{JobId, JobResult, JobStatus};
+use dispy_core::manifest::{rfc3339, DispyJobArrayStatus, DispyJobStatus, SentFileStatus};
 use dispy_core::protocol::{JobRequest, SentFile};
 use dispy_core::scheduler::{Action, Event, JobKey, JobSpec, Scheduler};
 use dispy_core::{ClientConfig, ClientEvent, NodeClient};
@@ -16,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::load::Plan;
 use crate::progress::Progress;
+use crate::rows::{results_path, spool_path, RowSpool};
 
 pub struct RunOptions {
     /// Local nodes to start when no node is given.
@@ -28,6 +34,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Where sent files are saved (see [`save_sent_file`]).
     pub files_dir: PathBuf,
+    /// Where arrays' results files are written; `None`: kept for standard output.
+    pub results_dir: Option<PathBuf>,
 }
 
 /// One job's end state, for the table and the YAML/JSON output.
@@ -37,6 +45,43 @@ pub struct JobReport {
     pub namespace: String,
     pub status: DispyJobStatus,
     pub submitted: Instant,
+}
+
+/// One array's end state and where its rows are.
+pub struct ArrayReport {
+    pub name: String,
+    pub cluster: String,
+    pub namespace: String,
+    pub status: DispyJobArrayStatus,
+    pub submitted: Instant,
+    pub rows: Rows,
+}
+
+pub enum Rows {
+    /// In this file, in index order.
+    Written(PathBuf),
+    /// Still spooled, for standard output.
+    Spooled(RowSpool),
+    Failed(String),
+}
+
+/// What a run ends with.
+pub struct Report {
+    pub jobs: Vec<JobReport>,
+    pub arrays: Vec<ArrayReport>,
+}
+
+impl Report {
+    /// Every job and every index Finished.
+    pub fn all_finished(&self) -> bool {
+        self.jobs
+            .iter()
+            .all(|o| o.status.status == JobStatus::Finished)
+            && self
+                .arrays
+                .iter()
+                .all(|a| a.status.finished == a.status.total)
+    }
 }
 
 /// A local `dispynode` started for this run, stopped when dropped.
@@ -117,6 +162,7 @@ fn start_local_nodes(count: usize, cpus: u32, secret: &str) -> Result<Vec<LocalN
 
 enum Input {
     Node(String, NodeNews),
+    /// `key` as the node knows it (the computation and the job's id there).
     Refused {
         key: JobKey,
         node: String,
@@ -131,11 +177,73 @@ struct JobView {
     done: bool,
 }
 
+/// Whose a job id on the nodes is: DispyJob `j` has id `j`, index `i` of array `a` has
+/// `(a + 1) << 32 | i`, so the two never meet in one computation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    Job(usize),
+    Index(usize, u32),
+}
+
+impl Owner {
+    fn id(self) -> JobId {
+        match self {
+            Owner::Job(j) => j as JobId,
+            Owner::Index(a, i) => ((a as JobId + 1) << 32) | JobId::from(i),
+        }
+    }
+
+    fn of(id: JobId) -> Owner {
+        match id >> 32 {
+            0 => Owner::Job(id as usize),
+            a => Owner::Index(a as usize - 1, id as u32),
+        }
+    }
+}
+
+/// Indexes of an array given to the scheduler at a time, per cpu of all the nodes (at least
+/// [`MIN_WINDOW`]): enough to keep every cpu busy, few enough that the run stays small.
+const WINDOW_PER_CPU: usize = 4;
+const MIN_WINDOW: usize = 16;
+
+/// An index given to the scheduler that has not ended.
+#[derive(Default)]
+struct OpenIndex {
+    /// The node's name, once it runs there.
+    node: Option<String>,
+    running: bool,
+    /// Why it was terminated or requeued, for its row.
+    message: Option<String>,
+}
+
+/// What the run knows of one array.
+struct ArrayView {
+    /// The next index not yet given to the scheduler.
+    next: u32,
+    open: HashMap<u32, OpenIndex>,
+    finished: u32,
+    failed: u32,
+    start_time: Option<String>,
+    completion_time: Option<String>,
+    /// When set, the indexes not yet given to the scheduler end at once with this status and
+    /// reason (setup failed everywhere, no node left, interrupted).
+    stopped: Option<(JobStatus, String)>,
+    /// `None` once written out.
+    spool: Option<RowSpool>,
+    rows: Option<Rows>,
+}
+
+impl ArrayView {
+    fn ended(&self) -> u32 {
+        self.finished + self.failed
+    }
+}
+
 /// Connects to the nodes, ships each computation, submits the jobs, follows them to the end
 /// and closes the computations (cleanup runs on each node); local nodes are stopped last.
-pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<JobReport>, String> {
+pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<Report, String> {
+    let mut run = Run::new(plan, opts)?;
     let (addrs, local) = nodes_to_use(plan, opts).await?;
-    let mut run = Run::new(plan, opts);
     run.connect(&addrs, local.is_empty()).await?;
     let setup_errors = run.set_up().await?;
     run.submit(&setup_errors);
@@ -173,8 +281,11 @@ async fn nodes_to_use(
     Ok((addrs, local))
 }
 
-/// One run: core's scheduler, the connections, and what is known of each job (job `j` of the
-/// plan has id `j` in its cluster's computation).
+/// One run: core's scheduler, the connections, and what is known of each job and array.
+///
+/// The scheduler's clusters ("lanes") are each cluster's computation for its DispyJobs (key
+/// `(computation, j)`), then one per array (key `(lane, index)`); on the nodes every job is
+/// `(computation, Owner::id)`.
 struct Run<'a> {
     plan: &'a Plan,
     opts: &'a RunOptions,
@@ -186,6 +297,9 @@ struct Run<'a> {
     /// Node address -> the name it reports.
     names: HashMap<String, String>,
     views: Vec<JobView>,
+    arrays: Vec<ArrayView>,
+    /// Indexes of each array in the scheduler at a time.
+    window: usize,
     progress: Progress,
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
@@ -193,11 +307,59 @@ struct Run<'a> {
     /// Each cluster's computation on the nodes, unique to this run (named once: every node
     /// event is checked against it).
     comp_ids: Vec<String>,
+    /// The scheduler's clusters: `comp_ids`, then one per array.
+    lanes: Vec<String>,
+    lane_of: HashMap<String, usize>,
+    /// Results to acknowledge, by node and computation: sent together in `act`.
+    acks: BTreeMap<(String, String), Vec<JobId>>,
+    /// Acknowledgements on their way, awaited before the computations are closed.
+    acking: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl<'a> Run<'a> {
-    fn new(plan: &'a Plan, opts: &'a RunOptions) -> Run<'a> {
+    fn new(plan: &'a Plan, opts: &'a RunOptions) -> Result<Run<'a>, String> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let comp_ids: Vec<String> = plan
+            .clusters
+            .iter()
+            .map(|c| {
+                let pid = std::process::id().to_string();
+                dispy_core::driver::computation_id(&c.namespace, &c.name, &pid)
+            })
+            .collect();
+        let lanes: Vec<String> = comp_ids
+            .iter()
+            .cloned()
+            .chain(
+                plan.arrays
+                    .iter()
+                    .map(|a| format!("{} (DispyJobArray {})", comp_ids[a.cluster], a.name)),
+            )
+            .collect();
+        let mut arrays = Vec::new();
+        for a in &plan.arrays {
+            let namespace = &plan.clusters[a.cluster].namespace;
+            let spool = match &opts.results_dir {
+                Some(dir) => spool_path(&results_path(dir, namespace, &a.name)),
+                None => std::env::temp_dir().join(format!(
+                    "dispy-run-{}-{namespace}-{}.results.jsonl",
+                    std::process::id(),
+                    a.name
+                )),
+            };
+            arrays.push(ArrayView {
+                next: 0,
+                open: HashMap::new(),
+                finished: 0,
+                failed: 0,
+                start_time: None,
+                completion_time: None,
+                stopped: None,
+                spool: Some(RowSpool::create(spool)?),
+                rows: None,
+            });
+        }
+        let total = plan.jobs.len() + plan.arrays.iter().map(|a| a.calls.len()).sum::<usize>();
         let mut run = Run {
             plan,
             opts,
@@ -214,34 +376,52 @@ impl<'a> Run<'a> {
                     done: false,
                 })
                 .collect(),
-            progress: Progress::new(plan.jobs.len(), opts.quiet),
+            arrays,
+            window: MIN_WINDOW,
+            progress: Progress::new(total, opts.quiet),
             tx,
             rx,
             interrupted: false,
-            comp_ids: plan
-                .clusters
-                .iter()
-                .map(|c| {
-                    let pid = std::process::id().to_string();
-                    dispy_core::driver::computation_id(&c.namespace, &c.name, &pid)
-                })
-                .collect(),
+            comp_ids,
+            lane_of: lanes.iter().cloned().zip(0..).collect(),
+            lanes,
+            acks: BTreeMap::new(),
+            acking: Vec::new(),
         };
         for (i, c) in plan.clusters.iter().enumerate() {
-            let cluster = run.comp_id(i);
             let policy = dispy_core::driver::policy(&c.spec);
-            run.handle(Event::ClusterAdded {
-                cluster: cluster.clone(),
-                policy,
-            });
-            if c.spec.suspend {
-                run.handle(Event::SuspendCluster {
-                    cluster,
-                    suspended: true,
-                });
-            }
+            run.add_lane(i, policy, c.spec.suspend);
         }
-        run
+        for (a, array) in plan.arrays.iter().enumerate() {
+            let suspend = array.suspend || plan.clusters[array.cluster].spec.suspend;
+            if suspend {
+                run.progress.note(&format!(
+                    "DispyJobArray {} is suspended: its jobs wait (Ctrl-C cancels them)",
+                    array.name
+                ));
+            }
+            run.add_lane(plan.clusters.len() + a, array.policy.clone(), suspend);
+        }
+        Ok(run)
+    }
+
+    fn add_lane(
+        &mut self,
+        lane: usize,
+        policy: dispy_core::scheduler::ClusterPolicy,
+        suspend: bool,
+    ) {
+        let cluster = self.lanes[lane].clone();
+        self.handle(Event::ClusterAdded {
+            cluster: cluster.clone(),
+            policy,
+        });
+        if suspend {
+            self.handle(Event::SuspendCluster {
+                cluster,
+                suspended: true,
+            });
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -254,15 +434,49 @@ impl<'a> Run<'a> {
         self.comp_ids[i].clone()
     }
 
-    fn key_of(&self, j: usize) -> JobKey {
-        JobKey::new(self.comp_id(self.plan.jobs[j].cluster), j as JobId)
+    /// The cluster whose computation runs the owner's job.
+    fn cluster_of(&self, owner: Owner) -> usize {
+        match owner {
+            Owner::Job(j) => self.plan.jobs[j].cluster,
+            Owner::Index(a, _) => self.plan.arrays[a].cluster,
+        }
     }
 
-    /// The job a key names, if it is one of this run's.
-    fn job_of(&self, key: &JobKey) -> Option<usize> {
-        let j = key.job as usize;
-        let ours = j < self.views.len() && key.cluster == self.comp_ids[self.plan.jobs[j].cluster];
-        ours.then_some(j)
+    /// The job's key in the scheduler.
+    fn key_of(&self, owner: Owner) -> JobKey {
+        match owner {
+            Owner::Job(j) => JobKey::new(self.comp_id(self.plan.jobs[j].cluster), j as JobId),
+            Owner::Index(a, i) => JobKey::new(
+                self.lanes[self.plan.clusters.len() + a].clone(),
+                JobId::from(i),
+            ),
+        }
+    }
+
+    /// Whose a scheduler key is.
+    fn owner_of(&self, key: &JobKey) -> Owner {
+        let lane = self.lane_of[&key.cluster];
+        match lane.checked_sub(self.plan.clusters.len()) {
+            None => Owner::Job(key.job as usize),
+            Some(a) => Owner::Index(a, key.job as u32),
+        }
+    }
+
+    /// The job as the nodes know it.
+    fn node_key(&self, owner: Owner) -> JobKey {
+        JobKey::new(self.comp_id(self.cluster_of(owner)), owner.id())
+    }
+
+    /// Whose a node's job is, if it is one of this run's.
+    fn owner_on_node(&self, key: &JobKey) -> Option<Owner> {
+        let owner = Owner::of(key.job);
+        let ours = match owner {
+            Owner::Job(j) => j < self.views.len(),
+            Owner::Index(a, i) => {
+                a < self.arrays.len() && (i as usize) < self.plan.arrays[a].calls.len()
+            }
+        };
+        (ours && key.cluster == self.comp_ids[self.cluster_of(owner)]).then_some(owner)
     }
 
     /// Connects to every node (a local one may still be starting); their events come in as
@@ -307,6 +521,8 @@ impl<'a> Run<'a> {
                 addrs.join(", ")
             ));
         }
+        let cpus: usize = self.clients.values().map(|c| c.info().cpus as usize).sum();
+        self.window = (cpus * WINDOW_PER_CPU).max(MIN_WINDOW);
         Ok(())
     }
 
@@ -329,8 +545,15 @@ impl<'a> Run<'a> {
             let (i, node, result) = s.await.map_err(|e| e.to_string())?;
             match result {
                 Ok(_) => {
-                    let cluster = self.comp_id(i);
-                    self.handle(Event::ClusterReady { cluster, node });
+                    let lanes = std::iter::once(i).chain(
+                        (0..self.plan.arrays.len())
+                            .filter(|a| self.plan.arrays[*a].cluster == i)
+                            .map(|a| self.plan.clusters.len() + a),
+                    );
+                    for cluster in lanes.map(|l| self.lanes[l].clone()).collect::<Vec<_>>() {
+                        let node = node.clone();
+                        self.handle(Event::ClusterReady { cluster, node });
+                    }
                 }
                 Err(e) => {
                     eprintln!(
@@ -345,8 +568,20 @@ impl<'a> Run<'a> {
     }
 
     /// Every job to the scheduler, except those that cannot run: their cluster's setup failed
-    /// on every node, or they are pinned to a node not in use.
+    /// on every node, or they are pinned to a node not in use. Arrays' indexes follow in
+    /// [`Run::feed`].
     fn submit(&mut self, setup_errors: &BTreeMap<usize, Vec<String>>) {
+        let failed_everywhere = |cluster: usize| {
+            setup_errors
+                .get(&cluster)
+                .filter(|e| e.len() == self.clients.len())
+                .map(|e| format!("setup failed on every node: {}", e[0]))
+        };
+        for (a, array) in self.plan.arrays.iter().enumerate() {
+            if let Some(why) = failed_everywhere(array.cluster) {
+                self.arrays[a].stopped = Some((JobStatus::Abandoned, why));
+            }
+        }
         let nodes: Vec<NodeNames<'_>> = self
             .names
             .iter()
@@ -358,12 +593,8 @@ impl<'a> Run<'a> {
         let mut submitted = Vec::new();
         let mut refused = Vec::new();
         for (j, job) in self.plan.jobs.iter().enumerate() {
-            let errors = setup_errors.get(&job.cluster);
-            if errors.is_some_and(|e| e.len() == self.clients.len()) {
-                refused.push((
-                    j,
-                    format!("setup failed on every node: {}", errors.unwrap()[0]),
-                ));
+            if let Some(why) = failed_everywhere(job.cluster) {
+                refused.push((j, why));
                 continue;
             }
             let node = match &job.spec.node {
@@ -382,7 +613,7 @@ impl<'a> Run<'a> {
             };
             let active_deadline = job.spec.active_deadline_seconds.map(Duration::from_secs);
             submitted.push(JobSpec {
-                key: self.key_of(j),
+                key: self.key_of(Owner::Job(j)),
                 node,
                 active_deadline,
             });
@@ -396,6 +627,35 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Tops up each array's indexes in the scheduler to the window; a stopped array's others
+    /// end at once.
+    fn feed(&mut self) {
+        for a in 0..self.arrays.len() {
+            let total = self.plan.arrays[a].calls.len() as u32;
+            if let Some((status, why)) = self.arrays[a].stopped.clone() {
+                while self.arrays[a].next < total {
+                    let i = self.arrays[a].next;
+                    self.arrays[a].next += 1;
+                    self.end_index(
+                        a,
+                        i,
+                        &JobResult::failed(status, ""),
+                        None,
+                        Some(why.clone()),
+                    );
+                }
+                continue;
+            }
+            while self.arrays[a].open.len() < self.window && self.arrays[a].next < total {
+                let i = self.arrays[a].next;
+                self.arrays[a].next += 1;
+                self.arrays[a].open.insert(i, OpenIndex::default());
+                let key = self.key_of(Owner::Index(a, i));
+                self.handle(Event::JobSubmitted(JobSpec::new(key)));
+            }
+        }
+    }
+
     /// Carries out the scheduler's actions; jobs dispatched together to one node go in one
     /// request.
     fn act(&mut self) {
@@ -403,27 +663,52 @@ impl<'a> Run<'a> {
         for action in std::mem::take(&mut self.actions) {
             match action {
                 Action::Dispatch { key, node, attempt } => {
-                    let j = key.job as usize;
-                    self.views[j].status.attempts = attempt;
-                    let job = &self.plan.jobs[j];
-                    let request = JobRequest {
-                        id: key.job,
-                        args: job.args.clone(),
-                        kwargs: job.kwargs.clone(),
-                        depends: job.files.iter().map(|(n, _)| n.clone()).collect(),
+                    let owner = self.owner_of(&key);
+                    let node_key = self.node_key(owner);
+                    let (request, files) = match owner {
+                        Owner::Job(j) => {
+                            self.views[j].status.attempts = attempt;
+                            let job = &self.plan.jobs[j];
+                            let request = JobRequest {
+                                id: node_key.job,
+                                args: job.args.clone(),
+                                kwargs: job.kwargs.clone(),
+                                depends: job.files.iter().map(|(n, _)| n.clone()).collect(),
+                            };
+                            (request, job.files.clone())
+                        }
+                        Owner::Index(a, i) => {
+                            let call = &self.plan.arrays[a].calls[i as usize];
+                            let request = JobRequest {
+                                id: node_key.job,
+                                args: call.args.to_string(),
+                                kwargs: call.kwargs.to_string(),
+                                depends: Vec::new(),
+                            };
+                            (request, Vec::new())
+                        }
                     };
-                    let batch = batches.entry((node, key.cluster.clone())).or_default();
+                    let batch = batches.entry((node, node_key.cluster.clone())).or_default();
                     batch.push(Outgoing {
-                        key,
+                        key: node_key,
                         request,
-                        files: job.files.clone(),
+                        files,
                     });
                 }
                 Action::Terminate { key, node, reason } => {
-                    self.views[key.job as usize].status.message = Some(reason);
+                    let owner = self.owner_of(&key);
+                    match owner {
+                        Owner::Job(j) => self.views[j].status.message = Some(reason),
+                        Owner::Index(a, i) => {
+                            if let Some(open) = self.arrays[a].open.get_mut(&i) {
+                                open.message = Some(reason);
+                            }
+                        }
+                    }
+                    let node_key = self.node_key(owner);
                     if let Some(client) = self.clients.get(&node).cloned() {
                         tokio::spawn(async move {
-                            let _ = client.cancel(&key.cluster, key.job).await;
+                            let _ = client.cancel(&node_key.cluster, node_key.job).await;
                         });
                     }
                 }
@@ -432,23 +717,41 @@ impl<'a> Run<'a> {
                     attempt,
                     reason,
                 } => {
-                    let j = key.job as usize;
-                    let v = &mut self.views[j].status;
-                    v.attempts = attempt;
-                    v.status = JobStatus::Created;
-                    v.message = Some(format!("requeued: {reason}"));
-                    self.progress.note(&format!(
-                        "job {} requeued: {reason}",
-                        self.plan.jobs[j].name
-                    ));
+                    let what = match self.owner_of(&key) {
+                        Owner::Job(j) => {
+                            let v = &mut self.views[j].status;
+                            v.attempts = attempt;
+                            v.status = JobStatus::Created;
+                            v.message = Some(format!("requeued: {reason}"));
+                            format!("job {}", self.plan.jobs[j].name)
+                        }
+                        Owner::Index(a, i) => {
+                            if let Some(open) = self.arrays[a].open.get_mut(&i) {
+                                open.running = false;
+                                open.message = Some(format!("requeued: {reason}"));
+                            }
+                            format!("DispyJobArray {} index {i}", self.plan.arrays[a].name)
+                        }
+                    };
+                    self.progress.note(&format!("{what} requeued: {reason}"));
                 }
                 Action::Finalize {
                     key,
                     status,
                     reason,
-                } => self.finish(key.job as usize, status, reason),
+                } => match self.owner_of(&key) {
+                    Owner::Job(j) => self.finish(j, status, reason),
+                    Owner::Index(a, i) => {
+                        if let Some(open) = self.arrays[a].open.get(&i) {
+                            let node = open.node.clone();
+                            let failed = JobResult::failed(status, "");
+                            self.end_index(a, i, &failed, node, Some(reason));
+                        }
+                    }
+                },
             }
         }
+        self.send_acks();
         for ((node, cluster), jobs) in batches {
             let (client, tx) = (self.clients.get(&node).cloned(), self.tx.clone());
             tokio::spawn(async move {
@@ -465,6 +768,44 @@ impl<'a> Run<'a> {
         }
     }
 
+    fn send_acks(&mut self) {
+        self.acking.retain(|a| !a.is_finished());
+        for ((node, cluster), jobs) in std::mem::take(&mut self.acks) {
+            if let Some(client) = self.clients.get(&node).cloned() {
+                self.acking.push(tokio::spawn(async move {
+                    let _ = client.ack(&cluster, jobs).await;
+                }));
+            }
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        self.views.iter().all(|v| v.done)
+            && self
+                .arrays
+                .iter()
+                .zip(&self.plan.arrays)
+                .all(|(v, a)| v.ended() as usize == a.calls.len())
+    }
+
+    /// (running, finished, done) over every job and index, for the progress bar.
+    fn tally(&self) -> (usize, usize, usize) {
+        let mut running = 0;
+        let mut finished = 0;
+        let mut done = 0;
+        for v in &self.views {
+            running += usize::from(!v.done && v.status.status == JobStatus::Running);
+            finished += usize::from(v.done && v.status.status == JobStatus::Finished);
+            done += usize::from(v.done);
+        }
+        for a in &self.arrays {
+            running += a.open.values().filter(|o| o.running).count();
+            finished += a.finished as usize;
+            done += a.ended() as usize;
+        }
+        (running, finished, done)
+    }
+
     /// Until every job is done (or no node is left): actions out, inputs in.
     async fn follow(&mut self) -> Result<(), String> {
         let interrupt_tx = self.tx.clone();
@@ -477,22 +818,29 @@ impl<'a> Run<'a> {
         });
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         loop {
+            self.feed();
             self.act();
-            let statuses: Vec<(JobStatus, bool)> = self
-                .views
-                .iter()
-                .map(|v| (v.status.status, v.done))
-                .collect();
-            self.progress.update(&statuses);
-            if self.views.iter().all(|v| v.done) {
+            let (running, finished, done) = self.tally();
+            self.progress.update(running, finished, done);
+            if self.all_done() {
                 break;
             }
             if self.clients.is_empty() {
                 // Every node is gone: what is still queued cannot run.
+                let why = "no node left to run it".to_string();
                 for j in 0..self.views.len() {
-                    self.finish(j, JobStatus::Abandoned, "no node left to run it".into());
+                    self.finish(j, JobStatus::Abandoned, why.clone());
                 }
-                break;
+                self.stop_arrays(JobStatus::Abandoned, &why);
+                for a in 0..self.arrays.len() {
+                    let open: Vec<u32> = self.arrays[a].open.keys().copied().collect();
+                    for i in open {
+                        let failed = JobResult::failed(JobStatus::Abandoned, "");
+                        self.end_index(a, i, &failed, None, Some(why.clone()));
+                    }
+                }
+                self.feed();
+                continue;
             }
             let input = tokio::select! {
                 i = self.rx.recv() => i,
@@ -510,6 +858,13 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// No more indexes of any array go to the scheduler: the rest end with `status`.
+    fn stop_arrays(&mut self, status: JobStatus, why: &str) {
+        for a in &mut self.arrays {
+            a.stopped.get_or_insert_with(|| (status, why.to_string()));
+        }
+    }
+
     fn input(&mut self, input: Input) -> Result<(), String> {
         match input {
             Input::Interrupt if self.interrupted => {
@@ -519,16 +874,27 @@ impl<'a> Run<'a> {
                 self.interrupted = true;
                 self.progress
                     .note("interrupted: cancelling jobs (Ctrl-C again to stop at once)");
-                let open: Vec<usize> = (0..self.views.len())
+                self.stop_arrays(
+                    JobStatus::Cancelled,
+                    "cancelled (interrupted) before it was queued",
+                );
+                let mut open: Vec<Owner> = (0..self.views.len())
                     .filter(|j| !self.views[*j].done)
+                    .map(Owner::Job)
                     .collect();
-                for j in open {
-                    let key = self.key_of(j);
+                for (a, v) in self.arrays.iter().enumerate() {
+                    open.extend(v.open.keys().map(|i| Owner::Index(a, *i)));
+                }
+                for owner in open {
+                    let key = self.key_of(owner);
                     self.handle(Event::CancelRequested { key });
                 }
             }
             Input::Refused { key, node, reason } => {
-                self.handle(Event::DispatchFailed { key, node, reason })
+                if let Some(owner) = self.owner_on_node(&key) {
+                    let key = self.key_of(owner);
+                    self.handle(Event::DispatchFailed { key, node, reason })
+                }
             }
             Input::Node(node, NodeNews::Lost { reason }) => {
                 self.clients.remove(&node);
@@ -544,16 +910,17 @@ impl<'a> Run<'a> {
 
     /// What a node says of one of the run's jobs.
     fn job_news(&mut self, node: String, news: NodeNews) {
-        let key = match &news {
+        let node_key = match &news {
             NodeNews::Started { key, .. }
             | NodeNews::Done { key, .. }
             | NodeNews::Provisional { key, .. }
             | NodeNews::File { key, .. } => key.clone(),
             NodeNews::Lost { .. } | NodeNews::Pulse => return,
         };
-        let Some(j) = self.job_of(&key) else {
+        let Some(owner) = self.owner_on_node(&node_key) else {
             return;
         };
+        let key = self.key_of(owner);
         // News from a node that no longer runs the job (an earlier attempt's) is stale.
         let current = self
             .scheduler
@@ -562,6 +929,33 @@ impl<'a> Run<'a> {
             .map(String::as_str)
             == Some(node.as_str());
         let name = self.names.get(&node).cloned();
+        if let NodeNews::Done { result, .. } = &news {
+            // Nothing is kept beyond this run: the node may forget the result at once.
+            self.acks
+                .entry((node.clone(), node_key.cluster))
+                .or_default()
+                .push(node_key.job);
+            if let Owner::Index(a, i) = owner {
+                let status = result.status;
+                let why = self.arrays[a]
+                    .open
+                    .get(&i)
+                    .filter(|_| current)
+                    .map(|open| (status != JobStatus::Finished).then(|| open.message.clone()));
+                self.handle(Event::JobDone { key, node, status });
+                if let Some(why) = why {
+                    self.end_index(a, i, result, name, why.flatten());
+                }
+                return;
+            }
+        }
+        let j = match owner {
+            Owner::Job(j) => j,
+            Owner::Index(a, i) => {
+                self.index_news(a, i, node, name, news, current);
+                return;
+            }
+        };
         let v = &mut self.views[j];
         match news {
             NodeNews::Started { start_time, .. } => {
@@ -595,15 +989,50 @@ impl<'a> Run<'a> {
                     self.progress.job_done(&self.plan.jobs[j].name, &v.status);
                 }
                 let status = result.status;
-                // Nothing is kept beyond this run: the node may forget the result at once.
-                if let Some(client) = self.clients.get(&node).cloned() {
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        let _ = client.ack(&key.cluster, vec![key.job]).await;
-                    });
-                }
                 self.handle(Event::JobDone { key, node, status });
             }
+            _ => {}
+        }
+    }
+
+    /// What a node says of an array's index, but its end.
+    fn index_news(
+        &mut self,
+        a: usize,
+        i: u32,
+        node: String,
+        name: Option<String>,
+        news: NodeNews,
+        current: bool,
+    ) {
+        let key = self.key_of(Owner::Index(a, i));
+        match news {
+            NodeNews::Started { start_time, .. } => {
+                let v = &mut self.arrays[a];
+                if let Some(open) = v.open.get_mut(&i) {
+                    open.running = true;
+                    open.node = name;
+                    v.start_time.get_or_insert_with(|| rfc3339(start_time));
+                }
+                self.handle(Event::JobStarted { key, node });
+            }
+            NodeNews::File { file, .. } if current => {
+                let array = &self.plan.arrays[a];
+                let dir = job_files_dir(
+                    &self.opts.files_dir,
+                    &self.plan.clusters[array.cluster].namespace,
+                    &array.name,
+                )
+                .join(i.to_string());
+                let saved = save_sent_file(&dir, &file);
+                if let Some(why) = &saved.message {
+                    self.progress.note(&format!(
+                        "DispyJobArray {} index {i}: a sent file was not saved: {why}",
+                        array.name
+                    ));
+                }
+            }
+            // A row holds only the final result.
             _ => {}
         }
     }
@@ -620,8 +1049,65 @@ impl<'a> Run<'a> {
         self.progress.job_done(&self.plan.jobs[j].name, &v.status);
     }
 
-    /// Closes every computation on every node (cleanup runs there).
+    /// Index `i` of array `a` ended with `result`: its row is spooled and the scheduler
+    /// forgets it. The array's results are written out once its last index ended.
+    fn end_index(
+        &mut self,
+        a: usize,
+        i: u32,
+        result: &JobResult,
+        node: Option<String>,
+        why: Option<String>,
+    ) {
+        let v = &mut self.arrays[a];
+        let was_open = v.open.remove(&i).is_some();
+        let mut row = dispy_core::array::row(i, result, node);
+        if let Some(why) = why {
+            row.message = Some(why);
+        }
+        if row.status == JobStatus::Finished {
+            v.finished += 1;
+        } else {
+            v.failed += 1;
+            self.progress.index_failed(&self.plan.arrays[a].name, &row);
+        }
+        v.spool
+            .as_mut()
+            .expect("spooling until the last index")
+            .push(&row);
+        if was_open {
+            let key = self.key_of(Owner::Index(a, i));
+            self.scheduler.forget(&key);
+        }
+        let v = &mut self.arrays[a];
+        if v.ended() as usize == self.plan.arrays[a].calls.len() {
+            v.completion_time = Some(rfc3339(dispy_core::job::now_secs()));
+            let spool = v.spool.take().expect("the last index ends once");
+            v.rows = Some(match &self.opts.results_dir {
+                None => Rows::Spooled(spool),
+                Some(dir) => {
+                    let array = &self.plan.arrays[a];
+                    let path = results_path(
+                        dir,
+                        &self.plan.clusters[array.cluster].namespace,
+                        &array.name,
+                    );
+                    match spool.finish_to(&path) {
+                        Ok(()) => Rows::Written(path),
+                        Err(e) => Rows::Failed(e),
+                    }
+                }
+            });
+        }
+    }
+
+    /// Closes every computation on every node (cleanup runs there), once the last results
+    /// are acknowledged.
     async fn close(&mut self) {
+        self.send_acks();
+        for a in std::mem::take(&mut self.acking) {
+            let _ = a.await;
+        }
         let mut closes = Vec::new();
         for client in self.clients.values() {
             for i in 0..self.plan.clusters.len() {
@@ -639,9 +1125,49 @@ impl<'a> Run<'a> {
         self.clients.clear();
     }
 
-    fn outcomes(self) -> Vec<JobReport> {
+    fn outcomes(mut self) -> Report {
         let (plan, started) = (self.plan, self.started);
-        plan.jobs
+        let arrays = plan
+            .arrays
+            .iter()
+            .zip(&mut self.arrays)
+            .map(|(array, v)| {
+                let cluster = &plan.clusters[array.cluster];
+                let total = array.calls.len() as u32;
+                // An empty array had no last index to write its (empty) results.
+                let rows = v.rows.take().unwrap_or_else(|| match v.spool.take() {
+                    Some(spool) => match &self.opts.results_dir {
+                        None => Rows::Spooled(spool),
+                        Some(dir) => {
+                            let path = results_path(dir, &cluster.namespace, &array.name);
+                            spool
+                                .finish_to(&path)
+                                .map_or_else(Rows::Failed, |()| Rows::Written(path))
+                        }
+                    },
+                    None => Rows::Failed("no results".into()),
+                });
+                ArrayReport {
+                    name: array.name.clone(),
+                    cluster: cluster.name.clone(),
+                    namespace: cluster.namespace.clone(),
+                    status: DispyJobArrayStatus {
+                        total,
+                        finished: v.finished,
+                        failed: v.failed,
+                        running: 0,
+                        start_time: v.start_time.clone(),
+                        completion_time: v.completion_time.clone(),
+                        message: Some(array_message(v.finished, v.failed, total, &rows)),
+                        ..Default::default()
+                    },
+                    submitted: started,
+                    rows,
+                }
+            })
+            .collect();
+        let jobs = plan
+            .jobs
             .iter()
             .zip(self.views)
             .map(|(job, v)| JobReport {
@@ -651,7 +1177,18 @@ impl<'a> Run<'a> {
                 status: v.status,
                 submitted: started,
             })
-            .collect()
+            .collect();
+        Report { jobs, arrays }
+    }
+}
+
+/// An array's end in a sentence: counts and where the rows are.
+fn array_message(finished: u32, failed: u32, total: u32, rows: &Rows) -> String {
+    let counts = format!("{finished} of {total} Finished, {failed} failed");
+    match rows {
+        Rows::Written(path) => format!("{counts}; results in {}", path.display()),
+        Rows::Spooled(_) => counts,
+        Rows::Failed(e) => format!("{counts}; results not written: {e}"),
     }
 }
 
@@ -725,6 +1262,21 @@ mod tests {
             name: name.into(),
             data: b"data".to_vec(),
         }
+    }
+
+    #[test]
+    fn node_job_ids_of_dispyjobs_and_of_arrays_indexes_never_meet() {
+        for owner in [
+            Owner::Job(0),
+            Owner::Job(499),
+            Owner::Index(0, 0),
+            Owner::Index(0, u32::MAX),
+            Owner::Index(3, 7),
+        ] {
+            assert_eq!(Owner::of(owner.id()), owner);
+        }
+        assert_ne!(Owner::Job(7).id(), Owner::Index(0, 7).id());
+        assert_ne!(Owner::Index(0, 7).id(), Owner::Index(1, 7).id());
     }
 
     #[test]
