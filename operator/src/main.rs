@@ -298,7 +298,16 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["Nodes", "Cpus", "Running", "Finished", "Failed", "Phase", "Age"]
+            [
+                "Nodes",
+                "Cpus",
+                "Running",
+                "Finished",
+                "Failed",
+                "Phase",
+                "Age",
+                "Scheduler"
+            ]
         );
         let sub = v.subresources.as_ref().unwrap();
         assert!(sub.status.is_some());

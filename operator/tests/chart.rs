@@ -209,7 +209,7 @@ fn chart_passes_helm_lint_strict_and_packages_its_crds() {
         .into_iter()
         .filter(|o| o["kind"] == "CustomResourceDefinition")
         .count();
-    assert_eq!(crds, 2, "--include-crds renders the 2 CRDs");
+    assert_eq!(crds, 3, "--include-crds renders the 3 CRDs");
     // the packaged chart carries the CRDs themselves
     let dir = std::env::temp_dir().join(format!("dispy-chart-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -542,7 +542,7 @@ fn chart_offers_edit_and_view_roles_aggregated_into_the_default_ones() {
     assert_eq!(
         rules(edit),
         [
-            "dispy.io|jobclusters,dispyjobs||create,delete,deletecollection,get,list,patch,update,watch",
+            "dispy.io|jobclusters,dispyjobs,dispyjobarrays||create,delete,deletecollection,get,list,patch,update,watch",
             "dispy.io|jobclusters/scale||get,patch,update",
         ]
     );
@@ -554,7 +554,7 @@ fn chart_offers_edit_and_view_roles_aggregated_into_the_default_ones() {
     assert!(view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"].is_null());
     assert_eq!(
         rules(view),
-        ["dispy.io|jobclusters,dispyjobs,jobclusters/status,dispyjobs/status,jobclusters/scale||get,list,watch"]
+        ["dispy.io|jobclusters,dispyjobs,dispyjobarrays,jobclusters/status,dispyjobs/status,dispyjobarrays/status,jobclusters/scale||get,list,watch"]
     );
     // nobody is bound to them: the default roles take their rules
     assert!(!out.iter().any(|o| o["roleRef"]["name"]

@@ -368,7 +368,9 @@ async fn installed_operator_checks(client: &Client, ns: &TestNamespace, pids: &m
     assert_can(client, false, "list", "nodes", None).await;
     assert_can(client, false, "delete", "secrets", n).await;
     assert_can(client, false, "update", "pods", n).await;
-    assert_can(client, false, "create", "deployments.apps", n).await;
+    // spec.scheduler's Deployment is applied (create, patch) and removed, never read
+    assert_can(client, true, "create", "deployments.apps", n).await;
+    assert_can(client, false, "list", "deployments.apps", n).await;
     assert_can(client, false, "create", "jobclusters.dispy.io", n).await;
     // Secrets are read by name only
     assert_can(client, true, "get", "secrets", n).await;
