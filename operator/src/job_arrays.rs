@@ -143,13 +143,7 @@ async fn apply(a: Arc<DispyJobArrayResource>, ctx: Arc<Ctx>) -> Result<Action, E
         array: key.clone(),
         message,
     };
-    let cluster = ctx
-        .clusters
-        .state()
-        .into_iter()
-        .find(|c| c.name_any() == a.spec.cluster && c.namespace().as_deref() == Some(&ns))
-        .filter(|c| c.metadata.deletion_timestamp.is_none());
-    let Some(cluster) = cluster else {
+    let Some(cluster) = crate::jobs::live_cluster(&ctx, &ns, &a.spec.cluster) else {
         let message = format!(
             "JobCluster {ns}/{} does not exist; the jobs run once it does",
             a.spec.cluster

@@ -135,10 +135,15 @@ async fn delete_expired(
 
 fn cluster_of(job: &DispyJobResource, ctx: &Ctx) -> Option<Arc<JobClusterResource>> {
     let ns = job.namespace().unwrap_or_else(|| "default".into());
+    live_cluster(ctx, &ns, &job.spec.cluster)
+}
+
+/// The JobCluster `namespace/name` from the controller's cache, unless it is being deleted.
+pub fn live_cluster(ctx: &Ctx, namespace: &str, name: &str) -> Option<Arc<JobClusterResource>> {
     ctx.clusters
         .state()
         .into_iter()
-        .find(|c| c.name_any() == job.spec.cluster && c.namespace().as_deref() == Some(&ns))
+        .find(|c| c.name_any() == name && c.namespace().as_deref() == Some(namespace))
         .filter(|c| c.metadata.deletion_timestamp.is_none())
 }
 

@@ -286,15 +286,14 @@ impl EngineState {
         };
         let a = self.arrays.get_mut(key).expect("present");
         a.write_due = None;
-        let mut changed = a.full.iter().map(|(n, _)| *n).collect::<Vec<_>>();
+        // Every new row lands in the current chunk (the one it filled, if any, is in `full`).
+        a.current_dirty |= !a.pending.is_empty();
         for (row, ack) in a.pending.drain(..) {
             if let Some(full) = a.chunks.push(&row) {
                 a.full.push(full);
             }
             a.writing.push((row.index, ack));
-            changed.push(a.chunks.current);
         }
-        a.current_dirty |= changed.contains(&a.chunks.current);
         let mut chunks = a.full.clone();
         if a.current_dirty && !a.chunks.text.is_empty() {
             chunks.push((a.chunks.current, a.chunks.text.clone()));
