@@ -1069,7 +1069,10 @@ impl<'a> Run<'a> {
             v.finished += 1;
         } else {
             v.failed += 1;
-            self.progress.index_failed(&self.plan.arrays[a].name, &row);
+            // Once interrupted, every index left is cancelled: nothing to tell one by one.
+            if !self.interrupted {
+                self.progress.index_failed(&self.plan.arrays[a].name, &row);
+            }
         }
         v.spool
             .as_mut()
