@@ -306,7 +306,7 @@ mod tests {
             .map(|c| (&*c.args, &*c.kwargs))
             .collect();
         assert_eq!(calls, [("[1]", "{}"), ("[2]", "{\"k\":3}"), ("[]", "{}")]);
-        assert_eq!(p.arrays[0].policy.reentrant, true, "the cluster's");
+        assert!(p.arrays[0].policy.reentrant, "the cluster's");
     }
 
     #[test]
