@@ -11,7 +11,6 @@ use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::manifest::{ArrayResult, DispyJobArrayResource, JOB_ARRAY_LABEL, RESULTS_KEY};
 use dispy_e2e::*;
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
 /// `target/debug/dispy ARGS` (built here when missing or out of date).
@@ -61,23 +60,7 @@ async fn results_config_map(ns: &TestNamespace, array: &str, n: u32, rows: &[Arr
 #[ignore = "needs the e2e cluster: run by e2e/test.sh"]
 async fn dispy_results_prints_an_array_s_rows_from_its_config_maps_in_index_order() {
     let client = client().await;
-    apply(
-        &client,
-        None,
-        &std::fs::read_to_string(repo_path("crds/dispy.io.yaml")).unwrap(),
-    )
-    .await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    wait_for("CRD dispyjobarrays.dispy.io Established", 60, async || {
-        let crd = get_or_seen(&crds, "dispyjobarrays.dispy.io").await?;
-        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-        conditions
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-            .ok_or_else(|| format!("{conditions:?}"))
-    })
-    .await;
+    install_crds(&client).await;
     let ns = TestNamespace::create(&client, "cli-results").await;
     let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
     let results = |args: &[&str]| {
