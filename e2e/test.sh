@@ -188,7 +188,7 @@ if [[ $LOCAL == 1 ]]; then
   bash "$E2E_DIR/controlplane/build.sh" || phase_failed "build control plane"
   phase_done "build control plane"
   phase "build process kubelet (Rust)"
-  (cd "$REPO_DIR" && cargo build -q -p process-kubelet -p dispynode -p dispy-operator) || phase_failed "build process kubelet"
+  (cd "$REPO_DIR" && cargo build -q -p process-kubelet -p dispynode -p dispy-operator -p dispy-cli) || phase_failed "build process kubelet"
   phase_done "build process kubelet"
   phase "the dispy client from PyPI (image e2e/dispy-python)"
   bash "$REPO_DIR/node-image/tests/compat/venv.sh" >/dev/null || phase_failed "the dispy client venv"
@@ -217,8 +217,9 @@ if [[ $LOCAL == 1 ]]; then
   # the process kubelet: nodes, Deployments, restarts, deletion, env and volumes, probes, tokens
   rust_tests -p dispy-e2e --test kubelet
 fi
-# the API server as the operator relies on it, helm, dispy's CRDs, the chart's render checks
-rust_tests -p dispy-e2e --test api_server --test helm --test crds
+# the API server as the operator relies on it, helm, dispy's CRDs, `dispy results`, the chart's
+# render checks
+rust_tests -p dispy-e2e --test api_server --test helm --test crds --test cli_results
 rust_tests -p dispy-operator --test chart
 if [[ $LOCAL == 1 ]]; then
   # the chart installed, upgraded and uninstalled; the operator as a local process (no other

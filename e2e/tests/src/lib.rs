@@ -225,6 +225,36 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Applies dispy's CRDs (`crds/dispy.io.yaml`) and waits until they are Established.
+pub async fn install_crds(client: &Client) {
+    let yaml = std::fs::read_to_string(repo_path("crds/dispy.io.yaml")).unwrap();
+    apply(client, None, &yaml).await;
+    let names = [
+        "jobclusters.dispy.io",
+        "dispyjobs.dispy.io",
+        "dispyjobarrays.dispy.io",
+    ];
+    wait_crds_established(client, &names).await;
+}
+
+/// Waits until each CRD (`dispyjobs.dispy.io`, ...) is Established.
+pub async fn wait_crds_established(client: &Client, names: &[&str]) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in names {
+        wait_for(&format!("CRD {name} Established"), 60, async || {
+            let crd = get_or_seen(&crds, name).await?;
+            let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+                .ok_or_else(|| format!("{conditions:?}"))
+        })
+        .await;
+    }
+}
+
 /// Deletes an object (gone already is fine) and waits until the API server no longer has it.
 pub async fn delete_and_wait<K>(api: &Api<K>, name: &str, timeout_secs: u64)
 where

@@ -7,7 +7,6 @@
 use dispy_e2e::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
@@ -54,29 +53,6 @@ async fn widgets(ns: &TestNamespace) -> Api<DynamicObject> {
     })
     .await;
     api
-}
-
-pub async fn wait_crds_established(client: &kube::Client, names: &[&str]) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in names {
-        wait_for(&format!("CRD {name} Established"), 60, async || {
-            let crd = get_or_seen(&crds, name).await?;
-            let conditions = crd
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.clone())
-                .unwrap_or_default();
-            if conditions
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-            {
-                Ok(())
-            } else {
-                Err(format!("{conditions:?}"))
-            }
-        })
-        .await;
-    }
 }
 
 #[tokio::test]

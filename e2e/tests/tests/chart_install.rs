@@ -251,23 +251,7 @@ async fn installed_operator_checks(client: &Client, ns: &TestNamespace, pids: &m
         available.then_some(()).ok_or_else(|| format!("{status:?}"))
     })
     .await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ["jobclusters.dispy.io", "dispyjobs.dispy.io"] {
-        wait_for(
-            &format!("the chart's CRD {crd} Established"),
-            60,
-            async || {
-                let c = get_or_seen(&crds, crd).await?;
-                let conditions = c.status.and_then(|s| s.conditions).unwrap_or_default();
-                conditions
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-                    .ok_or_else(|| format!("{conditions:?}"))
-            },
-        )
-        .await;
-    }
+    wait_crds_established(client, &["jobclusters.dispy.io", "dispyjobs.dispy.io"]).await;
     let status = helm(&["status", RELEASE, "-n", OP_NS]);
     assert!(
         status.contains("kubectl apply -f docs/examples/checksums.yaml"),

@@ -5,26 +5,7 @@
 
 use dispy_core::manifest::{DispyJobResource, JobClusterResource};
 use dispy_e2e::*;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
-
-async fn install_crds(client: &kube::Client) {
-    let yaml = std::fs::read_to_string(repo_path("crds/dispy.io.yaml")).unwrap();
-    apply(client, None, &yaml).await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in ["jobclusters.dispy.io", "dispyjobs.dispy.io"] {
-        wait_for(&format!("CRD {name} Established"), 60, async || {
-            let crd = get_or_seen(&crds, name).await?;
-            let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-                .ok_or_else(|| format!("{conditions:?}"))
-        })
-        .await;
-    }
-}
 
 async fn patch_refused(
     api_result: Result<impl std::fmt::Debug, kube::Error>,

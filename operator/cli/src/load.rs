@@ -146,23 +146,9 @@ pub fn plan(docs: Vec<Document>) -> Result<Plan, String> {
     let mut jobs: Vec<JobPlan> = Vec::new();
     for d in &docs {
         let Document::DispyJob(j) = d else { continue };
-        let namespace = ns(&j.metadata.namespace);
-        let owner = format!("DispyJob {namespace}/{}", j.metadata.name);
-        if jobs
-            .iter()
-            .any(|p| p.name == j.metadata.name && clusters[p.cluster].namespace == namespace)
-        {
-            return Err(format!("{owner} appears twice"));
-        }
-        let cluster = clusters
-            .iter()
-            .position(|c| c.name == j.spec.cluster && c.namespace == namespace)
-            .ok_or_else(|| {
-                format!(
-                    "{owner}: cluster {:?} not found in the manifests",
-                    j.spec.cluster
-                )
-            })?;
+        let taken = jobs.iter().map(|p| (p.name.as_str(), p.cluster));
+        let (owner, cluster) = place("DispyJob", &j.metadata, &j.spec.cluster, &clusters, taken)?;
+        let namespace = clusters[cluster].namespace.clone();
         if matches!(clusters[cluster].computation, Computation::Program(_))
             && !j.spec.kwargs.is_empty()
         {
@@ -184,23 +170,15 @@ pub fn plan(docs: Vec<Document>) -> Result<Plan, String> {
         let Document::DispyJobArray(a) = d else {
             continue;
         };
-        let namespace = ns(&a.metadata.namespace);
-        let owner = format!("DispyJobArray {namespace}/{}", a.metadata.name);
-        if arrays
-            .iter()
-            .any(|p| p.name == a.metadata.name && clusters[p.cluster].namespace == namespace)
-        {
-            return Err(format!("{owner} appears twice"));
-        }
-        let cluster = clusters
-            .iter()
-            .position(|c| c.name == a.spec.cluster && c.namespace == namespace)
-            .ok_or_else(|| {
-                format!(
-                    "{owner}: cluster {:?} not found in the manifests",
-                    a.spec.cluster
-                )
-            })?;
+        let taken = arrays.iter().map(|p| (p.name.as_str(), p.cluster));
+        let (owner, cluster) = place(
+            "DispyJobArray",
+            &a.metadata,
+            &a.spec.cluster,
+            &clusters,
+            taken,
+        )?;
+        let namespace = clusters[cluster].namespace.clone();
         let c = &clusters[cluster];
         let calls = array_calls(a, &namespace, &config_maps)
             .and_then(|calls| {
@@ -236,6 +214,27 @@ pub fn plan(docs: Vec<Document>) -> Result<Plan, String> {
         jobs,
         arrays,
     })
+}
+
+/// A DispyJob's or DispyJobArray's name for errors (`Kind namespace/name`) and its cluster;
+/// `taken` are the objects of that kind so far, by name and cluster.
+fn place<'p>(
+    kind: &str,
+    meta: &manifest::Meta,
+    cluster: &str,
+    clusters: &[ClusterPlan],
+    mut taken: impl Iterator<Item = (&'p str, usize)>,
+) -> Result<(String, usize), String> {
+    let namespace = ns(&meta.namespace);
+    let owner = format!("{kind} {namespace}/{}", meta.name);
+    if taken.any(|(name, c)| name == meta.name && clusters[c].namespace == namespace) {
+        return Err(format!("{owner} appears twice"));
+    }
+    let found = clusters
+        .iter()
+        .position(|c| c.name == cluster && c.namespace == namespace)
+        .ok_or_else(|| format!("{owner}: cluster {cluster:?} not found in the manifests"))?;
+    Ok((owner, found))
 }
 
 type Args = (
@@ -306,7 +305,7 @@ mod tests {
             .map(|c| (&*c.args, &*c.kwargs))
             .collect();
         assert_eq!(calls, [("[1]", "{}"), ("[2]", "{\"k\":3}"), ("[]", "{}")]);
-        assert_eq!(p.arrays[0].policy.reentrant, true, "the cluster's");
+        assert!(p.arrays[0].policy.reentrant, "the cluster's");
     }
 
     #[test]

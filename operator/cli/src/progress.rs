@@ -47,17 +47,8 @@ impl Progress {
         if self.bar.is_some() || self.quiet {
             return;
         }
-        let on = status
-            .node
-            .as_deref()
-            .map(|n| format!(" on {n}"))
-            .unwrap_or_default();
-        let why = status
-            .message
-            .as_deref()
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default();
-        eprintln!("dispy: job {name} {}{on}{why}", status.status);
+        let end = ending(status.node.as_deref(), status.message.as_deref());
+        eprintln!("dispy: job {name} {}{end}", status.status);
     }
 
     /// An array's index ended other than Finished: the first few are told.
@@ -69,20 +60,11 @@ impl Progress {
                 "further failed indexes are only in the results".to_string()
             }
             _ => {
-                let on = row
-                    .node
-                    .as_deref()
-                    .map(|n| format!(" on {n}"))
-                    .unwrap_or_default();
                 // The exception's last line says what was raised.
-                let why = row
-                    .message
-                    .as_deref()
-                    .or(row.exception.as_deref().and_then(|e| e.lines().last()))
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default();
+                let raised = row.exception.as_deref().and_then(|e| e.lines().last());
+                let end = ending(row.node.as_deref(), row.message.as_deref().or(raised));
                 format!(
-                    "DispyJobArray {array} index {} {}{on}{why}",
+                    "DispyJobArray {array} index {} {}{end}",
                     row.index, row.status
                 )
             }
@@ -103,4 +85,11 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// ` on NODE: WHY`, of what there is.
+fn ending(node: Option<&str>, why: Option<&str>) -> String {
+    let on = node.map(|n| format!(" on {n}")).unwrap_or_default();
+    let why = why.map(|m| format!(": {m}")).unwrap_or_default();
+    on + &why
 }

@@ -969,11 +969,8 @@ impl<'a> Run<'a> {
             NodeNews::Provisional { result, .. } if current => v.status.record_provisional(&result),
             NodeNews::File { file, .. } if current => {
                 let job = &self.plan.jobs[j];
-                let dir = job_files_dir(
-                    &self.opts.files_dir,
-                    &self.plan.clusters[job.cluster].namespace,
-                    &job.name,
-                );
+                let namespace = &self.plan.clusters[job.cluster].namespace;
+                let dir = job_files_dir(&self.opts.files_dir, namespace, &job.name);
                 let saved = save_sent_file(&dir, &file);
                 if let Some(why) = &saved.message {
                     self.progress
@@ -1018,18 +1015,13 @@ impl<'a> Run<'a> {
             }
             NodeNews::File { file, .. } if current => {
                 let array = &self.plan.arrays[a];
-                let dir = job_files_dir(
-                    &self.opts.files_dir,
-                    &self.plan.clusters[array.cluster].namespace,
-                    &array.name,
-                )
-                .join(i.to_string());
-                let saved = save_sent_file(&dir, &file);
+                let namespace = &self.plan.clusters[array.cluster].namespace;
+                let dir = job_files_dir(&self.opts.files_dir, namespace, &array.name);
+                let saved = save_sent_file(&dir.join(i.to_string()), &file);
                 if let Some(why) = &saved.message {
-                    self.progress.note(&format!(
-                        "DispyJobArray {} index {i}: a sent file was not saved: {why}",
-                        array.name
-                    ));
+                    let what = format!("DispyJobArray {} index {i}", array.name);
+                    self.progress
+                        .note(&format!("{what}: a sent file was not saved: {why}"));
                 }
             }
             // A row holds only the final result.
@@ -1069,7 +1061,10 @@ impl<'a> Run<'a> {
             v.finished += 1;
         } else {
             v.failed += 1;
-            self.progress.index_failed(&self.plan.arrays[a].name, &row);
+            // Once interrupted, every index left is cancelled: nothing to tell one by one.
+            if !self.interrupted {
+                self.progress.index_failed(&self.plan.arrays[a].name, &row);
+            }
         }
         v.spool
             .as_mut()

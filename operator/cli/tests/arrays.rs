@@ -3,23 +3,12 @@
 
 mod common;
 
-use common::{dispynode, repo};
+use common::{dispy, run_killing_b_mid_run, start_node};
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use serde_json::Value;
-
-fn dispy(args: &[&str]) -> Output {
-    dispynode();
-    Command::new(env!("CARGO_BIN_EXE_dispy"))
-        .args(args)
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -250,38 +239,6 @@ fn bad_argsfrom_lines_and_missing_keys_are_refused_naming_the_array_config_map_k
     }
 }
 
-struct Node(Child, String);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_node(name: &str, dir: &Path) -> Node {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(dispynode())
-        .args(["-i", "127.0.0.1", "--port", &port.to_string(), "--daemon"])
-        .args(["--cpus", "1", "--name", name])
-        .arg("--dest-path-prefix")
-        .arg(dir.join(name))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "node {name} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Node(child, addr)
-}
-
 #[test]
 fn an_array_s_reentrant_overrides_its_cluster_s_when_a_node_is_lost_mid_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -292,17 +249,7 @@ fn an_array_s_reentrant_overrides_its_cluster_s_when_a_node_is_lost_mid_run() {
         "naps.yaml",
         "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: nap}\nspec:\n  reentrant: false\n  computation:\n    python:\n      source: |\n        import time\n        def nap(n):\n            time.sleep(1)\n            return n\n      function: nap\n---\napiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {name: naps}\nspec: {cluster: nap, reentrant: true, args: [[0], [1], [2], [3], [4], [5]]}\n",
     );
-    let run = Command::new(env!("CARGO_BIN_EXE_dispy"))
-        .args([
-            "run", "-f", &f, "-o", "jsonl", "-q", "--node", &a.1, "--node", &b.1,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    b.0.kill().unwrap();
-    let out = run.wait_with_output().unwrap();
+    let out = run_killing_b_mid_run(&f, "jsonl", &a, &mut b);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let rows = parse_rows(&String::from_utf8(out.stdout).unwrap());
     assert_eq!(rows.len(), 6);

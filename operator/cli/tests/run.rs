@@ -2,23 +2,12 @@
 
 mod common;
 
-use common::{dispynode, repo};
+use common::{dispy, dispynode, repo, run_killing_b_mid_run, start_node};
 
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn dispy(args: &[&str]) -> Output {
-    dispynode();
-    Command::new(env!("CARGO_BIN_EXE_dispy"))
-        .args(args)
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 fn json_items(out: &Output) -> Vec<Value> {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -224,73 +213,13 @@ fn five_hundred_jobs_over_two_local_nodes_all_finish_with_correct_results() {
     assert_eq!(per_node.len(), 2, "both nodes ran jobs: {per_node:?}");
 }
 
-struct Node(Child, String);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_node(name: &str, dir: &Path) -> Node {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(dispynode())
-        .args([
-            "-i",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--daemon",
-            "--cpus",
-            "1",
-            "--name",
-            name,
-        ])
-        .arg("--dest-path-prefix")
-        .arg(dir.join(name))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "node {name} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Node(child, addr)
-}
-
 /// Six 1-second jobs on nodes a and b (one cpu each); b is killed with SIGKILL mid-run.
 fn run_and_kill_b(reentrant: bool) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let (a, mut b) = (start_node("a", dir.path()), start_node("b", dir.path()));
     let f = dir.path().join("jobs.yaml");
     std::fs::write(&f, many_jobs_manifest(6, reentrant, 1.0)).unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_dispy"))
-        .args([
-            "run",
-            "-f",
-            f.to_str().unwrap(),
-            "-o",
-            "json",
-            "-q",
-            "--node",
-            &a.1,
-            "--node",
-            &b.1,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    b.0.kill().unwrap();
-    let out = run.wait_with_output().unwrap();
+    let out = run_killing_b_mid_run(f.to_str().unwrap(), "json", &a, &mut b);
     assert_eq!(
         out.status.code(),
         Some(if reentrant { 0 } else { 1 }),
