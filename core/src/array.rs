@@ -227,6 +227,13 @@ mod tests {
         let (rows, bad) = read_rows([text.as_str()]);
         assert_eq!(bad, 1);
         assert_eq!(rows[&3].status, JobStatus::Finished);
+        let none = line(&row(4, &result(JobStatus::Finished, "null"), None));
+        let (rows, _) = read_rows([none.as_str()]);
+        assert_eq!(
+            rows[&4].result,
+            Some(serde_json::Value::Null),
+            "None is a result too"
+        );
         let statuses: Vec<JobStatus> = vec![
             JobStatus::Finished,
             JobStatus::Terminated,

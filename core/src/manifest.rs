@@ -497,7 +497,13 @@ pub struct ArgsFrom {
 pub struct ArrayResult {
     pub index: u32,
     pub status: JobStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The function's return value; `null` (Python's None) stays `Some(Null)`, an absent
+    /// field is `None`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_value"
+    )]
     pub result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exception: Option<String>,
@@ -514,6 +520,12 @@ pub struct ArrayResult {
     /// Why it ended as it did, when not Finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+fn present_value<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// The label on an array's result ConfigMaps, with the array's name.
