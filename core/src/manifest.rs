@@ -685,6 +685,37 @@ pub struct SentFileStatus {
 }
 
 impl DispyJobStatus {
+    /// When the job ended (RFC 3339): `endTime`, else the time its Complete or Failed
+    /// condition became True; None while it has not ended.
+    pub fn ended_at(&self) -> Option<&str> {
+        if !self.status.is_terminal() {
+            return None;
+        }
+        self.end_time.as_deref().or_else(|| {
+            self.conditions
+                .iter()
+                .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?
+                .last_transition_time
+                .as_deref()
+        })
+    }
+
+    /// Of an ended job, what is still read once its status is stored: its status, node, pod,
+    /// attempts and times (`endTime` as [`Self::ended_at`]). Its result, output, message,
+    /// files and conditions stay in the API server only. Never written back: a status write
+    /// of this would erase them.
+    pub fn ended_summary(&self) -> DispyJobStatus {
+        DispyJobStatus {
+            status: self.status,
+            node: self.node.clone(),
+            pod: self.pod.clone(),
+            attempts: self.attempts,
+            start_time: self.start_time.clone(),
+            end_time: self.ended_at().map(str::to_string),
+            ..DispyJobStatus::default()
+        }
+    }
+
     /// Takes a running job's provisional result (JSON text) into the status.
     pub fn record_provisional(&mut self, text: &str) {
         if self.status.is_terminal() {

@@ -78,6 +78,9 @@ pub struct JobSpec {
     pub node: Option<NodeId>,
     /// `activeDeadlineSeconds`: longest time one attempt may run, counted from JobStarted.
     pub active_deadline: Option<Duration>,
+    /// The job's own policy where it overrides its cluster's (a DispyJobArray's `reentrant`
+    /// and `backoffLimit`); None follows the cluster's.
+    pub policy: Option<ClusterPolicy>,
 }
 
 impl JobSpec {
@@ -86,6 +89,7 @@ impl JobSpec {
             key,
             node: None,
             active_deadline: None,
+            policy: None,
         }
     }
 }
@@ -585,7 +589,11 @@ impl Scheduler {
     /// requeue it, or give it the terminal status that says why not.
     fn attempt_failed(&mut self, key: &JobKey, cause: String, out: &mut Vec<Action>) {
         let rec = &self.jobs[key];
-        let policy = &self.clusters[&key.cluster].policy;
+        let policy = rec
+            .spec
+            .policy
+            .as_ref()
+            .unwrap_or(&self.clusters[&key.cluster].policy);
         let verdict = if rec.cancel_requested {
             Some((
                 JobStatus::Cancelled,
@@ -1004,6 +1012,44 @@ mod tests {
         // Back in its FIFO place: before nothing newer, and it goes when B frees up.
         sim.ev(submit(WC, 3));
         assert_eq!(sim.ev(done(WC, 2, B)), vec![dispatch(WC, 1, B, 2)]);
+    }
+
+    #[test]
+    fn a_jobs_own_policy_overrides_its_clusters_when_its_node_is_lost() {
+        let mut sim = Sim::new();
+        sim.all([
+            added(WC, false, 6),
+            up(A, 1),
+            up(B, 1),
+            ready(WC, A),
+            ready(WC, B),
+        ]);
+        let own = |job, reentrant, backoff_limit| {
+            Event::JobSubmitted(JobSpec {
+                policy: Some(ClusterPolicy {
+                    reentrant,
+                    backoff_limit,
+                }),
+                ..JobSpec::new(key(WC, job))
+            })
+        };
+        // Reentrant on its own in a cluster that is not: requeued, then run on B.
+        sim.all([own(1, true, 6), started(WC, 1, A)]);
+        assert_eq!(
+            sim.ev(lost(A)),
+            vec![
+                Action::Requeued {
+                    key: key(WC, 1),
+                    attempt: 1,
+                    reason: "node a:9701 lost: missed 5 pulses".into()
+                },
+                dispatch(WC, 1, B, 2)
+            ]
+        );
+        // Reentrant with no requeue left: abandoned, with the job's own limit in the reason.
+        sim.all([up(A, 1), ready(WC, A), own(2, true, 0), started(WC, 2, A)]);
+        let why = "node a:9701 lost: missed 5 pulses; backoff limit 0 reached after 1 attempts";
+        assert_eq!(sim.ev(lost(A)), vec![abandoned(WC, 2, why)]);
     }
 
     fn adopted(cluster: &str, job: JobId, node: Option<&str>, running: bool) -> Event {

@@ -216,6 +216,8 @@ async fn apply(a: Arc<DispyJobArrayResource>, ctx: Arc<Ctx>) -> Result<Action, E
         cluster: computation_id(&cluster),
         jobs,
         suspended: a.spec.suspend,
+        policy: Some(dispy_core::driver::array_policy(&cluster.spec, &a.spec))
+            .filter(|p| *p != dispy_core::driver::policy(&cluster.spec)),
         stored: rows.into_iter().map(|(i, r)| (i, r.status)).collect(),
         chunks: Chunks::resume(&stored),
         status,

@@ -52,6 +52,44 @@ impl Error {
     }
 }
 
+/// What the controller's cache keeps of a DispyJob, applied to every object the watch brings
+/// (its memory is per job, and a namespace may hold 100,000 that have ended): never its
+/// managedFields or kubectl's last-applied copy; of a job that has ended, only what its
+/// reconcile reads (status, node, attempts, times for the TTL), not its arguments, result or
+/// output. An ended job never runs again and its status is never written again, so nothing
+/// dropped here is missed; the API server keeps all of it.
+pub fn slim(job: &mut DispyJobResource) {
+    job.metadata.managed_fields = None;
+    if let Some(annotations) = job.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        if annotations.is_empty() {
+            job.metadata.annotations = None;
+        }
+    }
+    if let Some(status) = job.status.as_mut().filter(|s| s.status.is_terminal()) {
+        *status = status.ended_summary();
+        job.spec.args = Vec::new();
+        job.spec.kwargs = serde_json::Map::new();
+        job.spec.depends = Vec::new();
+    }
+}
+
+/// A DispyJob left the API server. One that ended without ever needing the finalizer (or
+/// whose finalizer let it go) is no longer reconciled, so the engine is told here to forget
+/// it: a namespace whose jobs come and go (ttlSecondsAfterFinished) keeps the engine small.
+pub fn deleted(ctx: &Ctx, job: &DispyJobResource) {
+    let Some(cluster) = cluster_of(job, ctx) else {
+        return; // its cluster is gone, and the cluster's jobs with it
+    };
+    let key = JobKey::new(
+        computation_id(&cluster),
+        job_id(job.metadata.uid.as_deref().unwrap_or("")),
+    );
+    // Nobody waits for the reply: the finalizer's cleanup, if any, has had it.
+    let (reply, _) = tokio::sync::oneshot::channel();
+    ctx.engine.send(Request::JobGone { key, reply });
+}
+
 pub fn error_policy(_job: Arc<DispyJobResource>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!("{error}");
     match error {
@@ -227,6 +265,7 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
         files,
         node: job.spec.node.clone(),
         deadline: job.spec.active_deadline_seconds.map(Duration::from_secs),
+        policy: None,
         stored,
     };
     ctx.engine.send(Request::Job(Box::new(info)));
@@ -272,4 +311,84 @@ async fn wait_for_cluster(
             .publish(reference, "ClusterNotFound", message, true);
     }
     Ok(Action::requeue(Duration::from_secs(5)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dispy_core::manifest::{Condition, DispyJobSpec};
+
+    fn job(status: JobStatus) -> DispyJobResource {
+        let mut job = DispyJobResource::new(
+            "j1",
+            DispyJobSpec {
+                cluster: "jc".into(),
+                args: vec![serde_json::json!("x".repeat(1000))],
+                ttl_seconds_after_finished: Some(60),
+                ..Default::default()
+            },
+        );
+        job.metadata.managed_fields = Some(vec![Default::default()]);
+        job.metadata.annotations = Some(
+            [
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".into(),
+                    "{…}".into(),
+                ),
+                ("team".into(), "a".into()),
+            ]
+            .into(),
+        );
+        job.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        job.status = Some(DispyJobStatus {
+            status,
+            node: Some("10.0.0.1:9701".into()),
+            attempts: 1,
+            result: Some(serde_json::json!([1, 2, 3])),
+            stdout: Some("out".into()),
+            exception: Some("Traceback".into()),
+            conditions: vec![Condition {
+                type_: "Complete".into(),
+                status: "True".into(),
+                last_transition_time: Some("2026-12-01T00:00:05Z".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        job
+    }
+
+    #[test]
+    fn the_cache_keeps_of_an_ended_job_only_what_its_reconcile_reads() {
+        let mut j = job(JobStatus::Finished);
+        slim(&mut j);
+        assert_eq!(j.metadata.managed_fields, None);
+        assert_eq!(
+            j.metadata.annotations,
+            Some([("team".to_string(), "a".to_string())].into()),
+            "only kubectl's copy goes"
+        );
+        assert_eq!(j.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+        assert!(j.spec.args.is_empty());
+        assert_eq!(
+            (j.spec.cluster.as_str(), j.spec.ttl_seconds_after_finished),
+            ("jc", Some(60))
+        );
+        let s = j.status.unwrap();
+        assert_eq!((s.status, s.attempts), (JobStatus::Finished, 1));
+        assert_eq!(s.node.as_deref(), Some("10.0.0.1:9701"));
+        assert_eq!((s.result, s.stdout, s.exception), (None, None, None));
+        assert!(s.conditions.is_empty());
+        // The TTL still reads when it ended: the condition's time, as endTime.
+        assert_eq!(s.end_time.as_deref(), Some("2026-12-01T00:00:05Z"));
+    }
+
+    #[test]
+    fn the_cache_keeps_all_of_a_job_that_has_not_ended_but_its_managed_fields() {
+        let mut j = job(JobStatus::Running);
+        let before = j.clone();
+        slim(&mut j);
+        assert_eq!(j.metadata.managed_fields, None);
+        assert_eq!((&j.spec, &j.status), (&before.spec, &before.status));
+    }
 }

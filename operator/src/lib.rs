@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispy_core::manifest::{DispyJobArrayResource, DispyJobResource, JobClusterResource};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 
 /// Field manager and event reporter name.
@@ -175,12 +175,22 @@ pub async fn run(
             job_ttl: options.job_ttl,
         });
         stores.push(clusters.store());
-        let jobs = Controller::new(
-            api::<DispyJobResource>(&client, ns),
-            watcher::Config::default(),
-        )
-        .with_config(ControllerConfig::default().concurrency(options.concurrency))
-        .graceful_shutdown_on(shutdown.clone());
+        // The DispyJob cache holds what `jobs::slim` leaves of each job.
+        let (job_store, job_cache) = kube::runtime::reflector::store();
+        let c = ctx.clone();
+        let job_stream = watcher::watcher(api::<DispyJobResource>(&client, ns), Default::default())
+            .default_backoff()
+            .inspect_ok(move |event| {
+                if let watcher::Event::Delete(job) = event {
+                    jobs::deleted(&c, job);
+                }
+            })
+            .map_ok(|event| event.modify(jobs::slim))
+            .reflect(job_cache)
+            .applied_objects();
+        let jobs = Controller::for_stream(job_stream, job_store)
+            .with_config(ControllerConfig::default().concurrency(options.concurrency))
+            .graceful_shutdown_on(shutdown.clone());
         let arrays = Controller::new(
             api::<DispyJobArrayResource>(&client, ns),
             watcher::Config::default(),

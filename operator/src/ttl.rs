@@ -30,18 +30,7 @@ pub fn expiry(ended: Option<f64>, ttl: Option<u64>, now: f64) -> Option<Expiry> 
 /// When the DispyJob whose status is `status` ended, in Unix seconds: its `endTime`, else when
 /// its `Complete` or `Failed` condition turned true; `None` while it has not ended.
 pub fn job_ended(status: &DispyJobStatus) -> Option<f64> {
-    if !status.status.is_terminal() {
-        return None;
-    }
-    let from_conditions = || {
-        status
-            .conditions
-            .iter()
-            .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?
-            .last_transition_time
-            .clone()
-    };
-    unix_seconds(&status.end_time.clone().or_else(from_conditions)?)
+    unix_seconds(status.ended_at()?)
 }
 
 /// An RFC 3339 time as Unix seconds.

@@ -1,6 +1,7 @@
 //! DispyJobArray end to end: 2,000 jobs from one object, every result read back from the
 //! result ConfigMaps; a failing index; `kubectl get dja` and `kubectl wait`; the operator killed
-//! mid-array (every index once); `ttlSecondsAfterFinished`.
+//! mid-array (every index once); a node pod killed mid-array (its jobs run again elsewhere);
+//! `ttlSecondsAfterFinished`.
 
 use std::collections::BTreeMap;
 
@@ -181,6 +182,75 @@ async fn the_operator_killed_mid_array_loses_no_index_and_runs_none_twice() {
         let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
         assert!(twice.is_empty(), "indexes not run exactly once: {twice:?}");
         assert_eq!(runs.len(), 200);
+    })
+    .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster and the chart's operator: run by e2e/test.sh"]
+async fn a_node_pod_killed_mid_array_has_its_jobs_run_again_when_the_array_is_reentrant() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "djanode").await;
+    with_operator_log(&client, async {
+        // Each job appends its index to a file when it starts: an index killed mid-run
+        // appears twice.
+        let dir = scratch_dir("dja-node");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("started");
+        // The cluster is not reentrant: only the array's own `reentrant: true` requeues.
+        let cluster = format!(
+            "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {{name: nap}}\nspec:\n  computation:\n    python:\n      source: |\n        def nap(n):\n            import time\n            with open({log:?}, 'a') as f:\n                f.write('%d\\n' % n)\n            time.sleep(1.5)\n            return n\n      function: nap\n  nodes: {{replicas: 2, cpus: 1}}\n",
+            log = log.display().to_string()
+        );
+        let inline = format!("[{}]", (0..24).map(|i| format!("[{i}]")).collect::<Vec<_>>().join(", "));
+        ns.apply(&format!(
+            "{cluster}---\napiVersion: dispy.io/v1alpha1\nkind: DispyJobArray\nmetadata: {{name: nap}}\nspec:\n  cluster: nap\n  reentrant: true\n  args: {inline}\n"
+        ))
+        .await;
+        wait_for("both nodes busy, some rows stored", 120, async || {
+            let a = get_or_seen(&arrays(&ns), "nap").await?;
+            match a.status.map(|s| (s.finished, s.running)) {
+                Some((f, 2)) if f >= 4 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = ns.api();
+        let pod = pods
+            .list(&ListParams::default().labels("dispy.io/cluster=nap"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+            .expect("a node pod");
+        let pid = pod_pid(&pod).expect("the node pod's process");
+        let ok = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill {pid}");
+        let a = wait_array_ended(&ns, "nap", 300).await;
+        let s = a.status.unwrap();
+        assert_eq!((s.total, s.finished, s.failed), (24, 24, 0), "{s:?}");
+        let rows = stored_rows(&ns, "nap").await;
+        for i in 0..24u32 {
+            let row = &rows[&i];
+            assert_eq!(row.status, JobStatus::Finished, "{row:?}");
+            assert_eq!(row.result, Some(serde_json::json!(i)), "{row:?}");
+        }
+        let mut starts: BTreeMap<u32, u32> = BTreeMap::new();
+        for l in std::fs::read_to_string(&log).unwrap().lines() {
+            *starts.entry(l.parse().unwrap()).or_default() += 1;
+        }
+        assert_eq!(starts.len(), 24, "every index started: {starts:?}");
+        let again: Vec<_> = starts.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            !again.is_empty(),
+            "the killed node's job ran again elsewhere: {starts:?}"
+        );
     })
     .await;
     ns.delete().await;

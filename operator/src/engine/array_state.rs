@@ -107,6 +107,7 @@ impl EngineState {
                     files: Vec::new(),
                     node: None,
                     deadline: None,
+                    policy: a.info.policy.clone(),
                     stored: Default::default(),
                 })
             })

@@ -24,7 +24,7 @@ use dispy_core::array::{self, Chunks};
 use dispy_core::job::{JobResult, JobStatus};
 use dispy_core::manifest::{rfc3339, ArrayResult, DispyJobArrayStatus};
 use dispy_core::protocol::JobRequest;
-use dispy_core::scheduler::{ClusterId, JobKey, NodeId};
+use dispy_core::scheduler::{ClusterId, ClusterPolicy, JobKey, NodeId};
 
 /// Most jobs of one array in the scheduler at once.
 pub const WINDOW: usize = 512;
@@ -46,6 +46,8 @@ pub struct ArrayInfo {
     /// Every job's request, by index.
     pub jobs: Vec<JobRequest>,
     pub suspended: bool,
+    /// Its own `reentrant`/`backoffLimit` where they differ from its cluster's.
+    pub policy: Option<ClusterPolicy>,
     /// What the result ConfigMaps already hold: each stored index's status.
     pub stored: BTreeMap<u32, JobStatus>,
     /// The chunk to go on filling.

@@ -61,8 +61,28 @@ pub struct JobInfo {
     /// `spec.node`: a node name, pod name or address.
     pub node: Option<String>,
     pub deadline: Option<Duration>,
+    /// Its own `reentrant`/`backoffLimit` where they differ from its cluster's (an array's).
+    pub policy: Option<ClusterPolicy>,
     /// The status stored in the API server when the controller read the object.
     pub stored: DispyJobStatus,
+}
+
+impl JobInfo {
+    /// What is still read of a job once its terminal status is stored: its key, names and
+    /// a summary of that status (see [`Job::seal`](state::Job)).
+    pub fn ended(&self) -> JobInfo {
+        JobInfo {
+            request: JobRequest {
+                id: self.request.id,
+                args: String::new(),
+                kwargs: String::new(),
+                depends: Vec::new(),
+            },
+            files: Vec::new(),
+            stored: self.stored.ended_summary(),
+            ..self.clone()
+        }
+    }
 }
 
 /// What the engine reports for a JobCluster's status.

@@ -265,6 +265,19 @@ pub struct Job {
 }
 
 impl Job {
+    /// Its terminal status is stored: nothing more is written, and what only a write or a
+    /// dispatch reads (arguments, result, output) goes, so an operator that has run 100,000
+    /// jobs holds little more than their names.
+    fn seal(&mut self) {
+        self.sealed = true;
+        self.status = self.status.ended_summary();
+        self.output = None;
+        self.unsaved_files.clear();
+        if let Some(info) = self.info.as_mut() {
+            *info = Arc::new(info.ended());
+        }
+    }
+
     fn new(stage: Stage, seq: u64) -> Job {
         Job {
             stage,
@@ -755,6 +768,8 @@ impl EngineState {
             stage
         };
         job.status = info.stored.clone();
+        // Ended before: never dispatched, never written.
+        job.sealed = stage == Stage::Stored;
         job.info = Some(info);
         self.out.push(Effect::Knows {
             key: key.clone(),
@@ -809,6 +824,7 @@ impl EngineState {
             key: key.clone(),
             node: pin.map(|(want, found)| found.unwrap_or_else(|| crate::with_port(&want))),
             active_deadline: info.deadline,
+            policy: info.policy.clone(),
         };
         let now = self.now.at;
         let job = self.jobs.get_mut(&key).unwrap();
@@ -1320,7 +1336,7 @@ impl EngineState {
                 }
                 // Terminal and stored: the result may leave its node, nothing more is written.
                 if job.status.status.is_terminal() && job.write_due.is_none() {
-                    job.sealed = true;
+                    job.seal();
                     if let Some(node) = job.ack.take() {
                         self.out.push(Effect::Ack {
                             node,

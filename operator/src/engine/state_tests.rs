@@ -142,6 +142,7 @@ fn job(id: u64, stored: DispyJobStatus) -> Arc<JobInfo> {
         files: Vec::new(),
         node: None,
         deadline: None,
+        policy: None,
         stored,
     })
 }
@@ -241,6 +242,73 @@ fn a_short_job_costs_one_write_and_its_result_is_acked_only_once_stored() {
     let e = t.done(A, 1, JobStatus::Finished);
     assert!(stores(&e).is_empty());
     assert_eq!(acks(&e), vec![(1, A.to_string())]);
+}
+
+#[test]
+fn once_its_end_is_stored_the_engine_keeps_only_a_summary_of_the_job() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A], false, 6), Vec::new());
+    let mut info = (*job(1, DispyJobStatus::default())).clone();
+    info.request.args = "[\"a long argument\"]".into();
+    t.step(Input::Job(Arc::new(info)));
+    t.done(A, 1, JobStatus::Finished);
+    let held = &t.s.jobs[&key(1)];
+    assert_eq!(
+        held.status.result,
+        Some(serde_json::json!(42)),
+        "kept until stored"
+    );
+    t.written(1, Ok(()));
+    let held = &t.s.jobs[&key(1)];
+    assert_eq!(held.status.status, JobStatus::Finished);
+    assert_eq!(held.status.attempts, 1);
+    assert_eq!(
+        held.status.result, None,
+        "the result stays in the API server"
+    );
+    assert!(held.status.conditions.is_empty());
+    assert!(held.status.end_time.is_some(), "the TTL reads it");
+    let info = held.info.as_ref().unwrap();
+    assert_eq!(
+        (info.request.args.as_str(), info.name.as_str()),
+        ("", "job-1")
+    );
+    // Nothing of it is written again: a resend is acked, never stored over the result.
+    let e = t.done(A, 1, JobStatus::Finished);
+    assert!(stores(&e).is_empty(), "{e:?}");
+    assert_eq!(acks(&e), vec![(1, A.to_string())]);
+    let e = t.advance(Duration::from_secs(5));
+    assert!(stores(&e).is_empty(), "{e:?}");
+    assert_eq!(
+        t.s.jobs[&key(1)].counted,
+        Some(JobStatus::Finished),
+        "still counted"
+    );
+}
+
+#[test]
+fn a_job_stored_terminal_is_never_written_even_when_deleted_or_resent() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A], false, 6), Vec::new());
+    // As the controller's cache holds it: a summary only.
+    let summary = DispyJobStatus {
+        end_time: Some("2026-12-01T00:00:00Z".into()),
+        ..stored(JobStatus::Finished, 1)
+    };
+    t.step(Input::Job(job(4, summary)));
+    assert!(t.s.jobs[&key(4)].sealed);
+    let e = t.done(A, 4, JobStatus::Finished);
+    assert!(stores(&e).is_empty());
+    let e = t.advance(Duration::from_secs(5));
+    assert!(stores(&e).is_empty());
+    // Its DispyJob deleted (no finalizer: seen by the watch): forgotten at once.
+    let e = t.step(Input::JobGone {
+        key: key(4),
+        reply: ReplyTo(1),
+    });
+    assert!(stores(&e).is_empty());
+    assert_eq!(replies(&e), 1);
+    assert!(!t.s.jobs.contains_key(&key(4)));
 }
 
 #[test]
