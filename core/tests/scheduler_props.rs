@@ -179,6 +179,7 @@ impl Harness {
                     key: JobKey::new(cluster(c), self.specs.len() as u64),
                     node: pin.map(node),
                     active_deadline: deadline.map(Duration::from_secs),
+                    policy: None,
                 };
                 self.specs.push(spec.clone());
                 Event::JobSubmitted(spec)

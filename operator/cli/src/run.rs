@@ -616,6 +616,7 @@ impl<'a> Run<'a> {
                 key: self.key_of(Owner::Job(j)),
                 node,
                 active_deadline,
+                policy: None,
             });
         }
         drop(nodes);
