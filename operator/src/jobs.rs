@@ -251,7 +251,14 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
             .await
             .map_err(|e| invalid(e.to_string()))?
     };
-    let info = JobInfo {
+    ctx.engine
+        .send(Request::Job(Box::new(job_info(&job, key, files))));
+    Ok(Action::await_change())
+}
+
+/// The job as the engine takes it.
+fn job_info(job: &DispyJobResource, key: JobKey, files: Vec<crate::engine::File>) -> JobInfo {
+    JobInfo {
         request: JobRequest {
             id: key.job,
             args: serde_json::Value::Array(job.spec.args.clone()).to_string(),
@@ -259,17 +266,65 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
             depends: files.iter().map(|(n, _)| n.clone()).collect(),
         },
         key,
-        namespace: ns,
-        name,
+        namespace: job.namespace().unwrap_or_else(|| "default".into()),
+        name: job.name_any(),
         uid: job.metadata.uid.clone().unwrap_or_default(),
         files,
         node: job.spec.node.clone(),
         deadline: job.spec.active_deadline_seconds.map(Duration::from_secs),
         policy: None,
-        stored,
+        stored: job.status.clone().unwrap_or_default(),
+    }
+}
+
+/// Whether the cache leaves the job out: it has ended, is not being deleted and has no
+/// `ttlSecondsAfterFinished` (its own or `default_ttl`) to wait for, so nothing would
+/// reconcile it again. Its deletion, once asked, brings it back (its finalizer).
+pub fn left_out(job: &DispyJobResource, default_ttl: Option<u64>) -> bool {
+    job.status.as_ref().is_some_and(|s| s.status.is_terminal())
+        && job.metadata.deletion_timestamp.is_none()
+        && job
+            .spec
+            .ttl_seconds_after_finished
+            .or(default_ttl)
+            .is_none()
+}
+
+/// Which watch events reach the DispyJob cache: a job [`left_out`] is handed to the engine
+/// (which counts it) here instead, and never cached: listed, it is skipped; updated, it
+/// leaves the cache as if deleted. The cache then grows with the jobs that have not ended
+/// (and those waiting for their TTL), not with every job the namespace ever ran.
+pub fn cache_event(
+    ctx: &Ctx,
+    event: kube::runtime::watcher::Event<DispyJobResource>,
+) -> Option<kube::runtime::watcher::Event<DispyJobResource>> {
+    use kube::runtime::watcher::Event;
+    match event {
+        Event::Apply(job) if left_out(&job, ctx.job_ttl) => {
+            ended(ctx, &job);
+            Some(Event::Delete(job))
+        }
+        Event::InitApply(job) if left_out(&job, ctx.job_ttl) => {
+            ended(ctx, &job);
+            None
+        }
+        other => Some(other),
+    }
+}
+
+/// Tells the engine of a job that has ended (it counts it, and acknowledges its result if a
+/// node sends it again).
+fn ended(ctx: &Ctx, job: &DispyJobResource) {
+    let Some(cluster) = cluster_of(job, ctx) else {
+        return;
     };
+    let key = JobKey::new(
+        computation_id(&cluster),
+        job_id(job.metadata.uid.as_deref().unwrap_or("")),
+    );
+    let mut info = job_info(job, key, Vec::new());
+    info.stored = info.stored.ended_summary();
     ctx.engine.send(Request::Job(Box::new(info)));
-    Ok(Action::await_change())
 }
 
 /// The job names a JobCluster that does not exist (yet): say so once, look again later.
@@ -390,5 +445,28 @@ mod tests {
         slim(&mut j);
         assert_eq!(j.metadata.managed_fields, None);
         assert_eq!((&j.spec, &j.status), (&before.spec, &before.status));
+    }
+
+    #[test]
+    fn only_an_ended_job_with_nothing_left_to_reconcile_is_left_out_of_the_cache() {
+        let mut j = job(JobStatus::Finished);
+        j.spec.ttl_seconds_after_finished = None;
+        assert!(left_out(&j, None));
+        assert!(
+            !left_out(&j, Some(600)),
+            "the operator's default TTL is waited for"
+        );
+        assert!(
+            !left_out(&job(JobStatus::Finished), None),
+            "its own TTL is waited for"
+        );
+        assert!(!left_out(&job(JobStatus::Running), None));
+        j.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-01T00:00:00Z".parse().unwrap(),
+        ));
+        assert!(
+            !left_out(&j, None),
+            "its deletion needs the finalizer removed"
+        );
     }
 }

@@ -177,17 +177,24 @@ pub async fn run(
         stores.push(clusters.store());
         // The DispyJob cache holds what `jobs::slim` leaves of each job.
         let (job_store, job_cache) = kube::runtime::reflector::store();
-        let c = ctx.clone();
-        let job_stream = watcher::watcher(api::<DispyJobResource>(&client, ns), Default::default())
-            .default_backoff()
-            .inspect_ok(move |event| {
-                if let watcher::Event::Delete(job) = event {
-                    jobs::deleted(&c, job);
-                }
-            })
-            .map_ok(|event| event.modify(jobs::slim))
-            .reflect(job_cache)
-            .applied_objects();
+        let (c, c2) = (ctx.clone(), ctx.clone());
+        // Jobs are read once the JobClusters are (a job is keyed by its cluster's uid).
+        let clusters_listed = clusters.store();
+        let job_api = api::<DispyJobResource>(&client, ns);
+        let job_stream = futures::stream::once(async move {
+            let _ = clusters_listed.wait_until_ready().await;
+        })
+        .flat_map(move |()| watcher::watcher(job_api.clone(), Default::default()))
+        .default_backoff()
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(job) = event {
+                jobs::deleted(&c, job);
+            }
+        })
+        .try_filter_map(move |event| std::future::ready(Ok(jobs::cache_event(&c2, event))))
+        .map_ok(|event| event.modify(jobs::slim))
+        .reflect(job_cache)
+        .applied_objects();
         let jobs = Controller::for_stream(job_stream, job_store)
             .with_config(ControllerConfig::default().concurrency(options.concurrency))
             .graceful_shutdown_on(shutdown.clone());
