@@ -10,39 +10,14 @@
 # local process here, so its memory and request count can be read.
 set -euo pipefail
 N=${1:-1000}
-E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_DIR="$(cd "$E2E_DIR/.." && pwd)"
-BIN="${E2E_BUILD_DIR:-$E2E_DIR/.build}/bin"
 NS=dispy-bench
 METRICS=127.0.0.1:18089
+BENCH_EXTRA_NAMESPACES=$NS-ref
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench/lib.sh"
+proxy_pid=
+trap '[[ -n $proxy_pid ]] && kill "$proxy_pid" 2>/dev/null; bench_cleanup' EXIT
 
-# release binaries, as in the images (BENCH_PROFILE=debug for the test builds)
-PROFILE=${BENCH_PROFILE:-release}
-flag=$([[ $PROFILE == release ]] && echo --release || true)
-(cd "$REPO_DIR" && cargo build -q $flag -p dispy-operator -p dispynode && cargo build -q -p process-kubelet)
-own_cluster=0
-if [[ -z ${KUBECONFIG:-} ]]; then
-  export E2E_PROFILE=$PROFILE  # the node pods' dispynode
-  export E2E_STATE_DIR="$E2E_DIR/.state/bench" E2E_APISERVER_PORT=17443 E2E_ETCD_PORT=24890
-  export E2E_CONTROLLER_MANAGER_PORT=21257 E2E_SCHEDULER_PORT=21259 E2E_NODE_IP_BASE=60
-  "$E2E_DIR/cluster" up >/dev/null
-  export KUBECONFIG="$E2E_STATE_DIR/admin.kubeconfig"
-  own_cluster=1
-fi
-KUBECTL="$BIN/kubectl"
-k() { "$KUBECTL" "$@"; }
-
-op_pid= proxy_pid=
-cleanup() {
-  [[ -n $proxy_pid ]] && kill "$proxy_pid" 2>/dev/null
-  k delete namespace $NS $NS-ref --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || true
-  [[ -n $op_pid ]] && kill "$op_pid" 2>/dev/null && wait "$op_pid" 2>/dev/null
-  k delete mutatingadmissionpolicybinding,mutatingadmissionpolicy dispy-operator-job-finalizer --ignore-not-found >/dev/null 2>&1 || true
-  if [[ $own_cluster == 1 ]]; then "$E2E_DIR/cluster" down >/dev/null; fi
-}
-trap cleanup EXIT
-
-k apply -f "$REPO_DIR/crds/dispy.io.yaml" >/dev/null 2>&1
 # the chart's admission policy, which puts the operator's finalizer on each DispyJob at creation
 # (BENCH_FINALIZER_POLICY=false: the operator patches it on, one more write per job)
 if [[ ${BENCH_FINALIZER_POLICY:-true} == true ]]; then
@@ -56,11 +31,7 @@ else
 fi
 k create namespace $NS >/dev/null
 # shellcheck disable=SC2086 # BENCH_OPERATOR_ARGS: more flags, e.g. "--event-qps 1000"
-OPERATOR_BIN=${BENCH_OPERATOR_BIN:-$REPO_DIR/target/$PROFILE/dispy-operator}  # another build, to compare
-RUST_LOG=warn "$OPERATOR_BIN" run --metrics-addr $METRICS --log-format text \
-  --namespaces $NS ${BENCH_OPERATOR_ARGS:-} >"${TMPDIR:-/tmp}/dispy-bench-operator.log" 2>&1 &
-op_pid=$!
-
+start_operator ${BENCH_OPERATOR_ARGS:-}
 # BENCH_REUSE_WORKERS=true: the jobs run in long-lived workers instead of a fork each (the
 # node's cost per job drops from ~1 ms of cpu to ~0.1 ms; the operator's work is the same)
 REUSE=${BENCH_REUSE_WORKERS:-false}
@@ -73,13 +44,7 @@ spec:
     python: {source: "def f(i):\\n    return i\\n", function: f, reuseWorkers: $REUSE}
   nodes: {replicas: 2, cpus: 2}
 EOF
-for _ in $(seq 120); do
-  [[ $(k -n $NS get jc trivial -o jsonpath='{.status.nodes}') == 2/2 ]] && break
-  sleep 0.5
-done
-[[ $(k -n $NS get jc trivial -o jsonpath='{.status.nodes}') == 2/2 ]] || { echo "cluster not ready"; exit 1; }
-
-requests() { curl -s "http://$METRICS/metrics" | awk '/^dispy_operator_api_requests_total /{print $2}'; }
+wait_cluster trivial 2
 # BENCH_CREATORS (8) manifests created by as many kubectl processes at once: one kubectl sends
 # its objects one after the other, which alone caps creation near 30/s here
 PARTS=${BENCH_CREATORS:-8}
@@ -143,7 +108,7 @@ done
 end=$(date +%s.%N)
 after=$(requests)
 cpu_snapshot "$manifest-cpu-after"
-hwm=$(awk '/VmHWM/{print $2}' "/proc/$op_pid/status")
+hwm=$(hwm_kib)
 wrong=$(k -n $NS get dj -o json | python3 -c '
 import json, sys
 items = json.load(sys.stdin)["items"]
