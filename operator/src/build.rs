@@ -154,6 +154,28 @@ pub fn serves_dispy_protocol(jc: &JobClusterResource) -> bool {
 
 /// The node image's user and group (`dispy`, node-image/Dockerfile): node pods run as it.
 pub const NODE_USER: i64 = 10001;
+
+/// The pod securityContext of the pods the operator runs from the node image (node pods and
+/// the scheduler): Kubernetes' restricted profile, as the image's unprivileged user.
+pub fn restricted_pod() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": NODE_USER,
+        "runAsGroup": NODE_USER,
+        "fsGroup": NODE_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// Their container securityContext: no privilege, no capability, and a read-only root (what
+/// they write goes to their work volume; TMPDIR points there).
+pub fn restricted_container() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
 /// `spec.nodes.maxFileSize` when it is not set.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 10 << 20;
 /// The work volume holds this many files of the largest size...
@@ -256,13 +278,7 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
             "terminationGracePeriodSeconds": 30,
             // Kubernetes' restricted Pod Security profile (with `hostNetwork: false`, node
             // pods meet it whole). A template's securityContext merges over this.
-            "securityContext": {
-                "runAsNonRoot": true,
-                "runAsUser": NODE_USER,
-                "runAsGroup": NODE_USER,
-                "fsGroup": NODE_USER,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "securityContext": restricted_pod(),
             "containers": [{
                 "name": "dispynode",
                 "image": image,
@@ -290,11 +306,7 @@ pub fn node_pod(jc: &JobClusterResource, index: u32, image: &str) -> Result<Pod,
                 "ports": container_ports,
                 "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 2},
                 "resources": resources,
-                "securityContext": {
-                    "allowPrivilegeEscalation": false,
-                    "readOnlyRootFilesystem": true,
-                    "capabilities": {"drop": ["ALL"]},
-                },
+                "securityContext": restricted_container(),
                 "volumeMounts": [{"name": "work", "mountPath": DEST_PATH}],
             }],
             "volumes": [{"name": "work", "emptyDir": work}],

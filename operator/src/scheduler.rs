@@ -163,6 +163,7 @@ pub fn plan(
         "metadata": {"labels": labels},
         "spec": {
             "terminationGracePeriodSeconds": 20,
+            "securityContext": build::restricted_pod(),
             "containers": [{
                 "name": "dispyscheduler",
                 "image": image,
@@ -172,6 +173,7 @@ pub fn plan(
                     {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                     secret_env("DISPYSCHEDULER_NODE_SECRET"),
                     secret_env("DISPYSCHEDULER_CLUSTER_SECRET"),
+                    {"name": "TMPDIR", "value": DEST_PATH},
                 ],
                 "ports": [
                     {"name": "clients", "containerPort": client_port, "protocol": "TCP"},
@@ -179,6 +181,7 @@ pub fn plan(
                 ],
                 "readinessProbe": {"tcpSocket": {"port": client_port}, "periodSeconds": 2},
                 "resources": spec.resources.clone().unwrap_or_else(|| json!({})),
+                "securityContext": build::restricted_container(),
                 "volumeMounts": mounts,
             }],
             "volumes": volumes,
@@ -315,6 +318,23 @@ mod tests {
         let svc = p.service.spec.as_ref().unwrap();
         assert_eq!(svc.ports.as_ref().unwrap()[0].port, 9702);
         assert_eq!(svc.selector.as_ref().unwrap()[SCHEDULER_LABEL], "pool");
+    }
+
+    #[test]
+    fn the_scheduler_pod_runs_restricted_as_the_node_pods_do() {
+        let p = plan_of(POOL, &[]);
+        let pod = p.deployment.spec.template.spec.clone().unwrap();
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(build::NODE_USER));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c = container(&p);
+        let csc = c.security_context.unwrap();
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(csc.read_only_root_filesystem, Some(true));
+        assert_eq!(csc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+        let tmp = c.env.unwrap().into_iter().find(|e| e.name == "TMPDIR").unwrap();
+        assert_eq!(tmp.value.as_deref(), Some(DEST_PATH), "on the work volume");
     }
 
     #[test]
