@@ -155,14 +155,26 @@ pub async fn run(
         let ns = scope.as_deref();
         let managed =
             watcher::Config::default().labels("app.kubernetes.io/managed-by=dispy-operator");
-        let clusters = Controller::new(
-            api::<JobClusterResource>(&client, ns),
-            watcher::Config::default(),
-        )
-        .owns(api::<Pod>(&client, ns), managed)
-        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
-        .reconcile_on(tokio_stream_from(notices))
-        .graceful_shutdown_on(shutdown.clone());
+        // `listed` turns true once the JobClusters are in the cache: DispyJobs are read after
+        // that (a job is keyed by its cluster's uid). Not the store's own wait_until_ready:
+        // it wakes only the last of several waiters, and the controller waits on it too.
+        let (listed_tx, listed) = tokio::sync::watch::channel(false);
+        let (cluster_store, cluster_cache) = kube::runtime::reflector::store();
+        let cluster_stream =
+            watcher::watcher(api::<JobClusterResource>(&client, ns), Default::default())
+                .default_backoff()
+                .reflect(cluster_cache)
+                .inspect_ok(move |event| {
+                    if matches!(event, watcher::Event::InitDone) {
+                        let _ = listed_tx.send(true);
+                    }
+                })
+                .applied_objects();
+        let clusters = Controller::for_stream(cluster_stream, cluster_store)
+            .owns(api::<Pod>(&client, ns), managed)
+            .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
+            .reconcile_on(tokio_stream_from(notices))
+            .graceful_shutdown_on(shutdown.clone());
         let ctx = Arc::new(Ctx {
             client: client.clone(),
             image: options.image.clone(),
@@ -178,11 +190,9 @@ pub async fn run(
         // The DispyJob cache holds what `jobs::slim` leaves of each job.
         let (job_store, job_cache) = kube::runtime::reflector::store();
         let (c, c2) = (ctx.clone(), ctx.clone());
-        // Jobs are read once the JobClusters are (a job is keyed by its cluster's uid).
-        let clusters_listed = clusters.store();
         let job_api = api::<DispyJobResource>(&client, ns);
         let job_stream = futures::stream::once(async move {
-            let _ = clusters_listed.wait_until_ready().await;
+            let _ = { listed }.wait_for(|listed| *listed).await;
         })
         .flat_map(move |()| watcher::watcher(job_api.clone(), Default::default()))
         .default_backoff()

@@ -332,8 +332,16 @@ mod tests {
         let csc = c.security_context.unwrap();
         assert_eq!(csc.allow_privilege_escalation, Some(false));
         assert_eq!(csc.read_only_root_filesystem, Some(true));
-        assert_eq!(csc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
-        let tmp = c.env.unwrap().into_iter().find(|e| e.name == "TMPDIR").unwrap();
+        assert_eq!(
+            csc.capabilities.unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+        let tmp = c
+            .env
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "TMPDIR")
+            .unwrap();
         assert_eq!(tmp.value.as_deref(), Some(DEST_PATH), "on the work volume");
     }
 
