@@ -1,8 +1,9 @@
-"""Creates N DispyJobs of JobCluster CLUSTER in namespace NS, each already Finished (its
-status written the way the operator writes it: server-side apply, field manager
-dispy-operator), straight to the API server named by $KUBECONFIG, from THREADS connections.
+"""Creates N DispyJobs j0..j(N-1) of JobCluster CLUSTER in namespace NS (job i's args: [i]),
+each already Finished (its status written the way the operator writes it: server-side apply,
+field manager dispy-operator), straight to the API server named by $KUBECONFIG, from THREADS
+connections. With --created-only they are only created, for the operator to run.
 
-    python3 load_jobs.py NS CLUSTER N [THREADS]
+    python3 load_jobs.py NS CLUSTER N [THREADS] [--created-only]
 
 Only the standard library: the kubeconfig's server and its inline certificates are read with
 regular expressions (the e2e cluster writes them one per line)."""
@@ -61,8 +62,10 @@ def status(i, node):
 
 
 def main():
-    ns, cluster, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    threads = int(sys.argv[4]) if len(sys.argv) > 4 else 8
+    created_only = "--created-only" in sys.argv
+    argv = [a for a in sys.argv if a != "--created-only"]
+    ns, cluster, n = argv[1], argv[2], int(argv[3])
+    threads = int(argv[4]) if len(argv) > 4 else 8
     connect = connection_factory()
     base = "/apis/dispy.io/v1alpha1/namespaces/%s/dispyjobs" % ns
     failures = []
@@ -82,6 +85,8 @@ def main():
                 job = {"apiVersion": "dispy.io/v1alpha1", "kind": "DispyJob",
                        "metadata": {"name": name}, "spec": {"cluster": cluster, "args": [i]}}
                 send(conn, "POST", base, job, "application/json")
+                if created_only:
+                    continue
                 applied = {"apiVersion": "dispy.io/v1alpha1", "kind": "DispyJob",
                            "metadata": {"name": name},
                            "status": status(i, "127.0.0.%d" % (61 + i % 2))}
