@@ -922,3 +922,143 @@ fn zz_sizes() {
         std::mem::size_of::<JobKey>()
     );
 }
+
+// --- DispyJobArrays -----------------------------------------------------------------------
+
+const ARRAY_UID: &str = "uid-of-the-array";
+
+fn array(n: u32, policy: Option<ClusterPolicy>) -> Arc<ArrayInfo> {
+    let p = crate::engine::arrays::prefix(ARRAY_UID);
+    Arc::new(ArrayInfo {
+        key: "default/arr".into(),
+        namespace: "default".into(),
+        name: "arr".into(),
+        uid: ARRAY_UID.into(),
+        generation: Some(1),
+        cluster: CLUSTER.into(),
+        jobs: (0..n)
+            .map(|i| JobRequest {
+                id: crate::engine::arrays::job_id(p, i),
+                args: format!("[{i}]"),
+                kwargs: "{}".into(),
+                depends: Vec::new(),
+            })
+            .collect(),
+        suspended: false,
+        policy,
+        stored: BTreeMap::new(),
+        chunks: dispy_core::array::Chunks::resume(&BTreeMap::new()),
+        status: Default::default(),
+    })
+}
+
+/// The node-side key of index `i` of the test array.
+fn index_key(i: u32) -> JobKey {
+    JobKey::new(
+        CLUSTER,
+        crate::engine::arrays::job_id(crate::engine::arrays::prefix(ARRAY_UID), i),
+    )
+}
+
+fn index_news<'a>(t: &'a mut T, node: &str, i: u32, status: Option<JobStatus>) -> Vec<&'a Effect> {
+    let news = match status {
+        None => NodeNews::Started {
+            key: index_key(i),
+            start_time: 1.0,
+        },
+        Some(status) => NodeNews::Done {
+            key: index_key(i),
+            result: JobResult {
+                status,
+                result: Some(i.to_string()),
+                ..Default::default()
+            },
+        },
+    };
+    t.news(node, news)
+}
+
+fn array_writes<'a>(effects: &[&'a Effect]) -> Vec<&'a ArrayWrite> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::StoreArray { write, .. } => Some(&**write),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_array_index_is_acked_to_its_node_only_once_its_row_is_stored() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A], false, 6), Vec::new());
+    let e = t.step(Input::Array(array(2, None)));
+    assert_eq!(submits(&e).len(), 1, "one cpu: one index at a time");
+    let e = index_news(&mut t, A, 0, Some(JobStatus::Finished));
+    assert!(acks(&e).is_empty(), "{e:?}");
+    // Rows go in a batch, a second later.
+    let e = t.advance(Duration::from_secs(2));
+    let writes = array_writes(&e);
+    let rows: String = writes
+        .iter()
+        .flat_map(|w| w.chunks.iter().map(|(_, t)| t.clone()))
+        .collect();
+    assert!(rows.contains(r#""index":0"#), "{rows}");
+    assert!(acks(&e).is_empty(), "not before it is stored");
+    let e = t.step(Input::ArrayWritten {
+        key: "default/arr".into(),
+        result: Ok(()),
+    });
+    assert_eq!(acks(&e), vec![(index_key(0).job, A.to_string())]);
+}
+
+#[test]
+fn deleting_an_array_terminates_its_running_job_starts_no_other_and_replies_once_it_stopped() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A], false, 6), Vec::new());
+    t.step(Input::Array(array(3, None)));
+    index_news(&mut t, A, 0, None);
+    let e = t.step(Input::ArrayGone {
+        key: "default/arr".into(),
+        reply: ReplyTo(9),
+    });
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::Cancel { key, .. } if *key == index_key(0))),
+        "{e:?}"
+    );
+    assert_eq!(replies(&e), 0, "not before it stopped");
+    let e = index_news(&mut t, A, 0, Some(JobStatus::Terminated));
+    assert!(
+        e.iter().any(|e| matches!(e, Effect::Reply(ReplyTo(9)))),
+        "{e:?}"
+    );
+    assert!(
+        submits(&e).is_empty(),
+        "no index starts after the deletion: {e:?}"
+    );
+    assert!(e
+        .iter()
+        .any(|e| matches!(e, Effect::ArrayKnows { known: false, .. })));
+}
+
+#[test]
+fn an_arrays_own_reentrant_requeues_its_jobs_of_a_lost_node_in_a_cluster_that_is_not() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A, B], false, 6), Vec::new());
+    let own = ClusterPolicy {
+        reentrant: true,
+        backoff_limit: 6,
+    };
+    let e = t.step(Input::Array(array(1, Some(own))));
+    let (_, first) = submits(&e)[0].clone();
+    let other = if first == A { B } else { A };
+    index_news(&mut t, &first, 0, None);
+    let e = t.news(
+        &first,
+        NodeNews::Lost {
+            reason: "pulses missed".into(),
+        },
+    );
+    assert_eq!(submits(&e), vec![(index_key(0).job, other.to_string())]);
+}
