@@ -19,7 +19,7 @@
 //!   terminal waits [`NOT_TERMINAL_DELAY`], so a short job costs one write (its end);
 //! - a job is on at most one node (the scheduler's rule; submissions follow its dispatches).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -344,6 +344,9 @@ pub struct EngineState {
     ended: HashMap<JobKey, JobStatus>,
     /// `ended` counted by cluster, so the stats do not walk it.
     ended_counts: HashMap<ClusterId, JobCounts>,
+    /// JobClusters deleted (an id is never reused: it holds the uid): their jobs that end
+    /// are not kept in `ended`, nobody reads their counts.
+    gone: HashSet<ClusterId>,
     next_seq: u64,
     drains: Vec<ReplyTo>,
     /// The stats last published, by `namespace/name`.
@@ -371,6 +374,7 @@ impl EngineState {
             jobs: HashMap::new(),
             ended: HashMap::new(),
             ended_counts: HashMap::new(),
+            gone: HashSet::new(),
             next_seq: 0,
             drains: Vec::new(),
             published: HashMap::new(),
@@ -704,6 +708,15 @@ impl EngineState {
             return;
         };
         tracing::info!(cluster = %id, "JobCluster deleted: closing its computation");
+        self.ended.retain(|k, status| {
+            let keep = k.cluster != id;
+            if !keep {
+                self.metrics.job_status(Some(*status), None);
+            }
+            keep
+        });
+        self.ended_counts.remove(&id);
+        self.gone.insert(id.clone());
         let open: Vec<JobKey> = self
             .jobs
             .iter()
@@ -799,6 +812,9 @@ impl EngineState {
 
     /// The job's terminal status is stored: from now on it is only counted.
     fn end(&mut self, key: JobKey, status: JobStatus) {
+        if self.gone.contains(&key.cluster) {
+            return;
+        }
         if self.ended.insert(key.clone(), status).is_none() {
             self.metrics.job_status(None, Some(status));
             *tally(self.ended_counts.entry(key.cluster).or_default(), status) += 1;

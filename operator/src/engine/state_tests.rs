@@ -1062,3 +1062,29 @@ fn an_arrays_own_reentrant_requeues_its_jobs_of_a_lost_node_in_a_cluster_that_is
     );
     assert_eq!(submits(&e), vec![(index_key(0).job, other.to_string())]);
 }
+
+#[test]
+fn a_deleted_cluster_takes_its_ended_jobs_with_it_and_keeps_none_that_end_later() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A], false, 6), Vec::new());
+    t.step(Input::Job(job(1, stored(JobStatus::Finished, 1))));
+    t.step(Input::Job(job(2, DispyJobStatus::default())));
+    t.news(
+        A,
+        NodeNews::Started {
+            key: key(2),
+            start_time: 1.0,
+        },
+    );
+    assert_eq!(t.s.ended.len(), 1);
+    t.step(Input::ClusterGone {
+        id: CLUSTER.into(),
+        reply: ReplyTo(3),
+    });
+    assert!(t.s.ended.is_empty() && t.s.ended_counts.is_empty());
+    // Its running job is cancelled; once that is stored it is not kept either.
+    t.done(A, 2, JobStatus::Cancelled);
+    t.written(2, Ok(()));
+    assert!(t.s.ended.is_empty(), "{:?}", t.s.ended);
+    assert!(!t.s.jobs.contains_key(&key(2)));
+}
