@@ -479,7 +479,9 @@ pub struct DispyJobArraySpec {
     /// Start no more of its jobs while true; running ones go on.
     #[serde(default)]
     pub suspend: bool,
-    /// Delete the array (and its result ConfigMaps) this long after every job ended.
+    /// Delete the array (and its result ConfigMaps) this long after every job ended. Unset:
+    /// the operator's default (`--job-ttl-seconds-after-finished`, chart value
+    /// `jobs.ttlSecondsAfterFinished`), by default none: the array is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,

@@ -100,6 +100,11 @@ async fn cleanup(a: Arc<DispyJobArrayResource>, ctx: Arc<Ctx>) -> Result<Action,
     }
 }
 
+/// The array's `ttlSecondsAfterFinished`, else the operator's default (DispyJobs' too).
+pub fn array_ttl(own: Option<i64>, default: Option<u64>) -> Option<i64> {
+    own.or(default.and_then(|t| i64::try_from(t).ok()))
+}
+
 /// Seconds until a finished array is to be deleted (0 or less: now), if it is to be.
 pub fn ttl_left(ttl: Option<i64>, completion: Option<&str>, now_unix: f64) -> Option<f64> {
     let ttl = ttl?;
@@ -114,7 +119,7 @@ async fn apply(a: Arc<DispyJobArrayResource>, ctx: Arc<Ctx>) -> Result<Action, E
     let status = a.status.clone().unwrap_or_default();
     let now = dispy_core::job::now_secs();
     if let Some(left) = ttl_left(
-        a.spec.ttl_seconds_after_finished,
+        array_ttl(a.spec.ttl_seconds_after_finished, ctx.job_ttl),
         status.completion_time.as_deref(),
         now,
     ) {
@@ -289,5 +294,12 @@ mod tests {
         assert_eq!(ttl_left(Some(0), Some(done), at), Some(0.0));
         assert_eq!(ttl_left(None, Some(done), at), None, "no ttl: kept");
         assert_eq!(ttl_left(Some(30), None, at), None, "not finished");
+        assert_eq!(array_ttl(Some(5), Some(600)), Some(5), "its own first");
+        assert_eq!(
+            array_ttl(None, Some(600)),
+            Some(600),
+            "the operator's default"
+        );
+        assert_eq!(array_ttl(None, None), None);
     }
 }

@@ -73,7 +73,7 @@ enum Cmd {
         /// Routine Events that may go at once after a quiet time.
         #[arg(long, default_value_t = 25)]
         event_burst: u32,
-        /// Delete a DispyJob this many seconds after it ended, unless its
+        /// Delete a DispyJob or a DispyJobArray this many seconds after it ended, unless its
         /// spec.ttlSecondsAfterFinished says otherwise. Default: keep it.
         #[arg(
             long,
