@@ -29,7 +29,7 @@ t0 = time.time()
 jobs = [cluster.submit(i) for i in range(n)]
 wrong = sum(1 for i, j in enumerate(jobs) if j() != i * i or j.status != dispy.DispyJob.Finished)
 t1 = time.time()
-print("RESULT %f %f %d" % (t0, t1, wrong), flush=True)
+print("RESULT %f %f %d %f" % (t0, t1, wrong, time.process_time()), flush=True)
 cluster.close()
 '''
 
@@ -52,6 +52,19 @@ def cpu_seconds(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def tree_cpu_seconds(pid):
+    """CPU seconds of a process and of its living children (a node's Python hosts)."""
+    total = cpu_seconds(pid)
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open("/proc/%s/stat" % child).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == pid:
+            total += tree_cpu_seconds(int(child))
+    return total
 
 
 def stop(p):
@@ -95,11 +108,14 @@ def run(label, sched_cmd, node_bin, jobs, work):
                 c.communicate()
                 hung += 1
         cpu = cpu_seconds(sched.pid)
+        node_cpu = sum(tree_cpu_seconds(n.pid) for n in nodes)
         if len(rows) == 2:
             wall = max(r[1] for r in rows) - min(r[0] for r in rows)
             wrong = int(sum(r[2] for r in rows))
-            print("%-22s %8.0f jobs/s  %d wrong  %d hung  (%d jobs in %.1fs; scheduler cpu %.1fs)" %
-                  (label, 2 * jobs / wall, wrong, hung, 2 * jobs, wall, cpu), flush=True)
+            client_cpu = sum(r[3] for r in rows)
+            print("%-22s %8.0f jobs/s  %d wrong  %d hung  (%d jobs in %.1fs; cpu: scheduler %.1fs, "
+                  "clients %.1fs, nodes %.1fs)" % (label, 2 * jobs / wall, wrong, hung, 2 * jobs,
+                                                   wall, cpu, client_cpu, node_cpu), flush=True)
         else:
             print("%-22s %d of 2 clients hung" % (label, hung), flush=True)
     finally:
