@@ -27,9 +27,10 @@ for j in [cluster.submit(i) for i in range(20)]:
     j()
 t0 = time.time()
 jobs = [cluster.submit(i) for i in range(n)]
+submitted = time.time()
 wrong = sum(1 for i, j in enumerate(jobs) if j() != i * i or j.status != dispy.DispyJob.Finished)
 t1 = time.time()
-print("RESULT %f %f %d %f" % (t0, t1, wrong, time.process_time()), flush=True)
+print("RESULT %f %f %d %f %f" % (t0, t1, wrong, time.process_time(), submitted), flush=True)
 cluster.close()
 '''
 
@@ -55,8 +56,13 @@ def cpu_seconds(pid):
 
 
 def tree_cpu_seconds(pid):
-    """CPU seconds of a process and of its living children (a node's Python hosts)."""
-    total = cpu_seconds(pid)
+    """CPU seconds of a process, of the children it has waited for, and of its living
+    children (a node's Python hosts and their job processes)."""
+    try:
+        fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+        total = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
     for child in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = open("/proc/%s/stat" % child).read().rsplit(")", 1)[1].split()
@@ -113,9 +119,11 @@ def run(label, sched_cmd, node_bin, jobs, work):
             wall = max(r[1] for r in rows) - min(r[0] for r in rows)
             wrong = int(sum(r[2] for r in rows))
             client_cpu = sum(r[3] for r in rows)
-            print("%-22s %8.0f jobs/s  %d wrong  %d hung  (%d jobs in %.1fs; cpu: scheduler %.1fs, "
-                  "clients %.1fs, nodes %.1fs)" % (label, 2 * jobs / wall, wrong, hung, 2 * jobs,
-                                                   wall, cpu, client_cpu, node_cpu), flush=True)
+            submitting = max(r[4] for r in rows) - min(r[0] for r in rows)
+            print("%-22s %8.0f jobs/s  %d wrong  %d hung  (%d jobs in %.1fs, submitted in %.1fs; cpu: "
+                  "scheduler %.1fs, clients %.1fs, nodes %.1fs)" % (
+                      label, 2 * jobs / wall, wrong, hung, 2 * jobs, wall, submitting, cpu,
+                      client_cpu, node_cpu), flush=True)
         else:
             print("%-22s %d of 2 clients hung" % (label, hung), flush=True)
     finally:
