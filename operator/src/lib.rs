@@ -187,7 +187,8 @@ pub async fn run(
             job_ttl: options.job_ttl,
         });
         stores.push(clusters.store());
-        // The DispyJob cache holds what `jobs::slim` leaves of each job.
+        // The DispyJob cache: a deletion is told to the engine (`jobs::deleted`), a job that
+        // has ended stays out of it (`jobs::cache_event`), what goes in is slimmed.
         let (job_store, job_cache) = kube::runtime::reflector::store();
         let (c, c2) = (ctx.clone(), ctx.clone());
         let job_api = api::<DispyJobResource>(&client, ns);
