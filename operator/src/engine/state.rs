@@ -40,6 +40,9 @@ use crate::writer::{StoreError, Write};
 pub const NOT_TERMINAL_DELAY: Duration = Duration::from_secs(1);
 /// Wait before retrying a failed status write, or a node that cannot be reached.
 pub const RETRY: Duration = Duration::from_secs(2);
+/// A computation whose set-up failed on a node is set up there again after this long (a
+/// setup function that failed on a transient cause, a file the node could not write yet).
+pub const SETUP_RETRY: Duration = Duration::from_secs(10);
 /// Nodes listed per JobCluster in its status.
 const NODES_SHOWN: usize = 50;
 
@@ -328,6 +331,8 @@ struct Node {
     retry_at: Option<Instant>,
     /// Clusters whose computation is being set up on it.
     setting_up: BTreeSet<ClusterId>,
+    /// A set-up failed on it: when to set up again what is not (while it stays connected).
+    setup_retry_at: Option<Instant>,
 }
 
 pub struct EngineState {
@@ -518,6 +523,7 @@ impl EngineState {
                         connecting: false,
                         retry_at: None,
                         setting_up: BTreeSet::new(),
+                        setup_retry_at: None,
                     },
                 );
                 self.connect(node);
@@ -653,6 +659,22 @@ impl EngineState {
             }
             Err(e) => {
                 tracing::warn!(cluster = %id, %node, "setting up the computation failed: {e}");
+                let (info, at) = (cluster.info.clone(), self.now.at + SETUP_RETRY);
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.setup_retry_at.get_or_insert(at);
+                }
+                self.out.push(Effect::Event {
+                    on: crate::writer::reference(
+                        "JobCluster",
+                        &info.namespace,
+                        &info.name,
+                        &info.uid,
+                    ),
+                    reason: "SetupFailed".into(),
+                    note: format!("on {node}: {e}; tried again in {} s", SETUP_RETRY.as_secs()),
+                    warning: true,
+                    routine: false,
+                });
             }
         }
         self.maybe_synced(&id);
@@ -1061,6 +1083,7 @@ impl EngineState {
             }
             n.connected = false;
             n.setting_up.clear();
+            n.setup_retry_at = None; // connected again, it is set up again
             n.retry_at = Some(self.now.at + RETRY);
         }
         for c in self.clusters.values_mut() {
@@ -1467,6 +1490,16 @@ impl EngineState {
             } else {
                 self.nodes.remove(&node);
             }
+        }
+        let set_up_again: Vec<NodeId> = (self.nodes.iter_mut())
+            .filter(|(_, n)| n.connected && n.setup_retry_at.is_some_and(|at| at <= now))
+            .map(|(id, n)| {
+                n.setup_retry_at = None;
+                id.clone()
+            })
+            .collect();
+        for node in set_up_again {
+            self.set_up_clusters(&node);
         }
         self.publish_stats();
     }

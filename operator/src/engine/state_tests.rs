@@ -1088,3 +1088,50 @@ fn a_deleted_cluster_takes_its_ended_jobs_with_it_and_keeps_none_that_end_later(
     assert!(t.s.ended.is_empty(), "{:?}", t.s.ended);
     assert!(!t.s.jobs.contains_key(&key(2)));
 }
+
+#[test]
+fn a_failed_set_up_is_told_and_tried_again_until_it_works() {
+    let mut t = T::new();
+    t.step(Input::Cluster(cluster(&[A], false, 6)));
+    t.step(Input::Connected {
+        node: A.into(),
+        result: Ok(Hello {
+            name: "a".into(),
+            cpus: 1,
+        }),
+    });
+    let e = t.step(Input::SetUp {
+        cluster: CLUSTER.into(),
+        node: A.into(),
+        result: Err("setup raised OSError: disk not mounted yet".into()),
+    });
+    assert!(
+        e.iter().any(
+            |e| matches!(e, Effect::Event { reason, warning: true, note, .. }
+            if reason == "SetupFailed" && note.contains("disk not mounted yet"))
+        ),
+        "{e:?}"
+    );
+    let set_ups = |e: &[&Effect]| {
+        e.iter()
+            .filter(|e| matches!(e, Effect::SetUp { node, .. } if node == A))
+            .count()
+    };
+    let e = t.advance(Duration::from_secs(5));
+    assert_eq!(set_ups(&e), 0, "not before {SETUP_RETRY:?}");
+    let e = t.advance(SETUP_RETRY);
+    assert_eq!(set_ups(&e), 1, "{e:?}");
+    t.step(Input::SetUp {
+        cluster: CLUSTER.into(),
+        node: A.into(),
+        result: Ok(Vec::new()),
+    });
+    let e = t.step(Input::Job(job(1, DispyJobStatus::default())));
+    assert_eq!(
+        submits(&e),
+        vec![(1, A.to_string())],
+        "set up at last: it runs jobs"
+    );
+    let e = t.advance(SETUP_RETRY * 2);
+    assert_eq!(set_ups(&e), 0, "nothing more to set up");
+}
