@@ -124,9 +124,14 @@ struct Shared {
     out: mpsc::UnboundedSender<Vec<u8>>,
     /// The largest request the node takes (its `--max-frame`, taken as equal to ours).
     max_frame: usize,
+    /// Dropped with the last `NodeClient`: the reader sees its receiver end and stops, which
+    /// closes the connection (the reader holds only a weak reference, so it cannot keep the
+    /// connection, and the node, for a client nobody uses).
+    _closed: oneshot::Sender<()>,
 }
 
-/// A connection to one node. Cheap to clone; the connection closes when the last clone drops.
+/// A connection to one node. Cheap to clone; the connection closes when the last clone drops
+/// (and, while requests wait for their replies, when those are answered or fail).
 #[derive(Clone)]
 pub struct NodeClient {
     shared: Arc<Shared>,
@@ -249,6 +254,7 @@ impl NodeClient {
 
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (event_tx, event_rx) = mpsc::unbounded_channel();
+        let (closed_tx, closed_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
             addr: addr.into(),
             pending: Mutex::new(Some(HashMap::new())),
@@ -256,12 +262,14 @@ impl NodeClient {
             next_id: AtomicU64::new(1),
             out: out_tx,
             max_frame: config.max_frame,
+            _closed: closed_tx,
         });
         let (read_half, write_half) = tokio::io::split(stream);
         tokio::spawn(writer(write_half, out_rx));
         tokio::spawn(reader(
             read_half,
-            shared.clone(),
+            Arc::downgrade(&shared),
+            closed_rx,
             event_tx,
             config.max_frame,
             config.pulse_interval * 5,
@@ -549,19 +557,30 @@ async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Vec
     let _ = w.shutdown().await;
 }
 
+/// Reads the node's frames until the connection ends, or until every `NodeClient` is gone
+/// (`closed`): then it returns at once, and with it the read half and, its sender gone, the
+/// writer: the connection closes.
 async fn reader<R: AsyncRead + Unpin>(
     mut r: R,
-    shared: Arc<Shared>,
+    shared: std::sync::Weak<Shared>,
+    mut closed: oneshot::Receiver<()>,
     events: mpsc::UnboundedSender<ClientEvent>,
     max_frame: usize,
     silence_limit: Duration,
 ) {
     let reason = loop {
-        let frame = match tokio::time::timeout(silence_limit, read_frame(&mut r, max_frame)).await {
+        let read = tokio::select! {
+            _ = &mut closed => return,
+            read = tokio::time::timeout(silence_limit, read_frame(&mut r, max_frame)) => read,
+        };
+        let frame = match read {
             Err(_) => break format!("no pulse from the node for {silence_limit:?}"),
             Ok(Err(e)) => break e.to_string(),
             Ok(Ok(None)) => break "connection closed by the node".to_string(),
             Ok(Ok(Some(frame))) => frame,
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
         };
         let msg: NodeMsg = match decode("node", &frame) {
             Ok(m) => m,
@@ -597,6 +616,9 @@ async fn reader<R: AsyncRead + Unpin>(
             }
             NodeMsg::Shutdown { reason } => break format!("node shutting down: {reason}"),
         }
+    };
+    let Some(shared) = shared.upgrade() else {
+        return;
     };
     let pending = shared.pending.lock().unwrap().take().unwrap_or_default();
     for (_, tx) in pending {

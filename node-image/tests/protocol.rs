@@ -670,3 +670,44 @@ async fn clean_stops_the_previous_node_and_json_logs_parse() {
     let v: serde_json::Value = serde_json::from_str(first_line).expect("JSON log line");
     assert!(v["fields"]["message"].as_str().is_some(), "{first_line}");
 }
+
+/// Polls `f` every 50 ms for up to 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+#[tokio::test]
+async fn dropping_the_last_client_handle_closes_its_connection_on_both_sides() {
+    let node = NodeProc::start(&[]).await;
+    // (the start-up probe's connection goes first)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = node.open_fds();
+    let (client, mut events) = connect(&node).await;
+    eventually("the node holds the connection", || node.open_fds() > idle).await;
+    let clone = client.clone();
+    drop(client);
+    // A clone keeps it: nothing ends for a second (pulses may come).
+    let kept = tokio::time::timeout(Duration::from_secs(1), async {
+        while events.recv().await.is_some() {}
+    })
+    .await;
+    assert!(kept.is_err(), "the connection ended while a clone was held");
+    drop(clone);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(ev) = events.recv().await {
+            assert!(
+                !matches!(ev, ClientEvent::Disconnected { .. }),
+                "closed by us, not lost: {ev:?}"
+            );
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the client's connection task still runs");
+    eventually("the node let the connection go", || node.open_fds() <= idle).await;
+}
