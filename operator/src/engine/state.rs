@@ -879,19 +879,25 @@ impl EngineState {
             .node
             .as_ref()
             .map(|want| (want.clone(), self.resolve_node(&key.cluster, want)));
-        let waiting = match &pin {
-            Some((want, None)) => Some((
-                "NodeNotFound".to_string(),
-                format!(
-                    "spec.node {want:?} is none of the cluster's nodes ({}); the job waits for it",
-                    self.node_list(&key.cluster)
-                ),
-            )),
-            _ => None,
-        };
+        if let Some((want, None)) = &pin {
+            // Not (yet) one of the cluster's nodes: held back, not queued for a name that no
+            // node has, and admitted again each time a node of the cluster is set up (a pod
+            // that becomes ready, a node that says its name).
+            let why = format!(
+                "spec.node {want:?} is none of the cluster's nodes ({}); the job waits for it",
+                self.node_list(&key.cluster)
+            );
+            let job = self.jobs.get_mut(&key).unwrap();
+            if job.waiting.as_ref().map(|(_, m)| m) != Some(&why) {
+                job.status.message = Some(why.clone());
+                job.waiting = Some(("NodeNotFound".to_string(), why));
+                self.write(&key);
+            }
+            return;
+        }
         let spec = JobSpec {
             key: key.clone(),
-            node: pin.map(|(want, found)| found.unwrap_or_else(|| crate::with_port(&want))),
+            node: pin.and_then(|(_, found)| found),
             active_deadline: info.deadline,
             policy: info.policy.clone(),
         };
@@ -921,12 +927,9 @@ impl EngineState {
         };
         job.stage = Stage::Admitted;
         job.queued_at = Some(now);
-        if let Some((_, why)) = &waiting {
-            job.status.message = Some(why.clone());
-        }
-        let wait = waiting.is_some();
-        job.waiting = waiting;
-        if wait {
+        if job.waiting.take().is_some() {
+            // Its node is there now: the Waiting condition and its message go.
+            job.status.message = None;
             self.write(&key);
         }
         self.schedule(event);

@@ -1135,3 +1135,50 @@ fn a_failed_set_up_is_told_and_tried_again_until_it_works() {
     let e = t.advance(SETUP_RETRY * 2);
     assert_eq!(set_ups(&e), 0, "nothing more to set up");
 }
+
+fn waiting_of(s: &DispyJobStatus) -> Option<&dispy_core::manifest::Condition> {
+    s.conditions.iter().find(|c| c.type_ == "Waiting")
+}
+
+#[test]
+fn a_job_pinned_to_a_pod_that_is_not_ready_yet_runs_there_once_it_is() {
+    let mut t = T::new();
+    t.cluster_up(cluster(&[A], false, 6), Vec::new());
+    let mut info = (*job(1, DispyJobStatus::default())).clone();
+    info.node = Some("jc-node-1".into());
+    let e = t.step(Input::Job(Arc::new(info)));
+    assert!(submits(&e).is_empty());
+    let e = t.advance(NOT_TERMINAL_DELAY);
+    assert_eq!(
+        waiting_of(&store_of(&e, 1)).map(|c| c.reason.clone()),
+        Some("NodeNotFound".into())
+    );
+    t.written(1, Ok(()));
+    // The pod becomes ready at B: the cluster's nodes change, B is set up.
+    let mut grown = (*cluster(&[A, B], false, 6)).clone();
+    grown.nodes.insert(B.into(), Some("jc-node-1".into()));
+    t.step(Input::Cluster(Arc::new(grown)));
+    let e = t.step(Input::Connected {
+        node: B.into(),
+        result: Ok(Hello {
+            name: "jc-node-1".into(),
+            cpus: 1,
+        }),
+    });
+    assert!(submits(&e).is_empty(), "not before B is set up");
+    let e = t.step(Input::SetUp {
+        cluster: CLUSTER.into(),
+        node: B.into(),
+        result: Ok(Vec::new()),
+    });
+    assert_eq!(submits(&e), vec![(1, B.to_string())]);
+    let e = t.advance(NOT_TERMINAL_DELAY);
+    let s = store_of(&e, 1);
+    assert_eq!(s.message, None, "{s:?}");
+    assert_ne!(
+        waiting_of(&s).map(|c| c.status.as_str()),
+        Some("True"),
+        "{:?}",
+        s.conditions
+    );
+}
