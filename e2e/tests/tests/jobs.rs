@@ -1,7 +1,8 @@
 //! A DispyJob's life under the chart's operator: it waits for a cluster that does not exist
 //! yet, it is terminated on its node when deleted while running, it waits while its cluster
 //! is suspended, its big output is bounded in status and kept whole in a ConfigMap it owns,
-//! `activeDeadlineSeconds` terminates it, and deleting its JobCluster runs cleanup on the node.
+//! `activeDeadlineSeconds` terminates it, deleting its JobCluster runs cleanup on the node, and
+//! a job pinned to a node pod that does not exist yet runs on it once the cluster grows.
 
 use dispy_core::job::JobStatus;
 use dispy_e2e::*;
@@ -231,6 +232,49 @@ spec: {cluster: slow, args: [60], activeDeadlineSeconds: 2}
             "cleanup did not run on the node"
         );
         let _ = jobs.delete("chatty-1", &DeleteParams::default()).await;
+    })
+    .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster and the chart's operator: run by e2e/test.sh"]
+async fn a_job_pinned_to_a_node_pod_not_there_yet_runs_on_it_once_the_cluster_is_scaled_up() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "pinlater").await;
+    let jobs = ns.jobs();
+    with_operator_log(&client, async {
+        ns.apply(
+            "apiVersion: dispy.io/v1alpha1\nkind: JobCluster\nmetadata: {name: pin}\nspec:\n  \
+             computation:\n    python: {source: \"def where():\\n    return dispy_node_name\\n\", \
+             function: where}\n  nodes: {replicas: 1, cpus: 1}\n---\n\
+             apiVersion: dispy.io/v1alpha1\nkind: DispyJob\nmetadata: {name: pinned}\n\
+             spec: {cluster: pin, node: pin-node-1}\n",
+        )
+        .await;
+        wait_for("pinned Waiting: NodeNotFound", 60, async || {
+            let job = get_or_seen(&jobs, "pinned").await?;
+            let conditions = job
+                .status
+                .as_ref()
+                .map(|s| &s.conditions[..])
+                .unwrap_or(&[]);
+            match condition(conditions, "Waiting") {
+                Some(c) if c.reason == "NodeNotFound" && c.status == "True" => Ok(()),
+                _ => Err(describe_job(&job)),
+            }
+        })
+        .await;
+        ns.kubectl(&["scale", "jc/pin", "--replicas=2"]);
+        let job = wait_job(&jobs, "pinned", JobStatus::Finished, 120).await;
+        let status = job.status.unwrap();
+        assert_eq!(status.pod.as_deref(), Some("pin-node-1"));
+        assert_eq!(status.result, Some(serde_json::json!("pin-node-1")));
+        assert!(
+            condition(&status.conditions, "Waiting").is_none_or(|c| c.status != "True"),
+            "{:?}",
+            status.conditions
+        );
     })
     .await;
     ns.delete().await;
