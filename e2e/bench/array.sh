@@ -38,6 +38,13 @@ read -r -a nodes <<<"$(k -n $NS get jc pool -o jsonpath='{.status.nodeSummary[*]
 secret=$(k -n $NS get secret pool-secret -o jsonpath='{.data.secret}' | base64 -d)
 python3 -c "import sys; [print('[%d]' % i) for i in range(int(sys.argv[1]))]" "$N" >"$work/lines"
 computation='python: {source: "def f(i):\n    return i\n", function: f}'
+# the array, the same in (a) and (b): its arguments from the ConfigMap `args`
+array='apiVersion: dispy.io/v1alpha1
+kind: DispyJobArray
+metadata: {name: big}
+spec:
+  cluster: trivial
+  argsFrom: {configMapRef: {name: args, key: jobs}}'
 
 # peak_rss_during CMD...: runs CMD, sampling the operator's RSS; prints the peak in KiB
 peak_rss_during() {
@@ -74,12 +81,7 @@ spec:
   computation:
     $computation
 ---
-apiVersion: dispy.io/v1alpha1
-kind: DispyJobArray
-metadata: {name: big}
-spec:
-  cluster: trivial
-  argsFrom: {configMapRef: {name: args, key: jobs}}
+$array
 YAML
 node_flags=()
 for n in "${nodes[@]}"; do node_flags+=(--node "$n"); done
@@ -110,14 +112,7 @@ array_done() {
 }
 a_req0=$(requests)
 a_start=$(date +%s.%N)
-k -n $NS apply -f - >/dev/null <<YAML
-apiVersion: dispy.io/v1alpha1
-kind: DispyJobArray
-metadata: {name: big}
-spec:
-  cluster: trivial
-  argsFrom: {configMapRef: {name: args, key: jobs}}
-YAML
+k -n $NS apply -f - >/dev/null <<<"$array"
 a_peak=$(peak_rss_during array_done)
 a_end=$(date +%s.%N)
 sleep 2  # the last status write

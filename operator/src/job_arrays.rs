@@ -14,7 +14,7 @@ use dispy_core::manifest::{
 };
 use dispy_core::protocol::JobRequest;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::ResourceExt;
@@ -22,9 +22,10 @@ use kube::ResourceExt;
 use crate::cluster::computation_id;
 use crate::engine::arrays::{job_id, prefix, ArrayInfo};
 use crate::engine::Request;
-use crate::{Ctx, MANAGER};
+use crate::Ctx;
 
-pub const FINALIZER: &str = "dispy.io/terminate";
+/// The DispyJob's finalizer: held until the array's jobs are off their nodes.
+pub use crate::jobs::FINALIZER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,10 +56,7 @@ impl Error {
 
 pub fn error_policy(_a: Arc<DispyJobArrayResource>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!("{error}");
-    match error {
-        Error::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
-        _ => Action::requeue(Duration::from_secs(5)),
-    }
+    crate::requeue_after_error(matches!(error, Error::Invalid { .. }))
 }
 
 pub async fn reconcile(a: Arc<DispyJobArrayResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -261,19 +259,8 @@ async fn write_message(
     message: String,
 ) -> Result<(), Error> {
     status.message = Some(message);
-    let patch = serde_json::json!({
-        "apiVersion": "dispy.io/v1alpha1",
-        "kind": "DispyJobArray",
-        "status": status,
-    });
-    Api::<DispyJobArrayResource>::namespaced(ctx.client.clone(), ns)
-        .patch_status(
-            name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
+    crate::writer::apply_status::<DispyJobArrayResource>(&ctx.client, ns, name, &status)
         .await
-        .map(|_| ())
         .map_err(|source| Error::Kube {
             array: format!("{ns}/{name}"),
             action: "update its status",

@@ -78,13 +78,9 @@ pub fn slim(job: &mut DispyJobResource) {
 /// whose finalizer let it go) is no longer reconciled, so the engine is told here to forget
 /// it: a namespace whose jobs come and go (ttlSecondsAfterFinished) keeps the engine small.
 pub fn deleted(ctx: &Ctx, job: &DispyJobResource) {
-    let Some(cluster) = cluster_of(job, ctx) else {
+    let Some(key) = engine_key(job, ctx) else {
         return; // its cluster is gone, and the cluster's jobs with it
     };
-    let key = JobKey::new(
-        computation_id(&cluster),
-        job_id(job.metadata.uid.as_deref().unwrap_or("")),
-    );
     // Nobody waits for the reply: the finalizer's cleanup, if any, has had it.
     let (reply, _) = tokio::sync::oneshot::channel();
     ctx.engine.send(Request::JobGone { key, reply });
@@ -92,10 +88,7 @@ pub fn deleted(ctx: &Ctx, job: &DispyJobResource) {
 
 pub fn error_policy(_job: Arc<DispyJobResource>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!("{error}");
-    match error {
-        Error::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
-        _ => Action::requeue(Duration::from_secs(5)),
-    }
+    crate::requeue_after_error(matches!(error, Error::Invalid { .. }))
 }
 
 pub async fn reconcile(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -176,23 +169,30 @@ fn cluster_of(job: &DispyJobResource, ctx: &Ctx) -> Option<Arc<JobClusterResourc
     live_cluster(ctx, &ns, &job.spec.cluster)
 }
 
+/// The engine's key of a job of `cluster`.
+fn key_of(cluster: &JobClusterResource, job: &DispyJobResource) -> JobKey {
+    JobKey::new(
+        computation_id(cluster),
+        job_id(job.metadata.uid.as_deref().unwrap_or("")),
+    )
+}
+
+/// The engine's key of the job, while its JobCluster is there.
+fn engine_key(job: &DispyJobResource, ctx: &Ctx) -> Option<JobKey> {
+    cluster_of(job, ctx).map(|cluster| key_of(&cluster, job))
+}
+
 /// The JobCluster `namespace/name` from the controller's cache, unless it is being deleted.
 pub fn live_cluster(ctx: &Ctx, namespace: &str, name: &str) -> Option<Arc<JobClusterResource>> {
     ctx.clusters
-        .state()
-        .into_iter()
-        .find(|c| c.name_any() == name && c.namespace().as_deref() == Some(namespace))
+        .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
         .filter(|c| c.metadata.deletion_timestamp.is_none())
 }
 
 async fn cleanup(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let Some(cluster) = cluster_of(&job, &ctx) else {
+    let Some(key) = engine_key(&job, &ctx) else {
         return Ok(Action::await_change());
     };
-    let key = JobKey::new(
-        computation_id(&cluster),
-        job_id(job.metadata.uid.as_deref().unwrap_or("")),
-    );
     let stopped = ctx
         .engine
         .ask(
@@ -234,10 +234,7 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
             "spec.kwargs: a program computation takes no kwargs".into(),
         ));
     }
-    let key = JobKey::new(
-        computation_id(&cluster),
-        job_id(job.metadata.uid.as_deref().unwrap_or("")),
-    );
+    let key = key_of(&cluster, &job);
     if ctx.engine.knows(&key) {
         // Our own status writes bring the job back here: nothing new for the engine.
         return Ok(Action::await_change());
@@ -256,13 +253,22 @@ async fn apply(job: Arc<DispyJobResource>, ctx: Arc<Ctx>) -> Result<Action, Erro
     Ok(Action::await_change())
 }
 
-/// The job as the engine takes it.
+/// The job as the engine takes it. Of a job that has ended, only what the engine keeps
+/// ([`JobInfo::ended`]): it never runs again, so its arguments are not even encoded.
 fn job_info(job: &DispyJobResource, key: JobKey, files: Vec<crate::engine::File>) -> JobInfo {
+    let stored = job.status.clone().unwrap_or_default();
+    let (args, kwargs, stored) = if stored.status.is_terminal() {
+        (String::new(), String::new(), stored.ended_summary())
+    } else {
+        let args = serde_json::Value::Array(job.spec.args.clone()).to_string();
+        let kwargs = serde_json::Value::Object(job.spec.kwargs.clone()).to_string();
+        (args, kwargs, stored)
+    };
     JobInfo {
         request: JobRequest {
             id: key.job,
-            args: serde_json::Value::Array(job.spec.args.clone()).to_string(),
-            kwargs: serde_json::Value::Object(job.spec.kwargs.clone()).to_string(),
+            args,
+            kwargs,
             depends: files.iter().map(|(n, _)| n.clone()).collect(),
         },
         key,
@@ -273,7 +279,7 @@ fn job_info(job: &DispyJobResource, key: JobKey, files: Vec<crate::engine::File>
         node: job.spec.node.clone(),
         deadline: job.spec.active_deadline_seconds.map(Duration::from_secs),
         policy: None,
-        stored: job.status.clone().unwrap_or_default(),
+        stored,
     }
 }
 
@@ -315,16 +321,10 @@ pub fn cache_event(
 /// Tells the engine of a job that has ended (it counts it, and acknowledges its result if a
 /// node sends it again).
 fn ended(ctx: &Ctx, job: &DispyJobResource) {
-    let Some(cluster) = cluster_of(job, ctx) else {
-        return;
-    };
-    let key = JobKey::new(
-        computation_id(&cluster),
-        job_id(job.metadata.uid.as_deref().unwrap_or("")),
-    );
-    let mut info = job_info(job, key, Vec::new());
-    info.stored = info.stored.ended_summary();
-    ctx.engine.send(Request::Job(Box::new(info)));
+    if let Some(key) = engine_key(job, ctx) {
+        let info = job_info(job, key, Vec::new());
+        ctx.engine.send(Request::Job(Box::new(info)));
+    }
 }
 
 /// The job names a JobCluster that does not exist (yet): say so once, look again later.

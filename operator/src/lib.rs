@@ -24,6 +24,13 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 
+/// When a failed reconcile runs again: an object that is invalid as it stands waits longer
+/// (its change, or what it names appearing, triggers it sooner) than one the API refused.
+pub fn requeue_after_error(invalid: bool) -> kube::runtime::controller::Action {
+    let secs = if invalid { 30 } else { 5 };
+    kube::runtime::controller::Action::requeue(Duration::from_secs(secs))
+}
+
 /// Field manager and event reporter name.
 pub const MANAGER: &str = "dispy-operator";
 

@@ -195,16 +195,11 @@ impl Writer {
                 .await
                 .map_err(|e| describe(&e, "result ConfigMap"))?;
         }
-        let patch = serde_json::json!({
-            "apiVersion": "dispy.io/v1alpha1",
-            "kind": "DispyJobArray",
-            "status": w.status,
-        });
-        let result = Api::<DispyJobArrayResource>::namespaced(self.client.clone(), &w.namespace)
-            .patch_status(&w.name, &apply, &Patch::Apply(&patch))
-            .await;
+        let result =
+            apply_status::<DispyJobArrayResource>(&self.client, &w.namespace, &w.name, &w.status)
+                .await;
         self.metrics.status_writes.inc();
-        result.map(|_| ()).map_err(|e| match e {
+        result.map_err(|e| match e {
             kube::Error::Api(s) if s.code == 404 => StoreError::Gone,
             e => describe(&e, "status"),
         })
@@ -313,12 +308,29 @@ pub async fn apply_job_status(
     name: &str,
     status: &DispyJobStatus,
 ) -> Result<(), kube::Error> {
+    apply_status::<DispyJobResource>(client, namespace, name, status).await
+}
+
+/// Writes a dispy.io object's whole status by server-side apply (field manager
+/// `dispy-operator`).
+pub async fn apply_status<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &impl k8s_openapi::serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     let patch = serde_json::json!({
-        "apiVersion": "dispy.io/v1alpha1",
-        "kind": "DispyJob",
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
         "status": status,
     });
-    Api::<DispyJobResource>::namespaced(client.clone(), namespace)
+    Api::<K>::namespaced(client.clone(), namespace)
         .patch_status(
             name,
             &PatchParams::apply(MANAGER).force(),

@@ -446,6 +446,32 @@ pub async fn wait_job(
     .await
 }
 
+/// Waits until the job has a `Waiting` condition with this reason; the job as it then was.
+pub async fn wait_waiting(
+    jobs: &Api<DispyJobResource>,
+    name: &str,
+    reason: &str,
+    timeout_secs: u64,
+) -> DispyJobResource {
+    wait_for(
+        &format!("DispyJob {name} Waiting: {reason}"),
+        timeout_secs,
+        async || {
+            let job = get_or_seen(jobs, name).await?;
+            let conditions = job
+                .status
+                .as_ref()
+                .map(|s| &s.conditions[..])
+                .unwrap_or(&[]);
+            match condition(conditions, "Waiting") {
+                Some(c) if c.reason == reason => Ok(job),
+                _ => Err(describe_job(&job)),
+            }
+        },
+    )
+    .await
+}
+
 /// Waits until every job with the label selector is terminal; those jobs.
 pub async fn wait_jobs_terminal(
     jobs: &Api<DispyJobResource>,

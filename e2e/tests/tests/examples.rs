@@ -81,19 +81,7 @@ async fn the_examples_reach_their_statuses_and_kubectl_shows_them() {
         );
 
         // a job pinned to a node the cluster does not have waits and says why
-        wait_for("where-pinned waiting for its node", 30, async || {
-            let job = get_or_seen(&jobs, "where-pinned").await?;
-            let conditions = job
-                .status
-                .as_ref()
-                .map(|s| &s.conditions[..])
-                .unwrap_or(&[]);
-            match condition(conditions, "Waiting") {
-                Some(c) if c.reason == "NodeNotFound" => Ok(()),
-                _ => Err(describe_job(&job)),
-            }
-        })
-        .await;
+        wait_waiting(&jobs, "where-pinned", "NodeNotFound", 30).await;
 
         // kubectl wait on the conditions
         ns.kubectl(&[

@@ -21,19 +21,7 @@ async fn a_job_naming_a_missing_cluster_waits_and_runs_once_the_cluster_exists()
              spec: {cluster: later, args: [6, 7]}\n",
         )
         .await;
-        let job = wait_for("early Waiting: ClusterNotFound", 30, async || {
-            let job = get_or_seen(&jobs, "early").await?;
-            let conditions = job
-                .status
-                .as_ref()
-                .map(|s| &s.conditions[..])
-                .unwrap_or(&[]);
-            match condition(conditions, "Waiting") {
-                Some(c) if c.reason == "ClusterNotFound" => Ok(job),
-                _ => Err(describe_job(&job)),
-            }
-        })
-        .await;
+        let job = wait_waiting(&jobs, "early", "ClusterNotFound", 30).await;
         let message = job.status.unwrap().message.unwrap_or_default();
         assert!(
             message.contains(&format!("JobCluster {}/later does not exist", ns.name)),
@@ -252,19 +240,9 @@ async fn a_job_pinned_to_a_node_pod_not_there_yet_runs_on_it_once_the_cluster_is
              spec: {cluster: pin, node: pin-node-1}\n",
         )
         .await;
-        wait_for("pinned Waiting: NodeNotFound", 60, async || {
-            let job = get_or_seen(&jobs, "pinned").await?;
-            let conditions = job
-                .status
-                .as_ref()
-                .map(|s| &s.conditions[..])
-                .unwrap_or(&[]);
-            match condition(conditions, "Waiting") {
-                Some(c) if c.reason == "NodeNotFound" && c.status == "True" => Ok(()),
-                _ => Err(describe_job(&job)),
-            }
-        })
-        .await;
+        let waiting = wait_waiting(&jobs, "pinned", "NodeNotFound", 60).await;
+        let conditions = waiting.status.map(|s| s.conditions).unwrap_or_default();
+        assert_eq!(condition(&conditions, "Waiting").unwrap().status, "True");
         ns.kubectl(&["scale", "jc/pin", "--replicas=2"]);
         let job = wait_job(&jobs, "pinned", JobStatus::Finished, 120).await;
         let status = job.status.unwrap();

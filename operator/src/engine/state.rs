@@ -1414,7 +1414,6 @@ impl EngineState {
                 }
                 // Terminal and stored: the result may leave its node, nothing more is written.
                 if job.status.status.is_terminal() && job.write_due.is_none() {
-                    job.seal();
                     if let Some(node) = job.ack.take() {
                         self.out.push(Effect::Ack {
                             node,
@@ -1436,6 +1435,8 @@ impl EngineState {
                         self.forget(&key);
                         return self.end(key, status);
                     }
+                    // Its node still runs the attempt (a cancel on its way): kept, small.
+                    job.seal();
                 }
                 if job.write_due.is_some_and(|due| due <= now) {
                     self.flush(&key);
