@@ -372,6 +372,11 @@ cluster = dispy.JobCluster(compute, setup=setup, %s, nodes=[Allocate('127.0.0.1'
 before = cluster.submit()()
 cluster.wait()
 cluster.resetup_node('127.0.0.1')
+# resetup_node returns at once (its work is a pycos task): a job submitted before the node
+# was allocated again could still go to the old setup, so wait for the new allocation.
+deadline = time.time() + 30
+while Allocate.calls < 2 and time.time() < deadline:
+    time.sleep(0.01)
 after = cluster.submit()()
 report(before=list(before), after=list(after), calls=Allocate.calls)
 cluster.close()
