@@ -4,6 +4,11 @@ at once: jobs/s (both clients' jobs over the wall time from the first submit to 
 result), wrong results, hangs. Prints; asserts nothing. Run by scheduler_compat.sh inside a
 private network namespace.
 
+With SCHED_CPU=F (a fraction of one core, e.g. 0.25), each scheduler runs in a cgroup (v1 cpu
+controller) capped at F of a core: the run is then bound by the scheduler, as on a cluster whose
+nodes and clients are other machines, instead of by the nodes' job processes sharing this
+machine's cores with it.
+
    python scheduler_compat.py DISPYNODE DISPYSCHEDULER [JOBS] [RUNS]"""
 
 import os
@@ -73,6 +78,23 @@ def tree_cpu_seconds(pid):
     return total
 
 
+CGROUP_CPU = "/sys/fs/cgroup/cpu"
+
+
+def cap_cpu(pid, fraction):
+    """Moves process `pid` (all its threads) into a fresh cgroup allowed `fraction` of one core
+    (in 10 ms periods, so that a throttled scheduler waits milliseconds, not a tenth of a second);
+    returns the cgroup's path, to remove once the process is gone."""
+    path = os.path.join(CGROUP_CPU, "dispy-bench-%d" % pid)
+    os.mkdir(path)
+    period = 10000
+    for name, value in (("cpu.cfs_period_us", period), ("cpu.cfs_quota_us", int(period * fraction)),
+                        ("cgroup.procs", pid)):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(str(value))
+    return path
+
+
 def stop(p):
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)
@@ -83,7 +105,7 @@ def stop(p):
             p.wait()
 
 
-def run(label, sched_cmd, node_bin, jobs, work):
+def run(label, sched_cmd, node_bin, jobs, work, sched_cpu):
     nodes = [subprocess.Popen([node_bin, "--daemon", "--cpus", "2", "-i", ip, "--dest-path-prefix",
                                os.path.join(work, "node-" + ip)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,6 +113,7 @@ def run(label, sched_cmd, node_bin, jobs, work):
     for ip in ("127.0.0.1", "127.0.0.2"):
         wait_port(ip, 9701)
     sched = subprocess.Popen(sched_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+    cgroup = cap_cpu(sched.pid, sched_cpu) if sched_cpu else None
     try:
         if not wait_port("127.0.0.3", 9702):
             print("%-22s scheduler did not start" % label)
@@ -130,12 +153,17 @@ def run(label, sched_cmd, node_bin, jobs, work):
         stop(sched)
         for n in nodes:
             stop(n)
+        if cgroup:
+            os.rmdir(cgroup)
 
 
 def main():
     node_bin, sched_bin = sys.argv[1], sys.argv[2]
     jobs = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
     runs = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+    sched_cpu = float(os.environ.get("SCHED_CPU") or 0)
+    if sched_cpu:
+        print("== each scheduler capped at %.2f of a core" % sched_cpu, flush=True)
     py_sched = os.path.join(os.path.dirname(sys.executable), "dispyscheduler.py")
     for i in range(runs):
         for label, cmd in (
@@ -146,7 +174,7 @@ def main():
             with tempfile.TemporaryDirectory() as work:
                 if label.startswith("dispy"):
                     cmd = cmd + ["--dest_path_prefix", os.path.join(work, "sched")]
-                run("%s #%d" % (label, i + 1), cmd, node_bin, jobs, work)
+                run("%s #%d" % (label, i + 1), cmd, node_bin, jobs, work, sched_cpu)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # SharedJobCluster clients with JOBS trivial jobs each: jobs/s, wrong results, hangs. Prints;
 # asserts nothing. Runs inside a private network namespace (needs root). Uses the release build
 # (PROFILE=debug for the debug one).
-#   usage: node-image/bench/scheduler_compat.sh [JOBS] [RUNS]     (default 2000 2)
+#   usage: [SCHED_CPU=F] node-image/bench/scheduler_compat.sh [JOBS] [RUNS]   (default 2000 2)
+# SCHED_CPU=0.25 caps each scheduler at a quarter of a core (see scheduler_compat.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD

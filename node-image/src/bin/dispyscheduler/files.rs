@@ -150,6 +150,7 @@ pub async fn send(mut s: Stream, auth: &[u8], xf: &Value, max: usize) -> Result<
             break;
         }
         s.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+        s.flush().await.map_err(|e| e.to_string())?;
         sent += n as i64;
         recvd = answer(net::recv(&mut s, 4096).await?)?;
     }

@@ -371,7 +371,11 @@ fn main() {
     // The secrets are not for the processes we might start, nor for /proc/self/environ readers.
     std::env::remove_var("DISPYSCHEDULER_NODE_SECRET");
     std::env::remove_var("DISPYSCHEDULER_CLUSTER_SECRET");
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread: a job costs the scheduler mostly system calls (four connections per job,
+    // as dispy's protocol has it), and a multi-thread runtime adds cross-thread wake-ups to
+    // each, about a fifth more cpu per job than one core gives back (docs/scheduler.md,
+    // Performance). Nothing here blocks the thread for long: file writes go to the page cache.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -605,10 +605,10 @@ impl Runtime {
             let tls = tls.clone();
             tokio::spawn(async move {
                 let stream: Stream = match tls {
-                    None => Box::new(tcp),
+                    None => net::buffered(tcp),
                     Some(acc) => {
                         match tokio::time::timeout(rt.msg_timeout, acc.accept(tcp)).await {
-                            Ok(Ok(s)) => Box::new(s),
+                            Ok(Ok(s)) => net::buffered(s),
                             Ok(Err(e)) => {
                                 tracing::warn!(%peer, "client TLS handshake failed: {e}");
                                 return;
@@ -1053,10 +1053,10 @@ impl Runtime {
             let tls = tls.clone();
             tokio::spawn(async move {
                 let stream: Stream = match tls {
-                    None => Box::new(tcp),
+                    None => net::buffered(tcp),
                     Some(acc) => {
                         match tokio::time::timeout(rt.msg_timeout, acc.accept(tcp)).await {
-                            Ok(Ok(s)) => Box::new(s),
+                            Ok(Ok(s)) => net::buffered(s),
                             Ok(Err(e)) => {
                                 tracing::warn!(%peer, "node TLS handshake failed: {e}");
                                 return;
