@@ -271,6 +271,9 @@ impl Dispy {
                     ("avail_info", messages::avail_info(self.node.avail())),
                     ("ip_addr", node_ip.clone().into()),
                     ("scheduler_ip_addr", target.clone().into()),
+                    // Not dispy's: tells our dispyscheduler that a connection may carry job
+                    // after job (handler::JOB_KEEPALIVE); dispy's clients ignore the key.
+                    ("job_keepalive", Value::Bool(true)),
                 ]);
                 [&b"PONG:"[..], &serialize(&pong)].concat()
             };

@@ -232,3 +232,57 @@ cluster.close()
     assert r["big_status"] == r["terminated"] and r["big_result"] is None, r
     assert "--max-frame" in r["big_exception"], r
     assert (r["small"], r["small_status"]) == ("xxx", r["finished"]), r
+
+
+def test_a_kept_job_connection_checks_every_requests_token_and_closes_on_a_wrong_one(nodes, client):
+    """After an authorized JOB the node keeps the connection for the next request (our
+    dispyscheduler's jobs), but each request must carry the node's token again: a wrong one
+    is refused and the connection closed. The jobs are the dispy client's own JOB message,
+    replayed with fresh uids."""
+    nodes.start()
+    r = client.run('''
+import socket, struct
+sent = []
+send = dispy._Node.send
+def recording(self, msg, *args, **kwargs):
+    if msg.startswith(b"JOB:"):
+        sent.append((self.auth, msg))
+    return send(self, msg, *args, **kwargs)
+dispy._Node.send = recording
+
+def compute(n):
+    return n
+
+cluster = dispy.JobCluster(compute, %s, nodes=["127.0.0.1"])
+first = cluster.submit(1)()
+auth, msg = sent[0]
+job = dispy.deserialize(msg[len(b"JOB:"):])
+
+def request(s, token, uid):
+    job.uid = uid
+    body = b"JOB:" + dispy.serialize(job)
+    s.sendall(token + struct.pack(">L", len(body)) + body)
+    head = b""
+    while len(head) < 4:
+        part = s.recv(4 - len(head))
+        if not part:
+            return None
+        head += part
+    n = struct.unpack(">L", head)[0]
+    answer = b""
+    while len(answer) < n:
+        answer += s.recv(n - len(answer))
+    return answer.decode()
+
+s = socket.create_connection(("127.0.0.1", 9701), timeout=10)
+answers = [request(s, auth, job.uid + 1), request(s, auth, job.uid + 2),
+           request(s, b"0" * 40, job.uid + 3)]
+closed = s.recv(1) == b""
+report(first=first, answers=answers, closed=closed)
+cluster.close()
+''' % LO)
+    assert r["first"] == 1
+    assert r["answers"][:2] == ["ACK", "ACK"], r
+    assert r["answers"][2].startswith("NAK (authentication failed"), r
+    assert r["closed"], "the connection ends after the refusal"
+    assert nodes.log().count("dispy client refused: JOB: authentication failed") == 1

@@ -8,6 +8,7 @@ Layout on loopback: nodes at 127.0.0.1 and 127.0.0.2 (port 9701), the scheduler 
 import hashlib
 import json
 import os
+import re
 import pickle
 import socket
 import struct
@@ -401,13 +402,17 @@ def test_dispys_own_dispynode_py_as_a_node(nodes, spawn, scheduler, tmp_path):
     try:
         wait_port("127.0.0.2", 9701, node, timeout=30)
         nodes.start("127.0.0.1")
-        scheduler.start()
+        scheduler.start("--metrics-addr", "127.0.0.3:9790")
         procs = [spawn(SQUARES % (shared(port), tag, 12)) for port, tag in ((9700, "a"), (9710, "b"))]
         ra, rb = wait_all(procs)
         for r, tag in ((ra, "a"), (rb, "b")):
             assert [o[1][:2] for o in r["out"]] == [[tag, i * i] for i in range(12)]
-        used = {o[1][2] for r in (ra, rb) for o in r["out"]}
+        used = [o[1][2] for r in (ra, rb) for o in r["out"]]
         assert "127.0.0.2" in used, "dispynode.py ran jobs"
+        # dispynode.py answers one request per connection: each of its jobs came on a new one.
+        import urllib.request
+        text = urllib.request.urlopen("http://127.0.0.3:9790/metrics", timeout=5).read().decode()
+        assert sent_on(text).get("new", 0) >= used.count("127.0.0.2"), text
     finally:
         node.send_signal(signal.SIGINT)
         try:
@@ -567,6 +572,12 @@ def _job_reply(**state):
     return b"\x80\x02cdispy\n_JobReply\n)\x81" + body[2:-1] + b"b."
 
 
+def sent_on(metrics_text):
+    """dispyscheduler_jobs_sent_total by connection ("new", "kept")."""
+    found = re.findall(r'^dispyscheduler_jobs_sent_total\{connection="(\w+)"\} (\d+)$', metrics_text, re.M)
+    return {kind: int(n) for kind, n in found}
+
+
 def test_metrics_and_json_logs(nodes, spawn, scheduler):
     nodes.start("127.0.0.1")
     scheduler.start("--metrics-addr", "127.0.0.3:9790", "--log_format", "json", nodes=("127.0.0.1",))
@@ -583,6 +594,8 @@ report(out=out)
     text = urllib.request.urlopen("http://127.0.0.3:9790/metrics", timeout=5).read().decode()
     assert "dispyscheduler_jobs_submitted_total 4" in text, text
     assert 'dispyscheduler_job_results_total{status="Finished"} 4' in text, text
+    # Our node keeps a job's connection for the next: one connection for the four jobs.
+    assert sent_on(text) == {"new": 1, "kept": 3}, text
     lines = [json.loads(l) for l in scheduler.log().splitlines() if l.startswith("{")]
     assert any(l.get("fields", {}).get("message") == "node found" for l in lines)
 

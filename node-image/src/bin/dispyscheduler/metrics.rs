@@ -16,8 +16,15 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabel {
+    /// "new", or "kept" (a connection a node kept open after the previous job).
+    pub connection: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub jobs_sent: Family<ConnectionLabel, Counter>,
     pub jobs_submitted: Counter<u64, AtomicU64>,
     pub results: Family<StatusLabel, Counter>,
     pub results_delivered: Counter<u64, AtomicU64>,
@@ -34,6 +41,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("dispyscheduler");
         let m = Metrics {
             registry: Registry::default(),
+            jobs_sent: Family::default(),
             jobs_submitted: Counter::default(),
             results: Family::default(),
             results_delivered: Counter::default(),
@@ -48,6 +56,11 @@ impl Metrics {
             "jobs_submitted",
             "Jobs submitted by clients",
             m.jobs_submitted.clone(),
+        );
+        registry.register(
+            "jobs_sent",
+            "Jobs nodes took, by the connection they came on (new, or kept from an earlier job)",
+            m.jobs_sent.clone(),
         );
         registry.register(
             "job_results",
@@ -97,6 +110,13 @@ impl Metrics {
             .get_or_create(&StatusLabel {
                 status: name.into(),
             })
+            .inc();
+    }
+
+    pub fn job_sent(&self, kept: bool) {
+        let connection = if kept { "kept" } else { "new" };
+        self.jobs_sent
+            .get_or_create(&ConnectionLabel { connection })
             .inc();
     }
 

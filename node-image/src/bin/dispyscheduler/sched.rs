@@ -130,6 +130,8 @@ pub struct Target {
     pub port: u16,
     /// `sha1(node_secret + node sign)`, the first 40 bytes of every request.
     pub auth: String,
+    /// The node keeps a connection open for job after job (ours says so in its PONG).
+    pub keepalive: bool,
 }
 
 /// A job reply on its way to the client.
@@ -285,6 +287,8 @@ pub struct Node {
     pub auth: String,
     /// The address the node reaches us at.
     pub scheduler_ip: String,
+    /// See [`Target::keepalive`].
+    pub keepalive: bool,
     pub avail_cpus: u32,
     /// The cpus used here (`avail_cpus`, or less for exclusive/cooperative computations).
     pub cpus: u32,
@@ -346,6 +350,8 @@ pub struct NodeInfo {
     pub cpus: u32,
     pub auth: String,
     pub scheduler_ip: String,
+    /// See [`Target::keepalive`].
+    pub keepalive: bool,
 }
 
 /// How sending a job to a node went.
@@ -633,11 +639,7 @@ impl Scheduler {
         }
         node.setting_up.insert(id);
         self.actions.push(Action::Setup {
-            node: Target {
-                ip: node.ip.clone(),
-                port: node.port,
-                auth: node.auth.clone(),
-            },
+            node: target(node),
             scheduler_ip: node.scheduler_ip.clone(),
             compute_id: id,
             compute: c.compute.clone(),
@@ -939,7 +941,9 @@ impl Scheduler {
         let restarted = self
             .nodes
             .get(&info.ip)
-            .is_some_and(|n| n.auth != info.auth || n.port != info.port);
+            .is_some_and(|n| {
+                n.auth != info.auth || n.port != info.port || n.keepalive != info.keepalive
+            });
         if restarted {
             self.node_lost(now, &info.ip);
         }
@@ -959,6 +963,7 @@ impl Scheduler {
                         name: info.name,
                         auth: info.auth,
                         scheduler_ip: info.scheduler_ip,
+                        keepalive: info.keepalive,
                         avail_cpus: info.cpus,
                         cpus: info.cpus,
                         busy: 0,
@@ -1455,6 +1460,7 @@ fn target(n: &Node) -> Target {
         ip: n.ip.clone(),
         port: n.port,
         auth: n.auth.clone(),
+        keepalive: n.keepalive,
     }
 }
 

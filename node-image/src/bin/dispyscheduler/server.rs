@@ -89,6 +89,8 @@ pub struct Runtime {
     pub closing: std::sync::atomic::AtomicUsize,
     /// Transfers of a file (our path) to a node (its address) in progress.
     file_locks: Mutex<HashMap<(String, String), FileLock>>,
+    /// Idle connections to nodes that keep them for the next JOB.
+    kept: net::Kept<Stream>,
 }
 
 pub struct Settings {
@@ -135,6 +137,7 @@ impl Runtime {
             file_locks: Mutex::new(HashMap::new()),
             announced: Mutex::new(crate::limits::RateLimiter::new(4, 1.0, 4096)),
             closing: std::sync::atomic::AtomicUsize::new(0),
+            kept: net::Kept::new(std::time::Instant::now()),
         })
     }
 
@@ -361,7 +364,32 @@ impl Runtime {
                     return Sent::Unreachable(e);
                 }
             }
-            let sent = match self.to_node(node, &msg, true, self.msg_timeout).await {
+            let answer = if node.keepalive {
+                let kept = net::request_kept(
+                    &self.kept,
+                    &node.ip,
+                    node.port,
+                    self.node_tls.as_ref(),
+                    node.auth.as_bytes(),
+                    &msg,
+                    self.max_frame,
+                    self.msg_timeout,
+                )
+                .await;
+                kept.map(|(answer, reused)| {
+                    if answer == b"ACK" {
+                        self.metrics.job_sent(reused);
+                    }
+                    Some(answer)
+                })
+            } else {
+                let answer = self.to_node(node, &msg, true, self.msg_timeout).await;
+                if matches!(&answer, Ok(Some(a)) if a == b"ACK") {
+                    self.metrics.job_sent(false);
+                }
+                answer
+            };
+            let sent = match answer {
                 Ok(Some(a)) if a == b"ACK" => Sent::Ok,
                 Ok(a) => {
                     Sent::Refused(String::from_utf8_lossy(&a.unwrap_or_default()).into_owned())
@@ -1163,6 +1191,7 @@ impl Runtime {
                 let cpus = u32::try_from(pong.cpus).unwrap_or(0);
                 tracing::info!(node = %pong.ip_addr, port = pong.port, cpus, name = %pong.name, "node found");
                 let info = NodeInfo {
+                    keepalive: pong.job_keepalive,
                     auth: auth_code(&self.node_secret, &pong.sign),
                     ip: pong.ip_addr,
                     port: pong.port,

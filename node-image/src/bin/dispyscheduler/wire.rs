@@ -201,6 +201,8 @@ pub struct Pong {
     pub auth: String,
     pub scheduler_ip_addr: Option<String>,
     pub version: Option<String>,
+    /// Ours only (dispynode.py's PONG has no such key): see `Target::keepalive`.
+    pub job_keepalive: bool,
 }
 
 impl Pong {
@@ -216,6 +218,7 @@ impl Pong {
             auth: get_text(v, W, "auth")?,
             scheduler_ip_addr: v.attr("scheduler_ip_addr").and_then(text),
             version: v.attr("version").and_then(text),
+            job_keepalive: v.attr("job_keepalive").and_then(Value::as_bool) == Some(true),
         })
     }
 }
@@ -504,5 +507,11 @@ mod tests {
         let p = Pong::from_value(&v).unwrap();
         assert_eq!(p.auth, "abcd");
         assert_eq!(p.port, 9701);
+        assert!(!p.job_keepalive, "dispynode.py's PONG: one request per connection");
+        let Value::Dict(mut ours) = v else {
+            unreachable!()
+        };
+        ours.push(("job_keepalive".into(), Value::Bool(true)));
+        assert!(Pong::from_value(&Value::Dict(ours)).unwrap().job_keepalive);
     }
 }

@@ -50,6 +50,7 @@ fn node(s: &mut Scheduler, ip: &str, cpus: u32) {
             cpus,
             auth: format!("token-{ip}"),
             scheduler_ip: "10.0.0.9".into(),
+            keepalive: false,
         },
     );
 }
@@ -468,6 +469,7 @@ fn a_restarted_node_loses_what_ran_there() {
             cpus: 1,
             auth: "new-token".into(),
             scheduler_ip: "10.0.0.9".into(),
+            keepalive: false,
         },
     );
     let actions = settle(&mut s, 3.0);
