@@ -81,9 +81,13 @@ pub async fn serve(
     let mut conn = Conn { stream, peer };
     let mut first = first;
     let mut permit = Some(permit);
+    let mut kept = None;
     loop {
-        let (kept, result) = serve_one(&dispy, &mut conn, local, first, &mut permit).await;
-        if !kept {
+        let (keep, result) = serve_one(&dispy, &mut conn, local, first, &mut permit).await;
+        if keep && kept.is_none() {
+            kept = dispy.kept.clone().try_acquire_owned().ok();
+        }
+        if !keep || kept.is_none() {
             let _ = conn.stream.shutdown().await;
             return result;
         }

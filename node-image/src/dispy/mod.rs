@@ -44,6 +44,9 @@ use messages::{deserialize, dict, serialize, Compute, JobReply};
 const DELIVERIES: usize = 16;
 /// Node-side session ids of dispy computations, apart from native sessions'.
 const SESSION_BASE: SessionId = 1 << 62;
+/// Connections kept open for a client's next JOB at once (handler::JOB_KEEPALIVE); past
+/// that, a JOB's connection closes after its answer, as dispy's node does.
+const KEPT_CONNECTIONS: usize = 64;
 /// Pongs being delivered at once, and addresses one ping may name.
 const PONGS_IN_FLIGHT: usize = 16;
 const PONG_TARGETS: usize = 4;
@@ -66,6 +69,8 @@ pub struct Dispy {
     /// The owner of every dispy computation on the node: no native client can act on them.
     owner: Owner,
     deliveries: Arc<Semaphore>,
+    /// See [`KEPT_CONNECTIONS`].
+    kept: Arc<Semaphore>,
     pongs: Arc<Semaphore>,
     /// Pongs per ping source and per address a pong goes to.
     pong_sources: Mutex<RateLimiter>,
@@ -122,6 +127,7 @@ impl Dispy {
             }),
             owner: Owner::unique(),
             deliveries: Arc::new(Semaphore::new(DELIVERIES)),
+            kept: Arc::new(Semaphore::new(KEPT_CONNECTIONS)),
             pongs: Arc::new(Semaphore::new(PONGS_IN_FLIGHT)),
             pong_sources: Mutex::new(RateLimiter::new(5, 1.0, 4096)),
             pong_targets: Mutex::new(RateLimiter::new(5, 1.0, 4096)),
