@@ -258,6 +258,81 @@ report(out=out, finished=dispy.DispyJob.Finished)
     assert {o[0][0] for o in r["out"]} == {"127.0.0.2"}, "every job finished on the live node"
 
 
+def test_a_node_restarted_at_its_address_runs_the_next_jobs_though_its_kept_connections_died(
+        nodes, spawn, scheduler, tmp_path):
+    """The scheduler keeps a connection to our node for its next job; when the node process is
+    replaced, the kept connections are dead: the next job finds that out and goes on a new
+    connection to the new process."""
+    old = nodes.start("127.0.0.1", cpus=1)
+    scheduler.start("--metrics-addr", "127.0.0.3:9790", "--ping_interval", "1", nodes=("127.0.0.1",))
+    go = tmp_path / "go"
+    proc = spawn('''
+def compute(n):
+    return [n, os.getpid()]
+cluster = dispy.SharedJobCluster(compute, %s)
+before = [cluster.submit(i)() for i in range(3)]
+print("BEFORE", flush=True)
+while not os.path.exists(%r):
+    time.sleep(0.05)
+after = [cluster.submit(i)() for i in range(3, 6)]
+cluster.close()
+report(before=before, after=after)
+''' % (shared(9700), str(go)))
+    wait_line(proc, "BEFORE")
+    old.send_signal(signal.SIGTERM)
+    old.wait(15)
+    nodes.start("127.0.0.1", cpus=1)
+    deadline = time.time() + 15
+    while scheduler.log().count("node found") < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    go.touch()
+    out, err = proc.communicate(timeout=90)
+    r = result_of(proc.returncode, out, err)
+    assert [o[0] for o in r["before"] + r["after"]] == list(range(6)), r
+    import urllib.request
+    text = urllib.request.urlopen("http://127.0.0.3:9790/metrics", timeout=5).read().decode()
+    # One connection per node process; the jobs after the first on each were on kept ones.
+    assert sent_on(text) == {"new": 2, "kept": 4}, text
+
+
+def test_a_node_unreachable_for_a_moment_is_set_up_afresh_once_found_again(nodes, spawn, scheduler, tmp_path):
+    """A node that does not answer is dropped, with the computation still on it; found again
+    (same process), it refuses a second COMPUTE of it: the scheduler closes it there and sets it
+    up again, and the client's jobs run."""
+    node = nodes.start("127.0.0.1", cpus=1)
+    scheduler.start("--msg_timeout", "2", "--ping_interval", "1", nodes=("127.0.0.1",))
+    go = tmp_path / "go"
+    proc = spawn('''
+def compute(n):
+    return n
+cluster = dispy.SharedJobCluster(compute, %s)
+before = cluster.submit(0)()
+print("BEFORE", flush=True)
+while not os.path.exists(%r):
+    time.sleep(0.05)
+after = []
+for i in range(1, 4):
+    job = cluster.submit(i)
+    after.append([job(), job.status])
+cluster.close()
+report(before=before, after=after, abandoned=dispy.DispyJob.Abandoned, finished=dispy.DispyJob.Finished)
+''' % (shared(9700), str(go)))
+    wait_line(proc, "BEFORE")
+    node.send_signal(signal.SIGSTOP)
+    try:
+        go.touch()
+        scheduler.wait_log("node unreachable, dropping it", timeout=20)
+    finally:
+        node.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=90)
+    r = result_of(proc.returncode, out, err)
+    # The job sent while the node did not answer is given up (not reentrant); the next ones
+    # run on the node set up afresh.
+    assert r["before"] == 0
+    assert r["after"] == [[None, r["abandoned"]], [2, r["finished"]], [3, r["finished"]]], r
+    assert "closing it there and setting it up again" in scheduler.log()
+
+
 def test_a_client_killed_without_close_loses_its_computation_after_the_zombie_interval(
         nodes, spawn, scheduler):
     nodes.start("127.0.0.1", cpus=1)

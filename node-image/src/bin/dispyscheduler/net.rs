@@ -281,7 +281,10 @@ mod tests {
         kept.put(peer("10.0.0.1"), 2, t0 + Duration::from_secs(1));
         assert_eq!(kept.take(&peer("10.0.0.2"), t0), None, "another node's");
         // The freshest first; one taken is not given to anyone else.
-        assert_eq!(kept.take(&peer("10.0.0.1"), t0 + Duration::from_secs(2)), Some(2));
+        assert_eq!(
+            kept.take(&peer("10.0.0.1"), t0 + Duration::from_secs(2)),
+            Some(2)
+        );
         // Idle for KEPT_IDLE: the node may be about to close it.
         assert_eq!(kept.take(&peer("10.0.0.1"), t0 + KEPT_IDLE), None);
         assert_eq!(kept.idle(), 0, "the expired one was dropped on the way");

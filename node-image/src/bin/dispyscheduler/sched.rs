@@ -938,12 +938,9 @@ impl Scheduler {
         if !self.wants(&info.ip) || info.cpus == 0 || info.port == 0 {
             return;
         }
-        let restarted = self
-            .nodes
-            .get(&info.ip)
-            .is_some_and(|n| {
-                n.auth != info.auth || n.port != info.port || n.keepalive != info.keepalive
-            });
+        let restarted = self.nodes.get(&info.ip).is_some_and(|n| {
+            n.auth != info.auth || n.port != info.port || n.keepalive != info.keepalive
+        });
         if restarted {
             self.node_lost(now, &info.ip);
         }

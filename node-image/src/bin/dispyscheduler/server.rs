@@ -244,15 +244,10 @@ impl Runtime {
                 } => {
                     rt.closing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tokio::spawn(async move {
-                        let msg = dict([
-                            ("compute_id", Value::Int(compute_id)),
-                            ("auth", node_auth.into()),
-                            ("node_ip_addr", node.ip.as_str().into()),
-                            ("terminate_pending", Value::Bool(terminate_pending)),
-                            ("close", Value::Bool(true)),
-                        ]);
-                        let msg = [&b"CLOSE:"[..], &serialize(&msg)].concat();
-                        match rt.to_node(&node, &msg, true, SETUP_TIMEOUT).await {
+                        match rt
+                            .close_on(&node, compute_id, &node_auth, terminate_pending)
+                            .await
+                        {
                             Ok(_) => {
                                 tracing::info!(node = %node.ip, compute_id, "computation closed on node")
                             }
@@ -287,6 +282,25 @@ impl Runtime {
         .await
     }
 
+    /// dispy's `CLOSE` of a computation on a node (`auth`: the computation's own).
+    async fn close_on(
+        &self,
+        node: &Target,
+        compute_id: ComputeId,
+        auth: &str,
+        terminate_pending: bool,
+    ) -> Result<Option<Vec<u8>>, Failure> {
+        let msg = dict([
+            ("compute_id", Value::Int(compute_id)),
+            ("auth", auth.into()),
+            ("node_ip_addr", node.ip.as_str().into()),
+            ("terminate_pending", Value::Bool(terminate_pending)),
+            ("close", Value::Bool(true)),
+        ]);
+        let msg = [&b"CLOSE:"[..], &serialize(&msg)].concat();
+        self.to_node(node, &msg, true, SETUP_TIMEOUT).await
+    }
+
     async fn setup(
         &self,
         node: &Target,
@@ -306,11 +320,28 @@ impl Runtime {
             },
         );
         let msg = [&b"COMPUTE:"[..], &serialize(&c)].concat();
-        let answer = self
+        let mut answer = self
             .to_node(node, &msg, true, self.msg_timeout)
             .await
             .map_err(|e| e.to_string())?
             .unwrap_or_default();
+        if let Ok(Value::Str(refusal)) = deserialize("COMPUTE answer", &answer, PREAUTH_BUDGET) {
+            if refusal.contains("already exists") {
+                // The node still has it from before it was dropped here (it was unreachable
+                // for a moment, say): its jobs there were given up then, so it is closed, its
+                // jobs terminated, and set up afresh.
+                tracing::info!(node = %node.ip, compute_id, "the node still has the computation from before it was dropped; closing it there and setting it up again");
+                let auth = c.attr("auth").and_then(text).unwrap_or_default();
+                self.close_on(node, compute_id, &auth, true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                answer = self
+                    .to_node(node, &msg, true, self.msg_timeout)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+            }
+        }
         let cpus = match deserialize("COMPUTE answer", &answer, PREAUTH_BUDGET) {
             Ok(Value::Int(n)) if n > 0 => n as u32,
             Ok(other) => {

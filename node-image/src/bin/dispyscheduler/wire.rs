@@ -507,7 +507,10 @@ mod tests {
         let p = Pong::from_value(&v).unwrap();
         assert_eq!(p.auth, "abcd");
         assert_eq!(p.port, 9701);
-        assert!(!p.job_keepalive, "dispynode.py's PONG: one request per connection");
+        assert!(
+            !p.job_keepalive,
+            "dispynode.py's PONG: one request per connection"
+        );
         let Value::Dict(mut ours) = v else {
             unreachable!()
         };
