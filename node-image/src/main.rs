@@ -6,6 +6,7 @@ mod config;
 mod dispy;
 mod hardening;
 mod host_output;
+mod kept;
 mod limits;
 mod metrics;
 mod native;

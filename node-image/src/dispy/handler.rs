@@ -3,7 +3,7 @@
 //! error where the client expects an answer and the request was wrong.
 //!
 //! One extension: after an authorized `JOB` the connection stays open for the next request
-//! (its own auth prefix again, checked again), for [`JOB_KEEPALIVE`]. Our dispyscheduler
+//! (its own auth prefix again, checked again), for [`PEER_WAITS`]. Our dispyscheduler
 //! sends its jobs so to a node whose PONG says `job_keepalive` (two system calls per job
 //! instead of seven on each side); dispy's clients close the connection after the `ACK`, which
 //! ends it here as before.
@@ -25,6 +25,7 @@ use super::messages::{
     avail_info, deserialize, dict, serialize, split, uid, Compute, Job, JobReply, XferFile,
 };
 use super::{Dispy, DispyComp};
+use crate::kept::PEER_WAITS;
 use crate::limits::{Permit, PREAUTH_MAX};
 use crate::node::{safe_relative, Codec};
 
@@ -32,10 +33,6 @@ use crate::node::{safe_relative, Codec};
 const CHUNK: u64 = 1_024_000;
 /// A transfer whose client sends nothing for this long is abandoned.
 const TRANSFER_IDLE: Duration = Duration::from_secs(60);
-/// How long a connection whose last request was an authorized `JOB` waits for the next.
-/// A client reusing such a connection must stop well before (dispyscheduler: 10 s), so that
-/// a request never meets a close that crossed it.
-pub const JOB_KEEPALIVE: Duration = Duration::from_secs(30);
 
 struct Conn {
     stream: Box<dyn Stream>,
@@ -91,7 +88,7 @@ pub async fn serve(
             let _ = conn.stream.shutdown().await;
             return result;
         }
-        match tokio::time::timeout(JOB_KEEPALIVE, conn.stream.read_exact(&mut first)).await {
+        match tokio::time::timeout(PEER_WAITS, conn.stream.read_exact(&mut first)).await {
             Ok(Ok(_)) => {}
             // Closed by the client (dispy's close after the ACK), or idle.
             _ => return result,

@@ -98,6 +98,9 @@ pub struct Compute {
     /// The client's `dest_path=`: a directory (relative) that outlives the computation when
     /// its files are kept, so a later run finds them and skips sending them again.
     pub dest_path: Option<String>,
+    /// Not dispy's: set by our dispyscheduler, which keeps a `JOB_REPLY`'s connection open
+    /// for the next reply (see `crate::kept`).
+    pub reply_keepalive: bool,
 }
 
 impl Compute {
@@ -158,6 +161,7 @@ impl Compute {
             pulse_interval: v.attr("pulse_interval").and_then(Value::as_float),
             client_reply_addr,
             dest_path: opt_str(v, "dest_path").filter(|d| !d.trim().is_empty()),
+            reply_keepalive: v.attr("job_reply_keepalive").and_then(Value::as_bool) == Some(true),
         })
     }
 

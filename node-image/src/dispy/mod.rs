@@ -36,6 +36,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
+use dispy_core::client::Stream;
+
 use crate::limits::{RateLimiter, Throttled, PREAUTH_BUDGET};
 use crate::node::{Node, Owner, SessionId};
 use messages::{deserialize, dict, serialize, Compute, JobReply};
@@ -44,7 +46,7 @@ use messages::{deserialize, dict, serialize, Compute, JobReply};
 const DELIVERIES: usize = 16;
 /// Node-side session ids of dispy computations, apart from native sessions'.
 const SESSION_BASE: SessionId = 1 << 62;
-/// Connections kept open for a client's next JOB at once (handler::JOB_KEEPALIVE); past
+/// Connections kept open for a client's next JOB at once (kept::PEER_WAITS); past
 /// that, a JOB's connection closes after its answer, as dispy's node does.
 const KEPT_CONNECTIONS: usize = 64;
 /// Pongs being delivered at once, and addresses one ping may name.
@@ -71,6 +73,8 @@ pub struct Dispy {
     deliveries: Arc<Semaphore>,
     /// See [`KEPT_CONNECTIONS`].
     kept: Arc<Semaphore>,
+    /// Connections to clients that keep them for the next JOB_REPLY.
+    kept_replies: crate::kept::Kept<Box<dyn Stream>>,
     pongs: Arc<Semaphore>,
     /// Pongs per ping source and per address a pong goes to.
     pong_sources: Mutex<RateLimiter>,
@@ -86,8 +90,9 @@ struct State {
     next_session: SessionId,
 }
 
-/// A pickled `_JobReply`, where it goes, the node's computation id and the job's hash.
-type Outgoing = (Vec<u8>, (String, u16), String, String);
+/// A pickled `_JobReply`, where it goes, the node's computation id, the job's hash, and
+/// whether the client keeps the connection for the next reply.
+type Outgoing = (Vec<u8>, (String, u16), String, String, bool);
 
 struct DispyComp {
     compute: Compute,
@@ -128,6 +133,7 @@ impl Dispy {
             owner: Owner::unique(),
             deliveries: Arc::new(Semaphore::new(DELIVERIES)),
             kept: Arc::new(Semaphore::new(KEPT_CONNECTIONS)),
+            kept_replies: crate::kept::Kept::new(Instant::now()),
             pongs: Arc::new(Semaphore::new(PONGS_IN_FLIGHT)),
             pong_sources: Mutex::new(RateLimiter::new(5, 1.0, 4096)),
             pong_targets: Mutex::new(RateLimiter::new(5, 1.0, 4096)),
@@ -278,7 +284,7 @@ impl Dispy {
                     ("ip_addr", node_ip.clone().into()),
                     ("scheduler_ip_addr", target.clone().into()),
                     // Not dispy's: tells our dispyscheduler that a connection may carry job
-                    // after job (handler::JOB_KEEPALIVE); dispy's clients ignore the key.
+                    // after job (kept::PEER_WAITS); dispy's clients ignore the key.
                     ("job_keepalive", Value::Bool(true)),
                 ]);
                 [&b"PONG:"[..], &serialize(&pong)].concat()
@@ -294,6 +300,25 @@ impl Dispy {
         tracing::warn!(%peer, "could not reach the dispy client at any of its addresses");
     }
 
+    /// A new connection to a client (TLS with `--certfile`).
+    async fn connect(&self, host: &str, port: u16) -> Result<Box<dyn Stream>, String> {
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        tcp.set_nodelay(true).ok();
+        match &self.tls {
+            None => Ok(Box::new(tcp)),
+            Some(tls) => {
+                let name = dispy_core::tls::server_name(host)?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {host}:{port} failed: {e}"))?;
+                Ok(Box::new(stream))
+            }
+        }
+    }
+
     /// Sends one message to a client on a new connection; with `reply`, reads one frame back.
     async fn send(
         &self,
@@ -303,26 +328,54 @@ impl Dispy {
         reply: bool,
     ) -> Result<Option<Vec<u8>>, String> {
         let work = async {
-            let tcp = TcpStream::connect((host, port))
-                .await
-                .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-            tcp.set_nodelay(true).ok();
-            match &self.tls {
-                None => exchange(tcp, msg, reply, self.node.cfg.max_frame).await,
-                Some(tls) => {
-                    let name = dispy_core::tls::server_name(host)?;
-                    let stream = tls
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|e| format!("TLS with {host}:{port} failed: {e}"))?;
-                    exchange(stream, msg, reply, self.node.cfg.max_frame).await
-                }
-            }
+            let mut stream = self.connect(host, port).await?;
+            let answer = exchange(&mut stream, msg, reply, self.node.cfg.max_frame).await?;
+            let _ = stream.shutdown().await;
+            Ok(answer)
         };
         let within = self.node.cfg.msg_timeout;
         tokio::time::timeout(within, work).await.map_err(|_| {
             format!("{host}:{port} did not answer within {within:?} (--msg_timeout)")
         })?
+    }
+
+    /// Sends a message the client answers with `ACK` and after which it keeps the connection
+    /// (a JOB_REPLY to our dispyscheduler), on a connection kept from an earlier one when
+    /// there is one. A kept connection that fails before the answer was closed by the client
+    /// meanwhile without reading the message (a reply it did read is acknowledged first, and
+    /// one sent twice is taken once): it goes once more on a new connection.
+    async fn send_kept(&self, host: &str, port: u16, msg: &[u8]) -> Result<Vec<u8>, String> {
+        let peer = (host.to_owned(), port);
+        let within = self.node.cfg.msg_timeout;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut conn = self.kept_replies.take(&peer, Instant::now());
+        loop {
+            let reused = conn.is_some();
+            let work = async {
+                let mut stream = match conn.take() {
+                    Some(s) => s,
+                    None => self.connect(host, port).await?,
+                };
+                let answer = exchange(&mut stream, msg, true, self.node.cfg.max_frame).await?;
+                Ok::<_, String>((stream, answer.unwrap_or_default()))
+            };
+            match tokio::time::timeout_at(deadline, work).await {
+                Ok(Ok((_, answer))) if answer.is_empty() && reused => continue,
+                Ok(Ok((stream, answer))) => {
+                    if answer == b"ACK" {
+                        self.kept_replies.put(peer, stream, Instant::now());
+                    }
+                    return Ok(answer);
+                }
+                Ok(Err(_)) if reused => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(format!(
+                        "{host}:{port} did not answer within {within:?} (--msg_timeout)"
+                    ))
+                }
+            }
+        }
     }
 
     /// Registers a computation's delivery: the node's job events for it become `JOB_REPLY`s.
@@ -358,13 +411,19 @@ impl Dispy {
     /// Sends a job's result to its client. Acknowledged results leave the node; the others
     /// stay for `RETRIEVE_JOB` / `RESEND_JOB_RESULTS`.
     async fn deliver(&self, compute_id: i64, uid: JobId, result: JobResult) {
-        let Some((reply, (host, port), node_id, hash)) = self.reply_for(compute_id, uid, &result)
+        let Some((reply, (host, port), node_id, hash, keep)) =
+            self.reply_for(compute_id, uid, &result)
         else {
             tracing::warn!(compute_id, uid, "result of an unknown dispy job dropped");
             return;
         };
         let msg = [&b"JOB_REPLY:"[..], &reply].concat();
-        match self.send(&host, port, &msg, true).await {
+        let sent = if keep {
+            self.send_kept(&host, port, &msg).await.map(Some)
+        } else {
+            self.send(&host, port, &msg, true).await
+        };
+        match sent {
             Ok(Some(ack)) if ack == b"ACK" => {
                 let mut st = self.state.lock().unwrap();
                 if let Some(comp) = st.comps.get_mut(&compute_id) {
@@ -403,7 +462,13 @@ impl Dispy {
             result,
         }
         .encode();
-        Some((reply, comp.compute.reply_addr(), comp.node_id.clone(), hash))
+        Some((
+            reply,
+            comp.compute.reply_addr(),
+            comp.node_id.clone(),
+            hash,
+            comp.compute.reply_keepalive,
+        ))
     }
 
     /// Node shutdown: tells the clients (TCP) and the network (UDP broadcast) it is gone.
@@ -641,7 +706,7 @@ impl Dispy {
 
 /// Writes one frame; with `reply`, reads one back (an empty frame or EOF reads as empty).
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: &mut S,
     msg: &[u8],
     reply: bool,
     max: usize,
@@ -650,18 +715,18 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .write_all(&frame_within(msg, MAX_LEN).map_err(|e| e.to_string())?)
         .await
         .map_err(|e| format!("send failed: {e}"))?;
-    let answer = if reply {
-        Some(
-            read_frame(&mut stream, max)
-                .await
-                .map_err(|e| format!("no answer: {e}"))?
-                .unwrap_or_default(),
-        )
-    } else {
-        None
-    };
-    let _ = stream.shutdown().await;
-    Ok(answer)
+    stream
+        .flush()
+        .await
+        .map_err(|e| format!("send failed: {e}"))?;
+    if !reply {
+        return Ok(None);
+    }
+    // Closed without an answer: an empty one.
+    let answer = read_frame(stream, max)
+        .await
+        .map_err(|e| format!("no answer: {e}"))?;
+    Ok(Some(answer.unwrap_or_default()))
 }
 
 fn platform() -> String {

@@ -291,8 +291,10 @@ report(before=before, after=after)
     assert [o[0] for o in r["before"] + r["after"]] == list(range(6)), r
     import urllib.request
     text = urllib.request.urlopen("http://127.0.0.3:9790/metrics", timeout=5).read().decode()
-    # One connection per node process; the jobs after the first on each were on kept ones.
+    # One connection each way per node process; the jobs after the first on each, and their
+    # replies, were on kept ones.
     assert sent_on(text) == {"new": 2, "kept": 4}, text
+    assert sent_on(text, "job_replies_received") == {"new": 2, "kept": 4}, text
 
 
 def test_a_node_unreachable_for_a_moment_is_set_up_afresh_once_found_again(nodes, spawn, scheduler, tmp_path):
@@ -647,10 +649,11 @@ def _job_reply(**state):
     return b"\x80\x02cdispy\n_JobReply\n)\x81" + body[2:-1] + b"b."
 
 
-def sent_on(metrics_text):
-    """dispyscheduler_jobs_sent_total by connection ("new", "kept")."""
-    found = re.findall(r'^dispyscheduler_jobs_sent_total\{connection="(\w+)"\} (\d+)$', metrics_text, re.M)
-    return {kind: int(n) for kind, n in found}
+def sent_on(metrics_text, name="jobs_sent"):
+    """dispyscheduler_jobs_sent_total (or another counter by connection) by connection
+    ("new", "kept")."""
+    pattern = r'^dispyscheduler_%s_total\{connection="(\w+)"\} (\d+)$' % name
+    return {kind: int(n) for kind, n in re.findall(pattern, metrics_text, re.M)}
 
 
 def test_metrics_and_json_logs(nodes, spawn, scheduler):
@@ -669,8 +672,10 @@ report(out=out)
     text = urllib.request.urlopen("http://127.0.0.3:9790/metrics", timeout=5).read().decode()
     assert "dispyscheduler_jobs_submitted_total 4" in text, text
     assert 'dispyscheduler_job_results_total{status="Finished"} 4' in text, text
-    # Our node keeps a job's connection for the next: one connection for the four jobs.
+    # Our node keeps a job's connection for the next, and we keep its replies': one
+    # connection each way for the four jobs.
     assert sent_on(text) == {"new": 1, "kept": 3}, text
+    assert sent_on(text, "job_replies_received") == {"new": 1, "kept": 3}, text
     lines = [json.loads(l) for l in scheduler.log().splitlines() if l.startswith("{")]
     assert any(l.get("fields", {}).get("message") == "node found" for l in lines)
 

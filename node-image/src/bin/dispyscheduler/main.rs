@@ -8,6 +8,8 @@
 #[path = "../../dispy/auth.rs"]
 mod auth;
 mod files;
+#[path = "../../kept.rs"]
+mod kept;
 #[allow(dead_code)]
 #[path = "../../limits.rs"]
 mod limits;

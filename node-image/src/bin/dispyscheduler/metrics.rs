@@ -18,13 +18,14 @@ pub struct StatusLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabel {
-    /// "new", or "kept" (a connection a node kept open after the previous job).
+    /// "new", or "kept" (a connection kept open after the previous job or reply).
     pub connection: &'static str,
 }
 
 pub struct Metrics {
     registry: Registry,
     pub jobs_sent: Family<ConnectionLabel, Counter>,
+    pub replies_received: Family<ConnectionLabel, Counter>,
     pub jobs_submitted: Counter<u64, AtomicU64>,
     pub results: Family<StatusLabel, Counter>,
     pub results_delivered: Counter<u64, AtomicU64>,
@@ -42,6 +43,7 @@ impl Metrics {
         let m = Metrics {
             registry: Registry::default(),
             jobs_sent: Family::default(),
+            replies_received: Family::default(),
             jobs_submitted: Counter::default(),
             results: Family::default(),
             results_delivered: Counter::default(),
@@ -61,6 +63,11 @@ impl Metrics {
             "jobs_sent",
             "Jobs nodes took, by the connection they came on (new, or kept from an earlier job)",
             m.jobs_sent.clone(),
+        );
+        registry.register(
+            "job_replies_received",
+            "Job replies from nodes taken, by the connection they came on (new, or kept from an earlier reply)",
+            m.replies_received.clone(),
         );
         registry.register(
             "job_results",
@@ -116,6 +123,13 @@ impl Metrics {
     pub fn job_sent(&self, kept: bool) {
         let connection = if kept { "kept" } else { "new" };
         self.jobs_sent
+            .get_or_create(&ConnectionLabel { connection })
+            .inc();
+    }
+
+    pub fn reply_received(&self, kept: bool) {
+        let connection = if kept { "kept" } else { "new" };
+        self.replies_received
             .get_or_create(&ConnectionLabel { connection })
             .inc();
     }

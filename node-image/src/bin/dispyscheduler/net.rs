@@ -2,9 +2,9 @@
 //! TLS), an optional 40-byte auth prefix, length-prefixed frames, every step bounded in time
 //! and size.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::kept::Kept;
 
 use dispy_core::frame::{frame_within, read_frame, MAX_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -119,69 +119,6 @@ pub async fn request(
         })
 }
 
-/// How long a kept connection may wait for its next request here: well within the node's
-/// own wait (`JOB_KEEPALIVE`, 30 s), so that a request never meets the node's close of an
-/// idle connection on the way.
-pub const KEPT_IDLE: Duration = Duration::from_secs(10);
-/// Kept connections per node: more than the jobs a node has in flight at once.
-const KEPT_PER_PEER: usize = 32;
-
-/// Idle connections to peers that keep them, by peer: each taken for one request at a time,
-/// given back after its answer, dropped once idle for [`KEPT_IDLE`].
-pub struct Kept<T> {
-    inner: Mutex<KeptInner<T>>,
-}
-
-struct KeptInner<T> {
-    idle: HashMap<(String, u16), Vec<(T, Instant)>>,
-    swept: Instant,
-}
-
-impl<T> Kept<T> {
-    pub fn new(now: Instant) -> Kept<T> {
-        Kept {
-            inner: Mutex::new(KeptInner {
-                idle: HashMap::new(),
-                swept: now,
-            }),
-        }
-    }
-
-    /// The most recently used idle connection to `peer` that has not expired.
-    pub fn take(&self, peer: &(String, u16), now: Instant) -> Option<T> {
-        let mut inner = self.inner.lock().unwrap();
-        let list = inner.idle.get_mut(peer)?;
-        while let Some((conn, since)) = list.pop() {
-            if now.duration_since(since) < KEPT_IDLE {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Gives a connection back once its answer is read. Expired connections (those of peers
-    /// no longer used too) are dropped, at most every [`KEPT_IDLE`].
-    pub fn put(&self, peer: (String, u16), conn: T, now: Instant) {
-        let mut inner = self.inner.lock().unwrap();
-        if now.duration_since(inner.swept) >= KEPT_IDLE {
-            inner.swept = now;
-            inner.idle.retain(|_, list| {
-                list.retain(|(_, since)| now.duration_since(*since) < KEPT_IDLE);
-                !list.is_empty()
-            });
-        }
-        let list = inner.idle.entry(peer).or_default();
-        if list.len() < KEPT_PER_PEER {
-            list.push((conn, now));
-        }
-    }
-
-    #[cfg(test)]
-    fn idle(&self) -> usize {
-        self.inner.lock().unwrap().idle.values().map(Vec::len).sum()
-    }
-}
-
 async fn exchange(s: &mut Stream, auth: &[u8], msg: &[u8], max: usize) -> Result<Vec<u8>, Failure> {
     s.write_all(auth)
         .await
@@ -263,43 +200,4 @@ pub async fn read_rest(s: &mut Stream, len: usize, head: Vec<u8>) -> Result<Vec<
         .await
         .map_err(|e| format!("frame cut short: {e}"))?;
     Ok(buf)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn peer(ip: &str) -> (String, u16) {
-        (ip.to_owned(), 9701)
-    }
-
-    #[test]
-    fn a_kept_connection_is_reused_until_it_has_been_idle_too_long() {
-        let t0 = Instant::now();
-        let kept = Kept::new(t0);
-        kept.put(peer("10.0.0.1"), 1, t0);
-        kept.put(peer("10.0.0.1"), 2, t0 + Duration::from_secs(1));
-        assert_eq!(kept.take(&peer("10.0.0.2"), t0), None, "another node's");
-        // The freshest first; one taken is not given to anyone else.
-        assert_eq!(
-            kept.take(&peer("10.0.0.1"), t0 + Duration::from_secs(2)),
-            Some(2)
-        );
-        // Idle for KEPT_IDLE: the node may be about to close it.
-        assert_eq!(kept.take(&peer("10.0.0.1"), t0 + KEPT_IDLE), None);
-        assert_eq!(kept.idle(), 0, "the expired one was dropped on the way");
-    }
-
-    #[test]
-    fn kept_connections_are_bounded_per_node_and_those_of_nodes_gone_quiet_are_swept() {
-        let t0 = Instant::now();
-        let kept = Kept::new(t0);
-        for i in 0..100 {
-            kept.put(peer("10.0.0.1"), i, t0);
-        }
-        assert_eq!(kept.idle(), KEPT_PER_PEER);
-        // Nothing asks for 10.0.0.1's again; a later put elsewhere drops them.
-        kept.put(peer("10.0.0.2"), 0, t0 + KEPT_IDLE);
-        assert_eq!(kept.idle(), 1);
-    }
 }

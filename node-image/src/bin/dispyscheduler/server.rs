@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispy_core::auth::constant_time_eq;
+
+use crate::kept::PEER_WAITS;
 use dispy_core::pickle::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, UdpSocket};
@@ -39,6 +41,10 @@ use crate::wire::{self, text, ClientHello, ComputeReq, JobReq, Pong, ReplyHead};
 
 /// Held while a file goes to a node.
 type FileLock = Arc<tokio::sync::Mutex<()>>;
+
+/// Nodes' connections kept for their next JOB_REPLY at once; past that, a reply's connection
+/// closes after its ACK, as dispy's protocol has it.
+const KEPT_NODE_CONNECTIONS: usize = 1024;
 
 /// How long a node may take to run a computation's setup.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
@@ -90,7 +96,9 @@ pub struct Runtime {
     /// Transfers of a file (our path) to a node (its address) in progress.
     file_locks: Mutex<HashMap<(String, String), FileLock>>,
     /// Idle connections to nodes that keep them for the next JOB.
-    kept: net::Kept<Stream>,
+    kept: crate::kept::Kept<Stream>,
+    /// Nodes' connections kept open here for their next JOB_REPLY, at most.
+    kept_nodes: Arc<tokio::sync::Semaphore>,
 }
 
 pub struct Settings {
@@ -137,7 +145,8 @@ impl Runtime {
             file_locks: Mutex::new(HashMap::new()),
             announced: Mutex::new(crate::limits::RateLimiter::new(4, 1.0, 4096)),
             closing: std::sync::atomic::AtomicUsize::new(0),
-            kept: net::Kept::new(std::time::Instant::now()),
+            kept: crate::kept::Kept::new(std::time::Instant::now()),
+            kept_nodes: Arc::new(tokio::sync::Semaphore::new(KEPT_NODE_CONNECTIONS)),
         })
     }
 
@@ -317,6 +326,7 @@ impl Runtime {
                 scheduler_ip,
                 exclusive,
                 pulse_interval: self.sched.lock().unwrap().cfg.pulse_interval,
+                reply_keepalive: node.keepalive,
             },
         );
         let msg = [&b"COMPUTE:"[..], &serialize(&c)].concat();
@@ -1129,6 +1139,9 @@ impl Runtime {
         }
     }
 
+    /// A node's connection: one message, or, after a JOB_REPLY that was taken (it named a job
+    /// running there by its attempt's hash), the next ones too, as our dispynode sends them
+    /// (see `crate::kept`).
     async fn node_conn(
         self: &Arc<Self>,
         mut s: Stream,
@@ -1136,42 +1149,61 @@ impl Runtime {
         permit: crate::limits::Permit,
     ) {
         let timeout = self.msg_timeout;
-        let Ok(Ok((len, head))) =
-            tokio::time::timeout(timeout, net::read_head(&mut s, PREAUTH_MAX)).await
-        else {
-            return;
-        };
-        let msg = if len > head.len() {
-            // Only nodes we use send large messages (job replies).
-            let ip = peer.ip().to_string();
-            let known = self.sched.lock().unwrap().node_known(&ip);
-            if !known || len > self.max_frame {
-                self.metrics.bad_requests.inc();
-                tracing::warn!(%peer, len, "a {len}-byte message from a peer that is not a node in use (or over --max_frame); dropped");
+        let mut permit = Some(permit);
+        let mut kept = None;
+        loop {
+            let wait = if kept.is_some() { PEER_WAITS } else { timeout };
+            let Ok(Ok((len, head))) =
+                tokio::time::timeout(wait, net::read_head(&mut s, PREAUTH_MAX)).await
+            else {
                 return;
+            };
+            let msg = if len > head.len() {
+                // Only nodes we use send large messages (job replies).
+                let ip = peer.ip().to_string();
+                let known = self.sched.lock().unwrap().node_known(&ip);
+                if !known || len > self.max_frame {
+                    self.metrics.bad_requests.inc();
+                    tracing::warn!(%peer, len, "a {len}-byte message from a peer that is not a node in use (or over --max_frame); dropped");
+                    return;
+                }
+                match tokio::time::timeout(timeout, net::read_rest(&mut s, len, head)).await {
+                    Ok(Ok(m)) => m,
+                    _ => return,
+                }
+            } else {
+                head
+            };
+            permit.take();
+            let (command, body) = split(&msg);
+            match self.node_message(&mut s, peer, command, body).await {
+                Ok(true) => {
+                    self.metrics.reply_received(kept.is_some());
+                    if kept.is_none() {
+                        kept = self.kept_nodes.clone().try_acquire_owned().ok();
+                        if kept.is_none() {
+                            return;
+                        }
+                    }
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    self.metrics.bad_requests.inc();
+                    tracing::warn!(%peer, "node {command}: {e}");
+                    return;
+                }
             }
-            match tokio::time::timeout(timeout, net::read_rest(&mut s, len, head)).await {
-                Ok(Ok(m)) => m,
-                _ => return,
-            }
-        } else {
-            head
-        };
-        drop(permit);
-        let (command, body) = split(&msg);
-        if let Err(e) = self.node_message(&mut s, peer, command, body).await {
-            self.metrics.bad_requests.inc();
-            tracing::warn!(%peer, "node {command}: {e}");
         }
     }
 
+    /// Handles one message from a node; true for a JOB_REPLY that was taken.
     async fn node_message(
         self: &Arc<Self>,
         s: &mut Stream,
         peer: SocketAddr,
         command: &str,
         body: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let timeout = self.msg_timeout;
         match command {
             "JOB_REPLY" => {
@@ -1193,7 +1225,7 @@ impl Runtime {
                 } else {
                     tracing::warn!(%peer, uid = head.uid, "a reply for a job not running there (stale, or forged); ignored");
                 }
-                Ok(())
+                Ok(taken)
             }
             "PULSE" => {
                 let v = deserialize(command, body, PREAUTH_BUDGET)?;
@@ -1201,7 +1233,7 @@ impl Runtime {
                 if self.with(|sch| sch.node_pulse(now(), &ip)) {
                     let _ = tokio::time::timeout(timeout, net::send(s, b"PULSE")).await;
                 }
-                Ok(())
+                Ok(false)
             }
             "PONG" => {
                 let v = deserialize(command, body, PREAUTH_BUDGET)?;
@@ -1234,15 +1266,15 @@ impl Runtime {
                         .unwrap_or_else(|| self.ip_addrs.first().cloned().unwrap_or_default()),
                 };
                 self.with(|sch| sch.node_found(now(), info));
-                Ok(())
+                Ok(false)
             }
             "PING" => {
                 self.node_announced(body, peer);
-                Ok(())
+                Ok(false)
             }
             "TERMINATED" => {
                 self.node_terminated(body, peer);
-                Ok(())
+                Ok(false)
             }
             "FILEXFER" => {
                 let _ = net::send(s, &serialize(&Value::Int(-1))).await;
@@ -1250,7 +1282,7 @@ impl Runtime {
             }
             "RELAY_INFO" => {
                 let _ = net::send(s, &serialize(&Value::None)).await;
-                Ok(())
+                Ok(false)
             }
             "NODE_CPUS" => {
                 let v = deserialize(command, body, PREAUTH_BUDGET)?;
@@ -1272,7 +1304,7 @@ impl Runtime {
                 let cpus = u32::try_from(cpus).unwrap_or(0);
                 tracing::info!(node = %ip, cpus, "node changed its cpus");
                 self.with(|sch| sch.node_cpus(now(), &ip, cpus));
-                Ok(())
+                Ok(false)
             }
             other => Err(format!("unknown message {other:?}")),
         }

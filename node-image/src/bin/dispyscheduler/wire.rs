@@ -276,6 +276,9 @@ pub struct ForNode<'a> {
     pub scheduler_ip: &'a str,
     pub exclusive: bool,
     pub pulse_interval: f64,
+    /// The node is ours (its PONG said `job_keepalive`): it may keep a JOB_REPLY's
+    /// connection for the next, which we read (an attribute dispynode.py never gets).
+    pub reply_keepalive: bool,
 }
 
 pub fn compute_for_node(compute: &Value, n: ForNode) -> Value {
@@ -284,6 +287,9 @@ pub fn compute_for_node(compute: &Value, n: ForNode) -> Value {
     set_attr(&mut c, "scheduler_ip_addr", n.scheduler_ip.into());
     set_attr(&mut c, "exclusive", Value::Bool(n.exclusive));
     set_attr(&mut c, "pulse_interval", Value::Float(n.pulse_interval));
+    if n.reply_keepalive {
+        set_attr(&mut c, "job_reply_keepalive", Value::Bool(true));
+    }
     c
 }
 
