@@ -4,9 +4,8 @@
 //!
 //! One extension: after an authorized `JOB` the connection stays open for the next request
 //! (its own auth prefix again, checked again), for [`PEER_WAITS`]. Our dispyscheduler
-//! sends its jobs so to a node whose PONG says `job_keepalive` (two system calls per job
-//! instead of seven on each side); dispy's clients close the connection after the `ACK`, which
-//! ends it here as before.
+//! sends its jobs so to a node whose PONG says `job_keepalive`, saving a connection per job;
+//! dispy's clients close the connection after the `ACK`, which ends it here as before.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
