@@ -3,6 +3,7 @@
 //! reply. Shared by dispynode and dispyscheduler.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,45 @@ impl<T> Kept<T> {
         }
     }
 
+    /// One request to a peer that keeps the connection after answering `ACK`: `exchange`
+    /// sends the message on a connection and reads the answer. It goes on one of the kept
+    /// connections to `peer` when there is one. A kept connection that fails or is closed
+    /// before the answer (empty) was closed by the peer meanwhile without reading the message
+    /// (it answers what it read, and a reply read twice is taken once): the message then goes
+    /// once more, on a new connection from `connect`, whose failure is the answer. A
+    /// connection that brought an `ACK` is kept. Returns the answer and whether it came on a
+    /// kept connection. The caller bounds the whole in time.
+    pub async fn request<E, C, X, CF, XF>(
+        &self,
+        peer: (String, u16),
+        connect: C,
+        mut exchange: X,
+    ) -> Result<(Vec<u8>, bool), E>
+    where
+        C: FnOnce() -> CF,
+        CF: Future<Output = Result<T, E>>,
+        X: FnMut(T) -> XF,
+        XF: Future<Output = Result<(T, Vec<u8>), E>>,
+    {
+        if let Some(conn) = self.take(&peer, Instant::now()) {
+            if let Ok((conn, answer)) = exchange(conn).await {
+                if !answer.is_empty() {
+                    self.keep_after(peer, conn, &answer);
+                    return Ok((answer, true));
+                }
+            }
+        }
+        let (conn, answer) = exchange(connect().await?).await?;
+        self.keep_after(peer, conn, &answer);
+        Ok((answer, false))
+    }
+
+    fn keep_after(&self, peer: (String, u16), conn: T, answer: &[u8]) {
+        if answer == b"ACK" {
+            self.put(peer, conn, Instant::now());
+        }
+    }
+
     #[cfg(test)]
     fn idle(&self) -> usize {
         self.inner.lock().unwrap().idle.values().map(Vec::len).sum()
@@ -107,5 +147,83 @@ mod tests {
         // Nothing asks for 10.0.0.1's again; a later put elsewhere drops them.
         kept.put(peer("10.0.0.2"), 0, t0 + KEPT_IDLE);
         assert_eq!(kept.idle(), 1);
+    }
+
+    /// A connection in the tests: its number, and whether the peer has closed it.
+    #[derive(Debug, PartialEq)]
+    struct Conn(u32, bool);
+
+    async fn exchange(c: Conn, answer: &'static [u8]) -> Result<(Conn, Vec<u8>), String> {
+        if c.1 {
+            Err(format!("connection {} closed by the peer", c.0))
+        } else {
+            Ok((c, answer.to_vec()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_on_a_kept_connection_and_an_acked_one_is_kept_for_the_next() {
+        let kept = Kept::new(Instant::now());
+        let first = kept
+            .request(
+                peer("10.0.0.1"),
+                || async { Ok(Conn(1, false)) },
+                |c| exchange(c, b"ACK"),
+            )
+            .await;
+        assert_eq!(
+            first,
+            Ok((b"ACK".to_vec(), false)),
+            "no kept one yet: a new one"
+        );
+        let second = kept
+            .request(
+                peer("10.0.0.1"),
+                || async { Err("connected again".to_string()) },
+                |c| exchange(c, b"ACK"),
+            )
+            .await;
+        assert_eq!(second, Ok((b"ACK".to_vec(), true)));
+        assert_eq!(kept.idle(), 1, "back for the next");
+        // A refusal is answered, and that connection is not kept (the peer closes it).
+        let refused = kept
+            .request(
+                peer("10.0.0.1"),
+                || async { Ok(Conn(2, false)) },
+                |c| exchange(c, b"NAK"),
+            )
+            .await;
+        assert_eq!(refused, Ok((b"NAK".to_vec(), true)));
+        assert_eq!(kept.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_peer_closed_sends_the_message_once_more_on_a_new_one() {
+        let kept = Kept::new(Instant::now());
+        kept.put(peer("10.0.0.1"), Conn(1, true), Instant::now());
+        let mut tries = Vec::new();
+        let answer = kept
+            .request(
+                peer("10.0.0.1"),
+                || async { Ok(Conn(2, false)) },
+                |c| {
+                    tries.push(c.0);
+                    exchange(c, b"ACK")
+                },
+            )
+            .await;
+        assert_eq!(answer, Ok((b"ACK".to_vec(), false)));
+        assert_eq!(tries, [1, 2], "the kept one, then one new one");
+        // The new connection fails too: that is the answer, with no third try.
+        kept.take(&peer("10.0.0.1"), Instant::now());
+        kept.put(peer("10.0.0.1"), Conn(3, true), Instant::now());
+        let gone = kept
+            .request(
+                peer("10.0.0.1"),
+                || async { Ok(Conn(4, true)) },
+                |c| exchange(c, b"ACK"),
+            )
+            .await;
+        assert_eq!(gone, Err("connection 4 closed by the peer".to_string()));
     }
 }

@@ -341,41 +341,22 @@ impl Dispy {
 
     /// Sends a message the client answers with `ACK` and after which it keeps the connection
     /// (a JOB_REPLY to our dispyscheduler), on a connection kept from an earlier one when
-    /// there is one. A kept connection that fails before the answer was closed by the client
-    /// meanwhile without reading the message (a reply it did read is acknowledged first, and
-    /// one sent twice is taken once): it goes once more on a new connection.
+    /// there is one ([`crate::kept::Kept::request`] says when it goes once more on a new one).
     async fn send_kept(&self, host: &str, port: u16, msg: &[u8]) -> Result<Vec<u8>, String> {
-        let peer = (host.to_owned(), port);
+        let max = self.node.cfg.max_frame;
+        let work = self.kept_replies.request(
+            (host.to_owned(), port),
+            || self.connect(host, port),
+            |mut stream| async move {
+                let answer = exchange(&mut stream, msg, true, max).await?;
+                Ok((stream, answer.unwrap_or_default()))
+            },
+        );
         let within = self.node.cfg.msg_timeout;
-        let deadline = tokio::time::Instant::now() + within;
-        let mut conn = self.kept_replies.take(&peer, Instant::now());
-        loop {
-            let reused = conn.is_some();
-            let work = async {
-                let mut stream = match conn.take() {
-                    Some(s) => s,
-                    None => self.connect(host, port).await?,
-                };
-                let answer = exchange(&mut stream, msg, true, self.node.cfg.max_frame).await?;
-                Ok::<_, String>((stream, answer.unwrap_or_default()))
-            };
-            match tokio::time::timeout_at(deadline, work).await {
-                Ok(Ok((_, answer))) if answer.is_empty() && reused => continue,
-                Ok(Ok((stream, answer))) => {
-                    if answer == b"ACK" {
-                        self.kept_replies.put(peer, stream, Instant::now());
-                    }
-                    return Ok(answer);
-                }
-                Ok(Err(_)) if reused => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(format!(
-                        "{host}:{port} did not answer within {within:?} (--msg_timeout)"
-                    ))
-                }
-            }
-        }
+        let (answer, _) = tokio::time::timeout(within, work).await.map_err(|_| {
+            format!("{host}:{port} did not answer within {within:?} (--msg_timeout)")
+        })??;
+        Ok(answer)
     }
 
     /// Registers a computation's delivery: the node's job events for it become `JOB_REPLY`s.

@@ -241,7 +241,8 @@ def test_a_kept_job_connection_checks_every_requests_token_and_closes_on_a_wrong
     replayed with fresh uids."""
     nodes.start()
     r = client.run('''
-import socket, struct
+import socket
+import pycos
 sent = []
 send = dispy._Node.send
 def recording(self, msg, *args, **kwargs):
@@ -260,24 +261,15 @@ job = dispy.deserialize(msg[len(b"JOB:"):])
 
 def request(s, token, uid):
     job.uid = uid
-    body = b"JOB:" + dispy.serialize(job)
-    s.sendall(token + struct.pack(">L", len(body)) + body)
-    head = b""
-    while len(head) < 4:
-        part = s.recv(4 - len(head))
-        if not part:
-            return None
-        head += part
-    n = struct.unpack(">L", head)[0]
-    answer = b""
-    while len(answer) < n:
-        answer += s.recv(n - len(answer))
-    return answer.decode()
+    s.sendall(token)
+    s.send_msg(b"JOB:" + dispy.serialize(job))
+    return s.recv_msg().decode()
 
-s = socket.create_connection(("127.0.0.1", 9701), timeout=10)
+raw = socket.create_connection(("127.0.0.1", 9701), timeout=10)
+s = pycos.AsyncSocket(raw, blocking=True)  # dispy's own framing, synchronous
 answers = [request(s, auth, job.uid + 1), request(s, auth, job.uid + 2),
            request(s, b"0" * 40, job.uid + 3)]
-closed = s.recv(1) == b""
+closed = raw.recv(1) == b""
 report(first=first, answers=answers, closed=closed)
 cluster.close()
 ''' % LO)

@@ -22,6 +22,13 @@ pub struct ConnectionLabel {
     pub connection: &'static str,
 }
 
+impl ConnectionLabel {
+    fn of(kept: bool) -> ConnectionLabel {
+        let connection = if kept { "kept" } else { "new" };
+        ConnectionLabel { connection }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub jobs_sent: Family<ConnectionLabel, Counter>,
@@ -121,16 +128,14 @@ impl Metrics {
     }
 
     pub fn job_sent(&self, kept: bool) {
-        let connection = if kept { "kept" } else { "new" };
         self.jobs_sent
-            .get_or_create(&ConnectionLabel { connection })
+            .get_or_create(&ConnectionLabel::of(kept))
             .inc();
     }
 
     pub fn reply_received(&self, kept: bool) {
-        let connection = if kept { "kept" } else { "new" };
         self.replies_received
-            .get_or_create(&ConnectionLabel { connection })
+            .get_or_create(&ConnectionLabel::of(kept))
             .inc();
     }
 

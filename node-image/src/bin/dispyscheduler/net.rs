@@ -2,7 +2,7 @@
 //! TLS), an optional 40-byte auth prefix, length-prefixed frames, every step bounded in time
 //! and size.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::kept::Kept;
 
@@ -89,50 +89,49 @@ pub async fn request(
 ) -> Result<Option<Vec<u8>>, Failure> {
     let work = async {
         let mut s = connect(host, port, tls).await?;
-        if let Some(auth) = auth {
-            s.write_all(auth)
-                .await
-                .map_err(|e| Failure::Unreachable(format!("{host}:{port}: {e}")))?;
-        }
-        send(&mut s, msg)
-            .await
-            .map_err(|e| Failure::Unreachable(format!("{host}:{port}: {e}")))?;
-        let answer = if reply {
-            Some(
-                recv(&mut s, max)
-                    .await
-                    .map_err(|e| Failure::Protocol(format!("{host}:{port}: {e}")))?,
-            )
-        } else {
-            None
-        };
         // Dropping the stream closes it, which sends the FIN a shutdown would (one system
         // call fewer per request).
-        Ok(answer)
+        exchange(&mut s, host, port, auth, msg, reply, max).await
     };
     tokio::time::timeout(timeout, work)
         .await
-        .unwrap_or_else(|_| {
-            Err(Failure::Unreachable(format!(
-                "{host}:{port}: no answer within {timeout:?}"
-            )))
-        })
+        .unwrap_or_else(|_| Err(late(host, port, timeout)))
 }
 
-async fn exchange(s: &mut Stream, auth: &[u8], msg: &[u8], max: usize) -> Result<Vec<u8>, Failure> {
-    s.write_all(auth)
+fn late(host: &str, port: u16, timeout: Duration) -> Failure {
+    Failure::Unreachable(format!("{host}:{port}: no answer within {timeout:?}"))
+}
+
+/// Sends `auth` (if any) and `msg` on `s` to `host:port`; with `reply`, reads the answer.
+async fn exchange(
+    s: &mut Stream,
+    host: &str,
+    port: u16,
+    auth: Option<&[u8]>,
+    msg: &[u8],
+    reply: bool,
+    max: usize,
+) -> Result<Option<Vec<u8>>, Failure> {
+    let unreachable = |e: String| Failure::Unreachable(format!("{host}:{port}: {e}"));
+    if let Some(auth) = auth {
+        s.write_all(auth)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    }
+    send(s, msg).await.map_err(unreachable)?;
+    if !reply {
+        return Ok(None);
+    }
+    recv(s, max)
         .await
-        .map_err(|e| Failure::Unreachable(e.to_string()))?;
-    send(s, msg).await.map_err(Failure::Unreachable)?;
-    recv(s, max).await.map_err(Failure::Protocol)
+        .map(Some)
+        .map_err(|e| Failure::Protocol(format!("{host}:{port}: {e}")))
 }
 
 /// A request to a node that keeps the connection after answering `ACK` (a `JOB` to ours),
-/// on one of `kept`'s connections to it when there is one, else on a new one, which is kept
-/// after an `ACK`. A kept connection that fails before the answer was closed by the node
-/// meanwhile (it restarted, say) without reading the request: it is sent once more on a new
-/// connection, whose failure says the node is gone. The whole exchange has `timeout`.
-/// Returns the answer, and whether it came on a kept connection.
+/// on a connection `kept` from an earlier one when there is one ([`Kept::request`] says
+/// when it goes once more on a new one). The whole exchange has `timeout`. Returns the
+/// answer, and whether it came on a kept connection.
 #[allow(clippy::too_many_arguments)]
 pub async fn request_kept(
     kept: &Kept<Stream>,
@@ -144,36 +143,17 @@ pub async fn request_kept(
     max: usize,
     timeout: Duration,
 ) -> Result<(Vec<u8>, bool), Failure> {
-    let peer = (host.to_owned(), port);
-    let late = || Failure::Unreachable(format!("{host}:{port}: no answer within {timeout:?}"));
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut conn = kept.take(&peer, Instant::now());
-    let (s, answer, reused) = loop {
-        let reused = conn.is_some();
-        let work = async {
-            let mut s = match conn.take() {
-                Some(s) => s,
-                None => connect(host, port, tls).await?,
-            };
-            let answer = exchange(&mut s, auth, msg, max)
-                .await
-                .map_err(|e| match e {
-                    Failure::Unreachable(e) => Failure::Unreachable(format!("{host}:{port}: {e}")),
-                    Failure::Protocol(e) => Failure::Protocol(format!("{host}:{port}: {e}")),
-                })?;
-            Ok::<_, Failure>((s, answer, reused))
-        };
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(done)) => break done,
-            Ok(Err(_)) if reused => continue,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(late()),
-        }
-    };
-    if answer == b"ACK" {
-        kept.put(peer, s, Instant::now());
-    }
-    Ok((answer, reused))
+    let work = kept.request(
+        (host.to_owned(), port),
+        || connect(host, port, tls),
+        |mut s| async move {
+            let answer = exchange(&mut s, host, port, Some(auth), msg, true, max).await?;
+            Ok((s, answer.unwrap_or_default()))
+        },
+    );
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(late(host, port, timeout)))
 }
 
 /// The head of a frame from a peer not yet trusted: its declared length and at most `max`

@@ -406,7 +406,7 @@ impl Runtime {
                 }
             }
             let answer = if node.keepalive {
-                let kept = net::request_kept(
+                net::request_kept(
                     &self.kept,
                     &node.ip,
                     node.port,
@@ -416,25 +416,17 @@ impl Runtime {
                     self.max_frame,
                     self.msg_timeout,
                 )
-                .await;
-                kept.map(|(answer, reused)| {
-                    if answer == b"ACK" {
-                        self.metrics.job_sent(reused);
-                    }
-                    Some(answer)
-                })
+                .await
             } else {
                 let answer = self.to_node(node, &msg, true, self.msg_timeout).await;
-                if matches!(&answer, Ok(Some(a)) if a == b"ACK") {
-                    self.metrics.job_sent(false);
-                }
-                answer
+                answer.map(|a| (a.unwrap_or_default(), false))
             };
             let sent = match answer {
-                Ok(Some(a)) if a == b"ACK" => Sent::Ok,
-                Ok(a) => {
-                    Sent::Refused(String::from_utf8_lossy(&a.unwrap_or_default()).into_owned())
+                Ok((a, kept)) if a == b"ACK" => {
+                    self.metrics.job_sent(kept);
+                    Sent::Ok
                 }
+                Ok((a, _)) => Sent::Refused(String::from_utf8_lossy(&a).into_owned()),
                 Err(Failure::Unreachable(e)) => Sent::Unreachable(e),
                 Err(Failure::Protocol(e)) => Sent::Unreachable(e),
             };
