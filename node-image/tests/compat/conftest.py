@@ -125,7 +125,10 @@ def wait_nodes(cluster, n, timeout=15):
     """Waits until n nodes have the computation set up (dispy's own scheduler state)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if sum(cluster in node.clusters for node in cluster._cluster._nodes.values()) >= n:
+        # Both: dispy adds a cluster to a node's clusters before its own setup task puts the
+        # node in the cluster's _dispy_nodes, which submit_node looks nodes up in.
+        if sum(cluster in node.clusters and ip in cluster._dispy_nodes
+               for ip, node in cluster._cluster._nodes.items()) >= n:
             return
         time.sleep(0.05)
     raise SystemExit("only %d of %d nodes set up" % (len(cluster.status().nodes), n))
